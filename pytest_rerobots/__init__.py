@@ -1,0 +1,56 @@
+"""pytest-rerobots: run pytest suites on real robots rented from the rerobots cloud."""
+
+from __future__ import annotations
+
+from .errors import (
+    APIError,
+    BusyWorkspaceDeployment,
+    BusyWorkspaceInstance,
+    CommandFailed,
+    CommandTimeout,
+    ConfigurationError,
+    DeploymentNotFound,
+    HostKeyMismatch,
+    InstanceError,
+    InstanceFailed,
+    InstanceNotFound,
+    InstanceTimeout,
+    MalformedResponse,
+    NotFound,
+    RateLimited,
+    RerobotsError,
+    ReservationNotFound,
+    ServerError,
+    SSHConnectError,
+    SSHError,
+    TransportError,
+    WrongAuthToken,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "APIError",
+    "BusyWorkspaceDeployment",
+    "BusyWorkspaceInstance",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConfigurationError",
+    "DeploymentNotFound",
+    "HostKeyMismatch",
+    "InstanceError",
+    "InstanceFailed",
+    "InstanceNotFound",
+    "InstanceTimeout",
+    "MalformedResponse",
+    "NotFound",
+    "RateLimited",
+    "RerobotsError",
+    "ReservationNotFound",
+    "SSHConnectError",
+    "SSHError",
+    "ServerError",
+    "TransportError",
+    "WrongAuthToken",
+    "__version__",
+]

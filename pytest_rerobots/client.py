@@ -1,0 +1,631 @@
+"""``RerobotsClient``: every endpoint of the rerobots HTTP API v1.
+
+One ``requests.Session``, one private :meth:`RerobotsClient._request` that maps
+every answer to a decoded body or to an error of :mod:`pytest_rerobots.errors`,
+rate-limit pacing from the ``X-RateLimit-*`` headers, and retries (through
+:mod:`pytest_rerobots.retry`) only for calls that are safe to repeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import requests
+
+from . import retry
+from .errors import (
+    APIError,
+    BusyWorkspaceDeployment,
+    BusyWorkspaceInstance,
+    DeploymentNotFound,
+    InstanceNotFound,
+    MalformedResponse,
+    NotFound,
+    RateLimited,
+    ReservationNotFound,
+    ServerError,
+    TransportError,
+    WrongAuthToken,
+)
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+__all__ = ["DEFAULT_API_URL", "NewInstance", "RateLimit", "RerobotsClient"]
+
+log = logging.getLogger("pytest_rerobots.client")
+
+DEFAULT_API_URL = "https://api.rerobots.net"
+ACCEPT = "application/vnd.rerobots.v1+json"
+USER_AGENT = "pytest-rerobots"
+
+# Error strings of the API (rerobots-api.md section 2), matched by prefix.
+_AUTH_MESSAGES = ("wrong authorization token", "authentication failed")
+_BUSY_DEPLOYMENT = ("all matching workspace deployments are busy",
+                    "all feasible workspace deployments are busy")
+_BUSY_INSTANCE = ("cannot terminate instance that is init", "this instance is busy")
+# "init_fail" must be tested before the busy prefix "... that is init", which it extends.
+_ALREADY_ENDED = ("instance already terminating", "instance already terminated",
+                  "cannot terminate instance that is init_fail")
+_DEPLOYMENT_MISSING = ("no matching wdeployment found",
+                       "no workspace deployment found with given id")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The budget the last answer reported: ``remaining`` calls until epoch ``reset``."""
+
+    limit: int
+    remaining: int
+    reset: float
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """The answer of ``POST /new``.
+
+    ``success`` is true when an instance was created (``id`` is its id); false
+    when a reservation was made instead (``id`` is the reservation's id, which
+    becomes the instance's id once it is served). ``sshkey`` is the private key
+    the server generated, when it returned one. ``reconciled`` is true when the
+    answer was lost and the instance was found through ``GET /instances``.
+    """
+
+    success: bool
+    id: str
+    sshkey: str | None = None
+    reconciled: bool = False
+
+    def __repr__(self) -> str:  # the private key stays out of logs and reports
+        key = "<redacted>" if self.sshkey else None
+        return (f"NewInstance(success={self.success}, id={self.id!r}, sshkey={key}, "
+                f"reconciled={self.reconciled})")
+
+
+def _message(payload: Any) -> str:
+    """The error string of an API answer, whichever key the endpoint uses."""
+    if isinstance(payload, Mapping):
+        for key in ("error_message", "error", "result_message", "message"):
+            value = payload.get(key)
+            if isinstance(value, str):
+                return value
+    if isinstance(payload, str):
+        return payload
+    return ""
+
+
+def _starts(message: str, prefixes: Iterable[str]) -> bool:
+    low = message.lower()
+    return any(low.startswith(p) for p in prefixes)
+
+
+def classify(status: int, payload: Any, *, empty: bool) -> type[APIError]:
+    """The error class for a non-200 answer (a pure function of status and body)."""
+    message = _message(payload)
+    if status == 429 or (status == 403 and empty):
+        return RateLimited
+    if _starts(message, _AUTH_MESSAGES):
+        return WrongAuthToken
+    if _starts(message, _BUSY_DEPLOYMENT):
+        return BusyWorkspaceDeployment
+    if _starts(message, _ALREADY_ENDED):
+        return APIError
+    if _starts(message, _BUSY_INSTANCE):
+        return BusyWorkspaceInstance
+    if status == 404:
+        if message.lower() == "instance not found":
+            return InstanceNotFound
+        if _starts(message, _DEPLOYMENT_MISSING):
+            return DeploymentNotFound
+        if message.lower() == "reservation not found":
+            return ReservationNotFound
+        return NotFound
+    if status >= 500:
+        return ServerError
+    return APIError
+
+
+def _flag(params: dict[str, Any], key: str, on: bool) -> None:
+    # The API tests for the presence of these keys, so "false" must be absent.
+    if on:
+        params[key] = "t"
+
+
+def _put(params: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        params[key] = value
+
+
+class RerobotsClient:
+    """A client of the rerobots API.
+
+    ``token`` defaults to the environment variable ``REROBOTS_API_TOKEN`` and
+    ``api_url`` to ``REROBOTS_API_URL`` or ``https://api.rerobots.net``. Every
+    call has ``timeout`` seconds. Idempotent calls are retried on transport
+    errors and 5xx ``retries`` times; ``POST /new`` never is (a lost answer is
+    reconciled, see :meth:`new_instance`). ``sleep`` and ``clock`` are
+    injectable for tests. The token never appears in ``repr``, logs or errors.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        api_url: str | None = None,
+        *,
+        timeout: float = 10.0,
+        retries: int = 4,
+        max_rate_wait: float = 120.0,
+        ignore_env: bool = False,
+        session: requests.Session | None = None,
+        sleep: retry.Sleep = time.sleep,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        env = {} if ignore_env else os.environ
+        if token is None:
+            token = env.get("REROBOTS_API_TOKEN") or None
+        self._token = token.strip() if token else None
+        self.api_url = (api_url or env.get("REROBOTS_API_URL") or DEFAULT_API_URL).rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.max_rate_wait = max_rate_wait
+        self.sleep = sleep
+        self.clock = clock
+        self.calls = 0  # requests sent; the benchmarks count them
+        self._rate: RateLimit | None = None
+        self._rate_lock = threading.Lock()
+        self._owns_session = session is None
+        self.session = session or requests.Session()
+        self.session.headers.update({"Accept": ACCEPT, "User-Agent": USER_AGENT})
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"RerobotsClient(api_url={self.api_url!r}, token={'set' if self._token else None})"
+
+    def __enter__(self) -> RerobotsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP session (if this client made it)."""
+        if self._owns_session:
+            self.session.close()
+
+    @property
+    def has_token(self) -> bool:
+        """Whether a token is configured (the token itself is never exposed)."""
+        return bool(self._token)
+
+    @property
+    def rate_limit(self) -> RateLimit | None:
+        """The budget reported by the most recent answer, if any."""
+        return self._rate
+
+    def token_sha256(self) -> str:
+        """The SHA-256 of the token, as ``POST /revoke`` takes it."""
+        if not self._token:
+            raise WrongAuthToken("no API token is configured")
+        return hashlib.sha256(self._token.encode()).hexdigest()
+
+    def _pace(self) -> None:
+        """Wait for the budget to refill instead of sending a call that will be refused."""
+        rate = self._rate
+        if rate is None or rate.remaining > 0:
+            return
+        wait = rate.reset - self.clock()
+        if wait <= 0:
+            return
+        if wait > self.max_rate_wait:
+            raise RateLimited(
+                f"API rate limit spent; it resets in {wait:.0f} s "
+                f"(more than the {self.max_rate_wait:.0f} s this client waits)",
+                reset=rate.reset,
+            )
+        log.info("rate limit spent; waiting %.1f s for it to reset", wait)
+        self.sleep(wait)
+
+    def _note_rate(self, headers: Mapping[str, str]) -> None:
+        try:
+            rate = RateLimit(
+                limit=int(headers["X-RateLimit-Limit"]),
+                remaining=int(headers["X-RateLimit-Remaining"]),
+                reset=float(headers["X-RateLimit-Reset"]),
+            )
+        except (KeyError, ValueError):
+            return
+        with self._rate_lock:
+            self._rate = rate
+
+    def _send(
+        self, method: str, path: str, params: Mapping[str, Any] | None, body: Any
+    ) -> requests.Response:
+        """One HTTP exchange; foreign transport errors become ``TransportError``."""
+        self._pace()
+        headers = {}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        self.calls += 1
+        try:
+            response = self.session.request(
+                method, self.api_url + path, params=params, json=body,
+                headers=headers, timeout=self.timeout,
+            )
+        except requests.RequestException as exc:
+            # str(exc) from requests names the URL, never the headers.
+            raise TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}") from exc
+        log.debug("%s %s -> %s", method, path, response.status_code)
+        self._note_rate(response.headers)
+        return response
+
+    def _decode(self, method: str, path: str, response: requests.Response) -> Any:
+        """Map one answer to its decoded body or to the error it stands for."""
+        text = response.text
+        empty = not text.strip()
+        payload: Any = None
+        if not empty:
+            try:
+                payload = response.json()
+            except ValueError as exc:
+                if response.status_code == 200:
+                    raise MalformedResponse(
+                        f"{method} {path}: answer is not JSON: {text[:200]!r}"
+                    ) from exc
+                payload = text.strip()[:500]
+        status = response.status_code
+        if status == 200:
+            return payload
+        cls = classify(status, payload, empty=empty)
+        message = _message(payload)
+        if cls is RateLimited:
+            rate = self._rate
+            raise RateLimited(
+                message or "API rate limit spent", status=status, payload=payload,
+                method=method, path=path, reset=rate.reset if rate else None,
+            )
+        raise cls(message, status=status, payload=payload, method=method, path=path)
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        body: Any = None,
+        idempotent: bool = True,
+    ) -> Any:
+        """Send a request and decode its answer; retry it only if ``idempotent``."""
+        if not idempotent:
+            return self._decode(method, path, self._send(method, path, params, body))
+        for attempt in retry.idempotent(attempts=self.retries + 1, sleep=self.sleep):
+            with attempt:
+                return self._decode(method, path, self._send(method, path, params, body))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _expect(payload: Any, key: str, kind: type, what: str) -> Any:
+        """Check the shape of a decoded answer; a wrong one is ``MalformedResponse``."""
+        if not isinstance(payload, Mapping) or not isinstance(payload.get(key), kind):
+            raise MalformedResponse(f"{what}: expected a JSON object with {key!r}, got {payload!r}"[:400])
+        return payload[key]
+
+    # -- public, no token needed ----------------------------------------------
+
+    def index(self) -> dict[str, Any]:
+        """``GET /``: the summary of commands."""
+        return self._request("GET", "/") or {}
+
+    def workspace_types(self, *, with_dissolved: bool = False) -> list[str]:
+        """``GET /workspaces``: the known workspace types."""
+        params: dict[str, Any] = {}
+        _flag(params, "with_dissolved", with_dissolved)
+        payload = self._request("GET", "/workspaces", params=params)
+        return list(self._expect(payload, "workspace_types", list, "GET /workspaces"))
+
+    def deployments(
+        self,
+        wtype: str | None = None,
+        *,
+        q: str | None = None,
+        maxlen: int | str | None = None,
+        types: Iterable[str] | None = None,
+        sort_by: str | None = None,
+        max_per_page: int | None = None,
+        page: int | None = None,
+        info: bool = False,
+        with_dissolved: bool = False,
+    ) -> dict[str, Any]:
+        """``GET /deployments[/wtype]``: ``{"workspace_deployments": [...], "page_count": N[, "info": {...}]}``.
+
+        ``types`` entries may start with ``!`` to exclude a type; ``maxlen`` is
+        an int or ``"u"`` (unbounded).
+        """
+        params: dict[str, Any] = {}
+        _put(params, "q", q)
+        _put(params, "maxlen", maxlen)
+        if types is not None:
+            params["types"] = ",".join(types)
+        _put(params, "sort_by", sort_by)
+        _put(params, "max_per_page", max_per_page)
+        _put(params, "page", page)
+        _flag(params, "info", info)
+        _flag(params, "with_dissolved", with_dissolved)
+        path = f"/deployments/{wtype}" if wtype else "/deployments"
+        payload = self._request("GET", path, params=params)
+        self._expect(payload, "workspace_deployments", list, f"GET {path}")
+        return dict(payload)
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        """``GET /deployment/:id``: details of one workspace deployment."""
+        payload = self._request("GET", f"/deployment/{deployment_id}")
+        self._expect(payload, "id", str, "GET /deployment")
+        return dict(payload)
+
+    def queue_length(self, deployment_id: str) -> int:
+        """``GET /queuelen/:id``: 0 when idle, else 1 + reservations."""
+        payload = self._request("GET", f"/queuelen/{deployment_id}")
+        return int(self._expect(payload, "len", int, "GET /queuelen"))
+
+    def queue_lengths(
+        self, wtype: str | None = None, *, deployments: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """``GET /qlen[/wtype]``: ``{deployment_id: {"qlen": N, "rem": s|None}}``."""
+        params: dict[str, Any] = {}
+        if deployments is not None:
+            params["wds"] = ",".join(deployments)
+        payload = self._request("GET", f"/qlen/{wtype}" if wtype else "/qlen", params=params)
+        if not isinstance(payload, Mapping):
+            raise MalformedResponse(f"GET /qlen: expected a JSON object, got {payload!r}"[:400])
+        return dict(payload)
+
+    # -- tokens ---------------------------------------------------------------
+
+    def revoke_token(self, sha256: str | None = None) -> None:
+        """``POST /revoke/:sha256``: revoke a token (this client's own by default)."""
+        self._request("POST", f"/revoke/{sha256 or self.token_sha256()}")
+
+    def purge_tokens(self) -> None:
+        """``POST /purge``: revoke every token of the user, this one included."""
+        self._request("POST", "/purge")
+
+    # -- instances ------------------------------------------------------------
+
+    def new_instance(
+        self,
+        target: str,
+        *,
+        sshkey: str | None = None,
+        vpn: bool | None = None,
+        reserve: bool | None = None,
+        eurl: str | None = None,
+        expire_d: int | None = None,
+        keepalive: bool | None = None,
+        allow_noop: bool | None = None,
+        known_ids: Callable[[], Iterable[str]] | None = None,
+    ) -> NewInstance:
+        """``POST /new/:target`` (a workspace type or a deployment id).
+
+        Never retried blindly. When the answer is lost after the request may
+        have been sent, the client looks in ``GET /instances`` for an instance
+        of ``target`` that started since and that is not among ``known_ids()``
+        (instances this process already knows). If exactly one is found, it is
+        adopted (``reconciled=True``). If none is found after two looks, the
+        request is sent once more. If several are found the client cannot tell
+        which is its own and raises ``TransportError``; they carry
+        ``keepalive`` (when asked for), so the server ends them within its
+        keepalive window.
+        """
+        body: dict[str, Any] = {}
+        for key, value in (("sshkey", sshkey), ("vpn", vpn), ("reserve", reserve),
+                           ("eurl", eurl), ("expire_d", expire_d), ("keepalive", keepalive),
+                           ("allow_noop", allow_noop)):
+            if value is not None:
+                body[key] = value
+        path = f"/new/{target}"
+        sent_at = self.clock()
+        try:
+            payload = self._request("POST", path, body=body, idempotent=False)
+        except TransportError as lost:
+            found = self._reconcile(target, sent_at, known_ids)
+            if found is not None:
+                return NewInstance(success=True, id=found, reconciled=True)
+            log.warning("POST %s: answer lost and no instance found; sending it once more", path)
+            try:
+                payload = self._request("POST", path, body=body, idempotent=False)
+            except TransportError:
+                raise lost from None
+        success = self._expect(payload, "success", bool, f"POST {path}")
+        ident = self._expect(payload, "id", str, f"POST {path}")
+        key = payload.get("sshkey")
+        return NewInstance(success=success, id=ident, sshkey=key if isinstance(key, str) else None)
+
+    def _reconcile(
+        self, target: str, sent_at: float, known_ids: Callable[[], Iterable[str]] | None
+    ) -> str | None:
+        """Find the instance a lost ``POST /new`` may have created (see :meth:`new_instance`)."""
+        # Allow for the server's clock running a little behind ours.
+        since = sent_at - 30.0
+        for look in range(2):
+            if look:
+                self.sleep(1.0)
+            try:
+                listing = self.instances(details=True, include_init_fail=True)
+            except (TransportError, ServerError) as exc:
+                raise TransportError(
+                    f"POST /new/{target}: answer lost, and GET /instances failed too: {exc}"
+                ) from exc
+            known = set(known_ids()) if known_ids else set()
+            candidates = [
+                item["id"] for item in listing.get("workspace_instances", [])
+                if isinstance(item, Mapping)
+                and item.get("id") not in known
+                and target in (item.get("type"), item.get("deployment"))
+                and _epoch(item.get("starttime")) >= since
+            ]
+            if len(candidates) == 1:
+                log.warning("POST /new/%s: answer lost; adopted instance %s", target, candidates[0])
+                return str(candidates[0])
+            if len(candidates) > 1:
+                raise TransportError(
+                    f"POST /new/{target}: answer lost and {len(candidates)} new instances match "
+                    f"({', '.join(candidates)}); none adopted, keepalive will end them"
+                )
+        return None
+
+    def terminate(self, instance_id: str) -> bool:
+        """``POST /terminate/:id``. True if this call ended it, False if it was already ending.
+
+        Safe to retry; ``BusyWorkspaceInstance`` means the instance is still in
+        INIT (the server refuses to terminate it then).
+        """
+        try:
+            self._request("POST", f"/terminate/{instance_id}")
+        except APIError as exc:
+            if type(exc) is APIError and _starts(exc.message, _ALREADY_ENDED):
+                return False
+            raise
+        return True
+
+    def instances(
+        self,
+        wtype: str | None = None,
+        *,
+        include_terminated: bool = False,
+        include_init_fail: bool = False,
+        details: bool = False,
+        sort_by: str | None = None,
+        max_per_page: int | None = None,
+        page: int | None = None,
+    ) -> dict[str, Any]:
+        """``GET /instances[/wtype]``.
+
+        ``{"workspace_instances": [...], "workspace_deployments": [...], "page_count": N}``;
+        with ``details`` each instance is an object (id, status, type, ...).
+        """
+        params: dict[str, Any] = {}
+        _flag(params, "include_terminated", include_terminated)
+        _flag(params, "include_init_fail", include_init_fail)
+        _flag(params, "details", details)
+        _put(params, "sort_by", sort_by)
+        _put(params, "max_per_page", max_per_page)
+        _put(params, "page", page)
+        path = f"/instances/{wtype}" if wtype else "/instances"
+        payload = self._request("GET", path, params=params)
+        self._expect(payload, "workspace_instances", list, f"GET {path}")
+        return dict(payload)
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        """``GET /instance/:id``: status, ``fwd``, ``hostkeys`` and the rest."""
+        payload = self._request("GET", f"/instance/{instance_id}")
+        self._expect(payload, "status", str, "GET /instance")
+        return dict(payload)
+
+    def instance_sshkey(self, instance_id: str) -> str:
+        """``GET /instance/:id/sshkey``: the private key the server generated."""
+        payload = self._request("GET", f"/instance/{instance_id}/sshkey")
+        return str(self._expect(payload, "key", str, "GET /instance/:id/sshkey"))
+
+    def keepalive(self, instance_id: str) -> None:
+        """``POST /instance/:id/ka``: ping an instance created with ``keepalive: true``."""
+        self._request("POST", f"/instance/{instance_id}/ka")
+
+    def acquire(self, target: str, **options: Any) -> Instance:
+        """An :class:`~pytest_rerobots.instance.Instance` context manager for ``target``."""
+        from .instance import Instance
+
+        return Instance(self, target, **options)
+
+    # -- firewall -------------------------------------------------------------
+
+    def firewall_rules(self, instance_id: str) -> list[list[str]] | None:
+        """``GET /firewall/:id``: ordered ``[source, action]`` rules, or None if no chain yet."""
+        payload = self._request("GET", f"/firewall/{instance_id}")
+        if not isinstance(payload, Mapping) or "rules" not in payload:
+            raise MalformedResponse(f"GET /firewall: expected 'rules', got {payload!r}"[:400])
+        rules = payload["rules"]
+        return None if rules is None else [list(rule) for rule in rules]
+
+    def add_firewall_rule(
+        self, instance_id: str, src: str | None = None, action: str = "ACCEPT"
+    ) -> None:
+        """``POST /firewall/:id``: append a rule; ``src`` defaults to the caller's address."""
+        action = action.upper()
+        if action not in ("ACCEPT", "DROP", "REJECT"):
+            raise ValueError(f"firewall action must be ACCEPT, DROP or REJECT, not {action!r}")
+        body: dict[str, Any] = {} if src is None and action == "ACCEPT" else {"action": action}
+        if src is not None:
+            body["src"] = src
+        # Appending twice is harmless for an allow rule, so transient errors may retry.
+        self._request("POST", f"/firewall/{instance_id}", body=body or None)
+
+    def flush_firewall(self, instance_id: str) -> None:
+        """``DELETE /firewall/:id``: remove every rule.
+
+        What an empty chain means differs by source (the seed: drop everything;
+        the official client: accept everything); add the rules you need after.
+        """
+        self._request("DELETE", f"/firewall/{instance_id}")
+
+    # -- VPN ------------------------------------------------------------------
+
+    def vpn(self, instance_id: str) -> dict[str, Any]:
+        """``GET /vpn/:id``: ``{"status", "clients"}``; ``{"status": "nil"}`` without a VPN
+        (both the seed's shape and the server's 400 are understood)."""
+        try:
+            payload = self._request("GET", f"/vpn/{instance_id}")
+        except APIError as exc:
+            if exc.status == 400 and exc.message == "instance does not have VPN":
+                return {"status": "nil"}
+            raise
+        self._expect(payload, "status", str, "GET /vpn")
+        return dict(payload)
+
+    def new_vpn_client(self, instance_id: str) -> dict[str, Any]:
+        """``POST /vpn/:id``: ``{"client_id", "ovpn"}`` credentials for one new client."""
+        payload = self._request("POST", f"/vpn/{instance_id}", idempotent=False)
+        self._expect(payload, "ovpn", str, "POST /vpn")
+        return dict(payload)
+
+    # -- reservations ---------------------------------------------------------
+
+    def reservations(self) -> list[dict[str, Any]]:
+        """``GET /reservations``: ``[{"id", "created", "desc", ...}]``."""
+        payload = self._request("GET", "/reservations")
+        return [dict(r) for r in self._expect(payload, "reservations", list, "GET /reservations")]
+
+    def cancel_reservation(self, reservation_id: str) -> None:
+        """``DELETE /reservation/:id``."""
+        self._request("DELETE", f"/reservation/{reservation_id}")
+
+    # -- CI -------------------------------------------------------------------
+
+    def new_ci_build(self, repo_url: str) -> dict[str, Any]:
+        """``POST /ci/new``: ``{"pid": ...}`` for a repository URL."""
+        payload = self._request("POST", "/ci/new", body={"repo_url": repo_url}, idempotent=False)
+        self._expect(payload, "pid", str, "POST /ci/new")
+        return dict(payload)
+
+
+def _epoch(stamp: Any) -> float:
+    """Seconds since the epoch of an API timestamp (``isoformat()+'Z'`` or ``str(datetime)``);
+    -inf when it cannot be read, so an unreadable stamp never matches a lower bound."""
+    from datetime import datetime, timezone
+
+    if not isinstance(stamp, str) or not stamp:
+        return float("-inf")
+    text = stamp.strip().removesuffix("Z").replace("T", " ")
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        return float("-inf")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()

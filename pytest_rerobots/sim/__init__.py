@@ -1,0 +1,256 @@
+"""A local simulator of the rerobots HTTP API whose instances are real SSH servers.
+
+::
+
+    from pytest_rerobots.sim import Simulator
+
+    with Simulator(ready_delay=0.1) as sim:       # built-in catalog, faster READY
+        api = RerobotsClient(token=sim.token, api_url=sim.url)
+        sim.lose_new_responses(1)                 # inject a fault at run time
+        ...
+        assert sim.live_instances() == []
+
+The parts: :mod:`.catalog` (the TOML catalog), :mod:`.state` (the world and its clock),
+:mod:`.api` (the WSGI routes), :mod:`.hosts` (SSH servers per instance) and
+:mod:`.__main__` (the ``rerobots-sim`` command). Nothing here imports pytest.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from ..errors import ConfigurationError
+from .api import RequestHandler, SimApp
+from .catalog import Catalog, apply_overrides, default_catalog, load_catalog
+from .state import HostBackend, InstanceSnapshot, ManualClock, NullHostManager, World
+
+__all__ = ["SSH_BACKENDS", "Catalog", "ManualClock", "Simulator", "World"]
+
+log = logging.getLogger(__name__)
+
+#: Values of ``ssh_backend``: in-process asyncssh, OpenSSH's sshd, or no SSH at all.
+SSH_BACKENDS = ("asyncssh", "openssh", "none")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolve_catalog(config: str | Path | Catalog | None) -> Catalog:
+    if config is None:
+        return default_catalog()
+    if isinstance(config, Catalog):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_catalog(config)
+    raise ConfigurationError(f"simulator config: expected a path or a Catalog, got {config!r}")
+
+
+class Simulator:
+    """The simulated rerobots API, served on loopback in a background thread.
+
+    ``config`` is a catalog file, a :class:`~.catalog.Catalog` or ``None`` (the built-in
+    catalog). ``port=0`` picks a free port. ``token`` is the default user's token (made
+    with :mod:`secrets` unless given). ``ssh_backend`` is one of :data:`SSH_BACKENDS`.
+    ``clock`` replaces :func:`time.time` (see :class:`~.state.ManualClock`). ``overrides``
+    replace catalog settings by their flat names (``ready_delay=0.05``, ``token_budget=5``,
+    ``stuck_init=True``, ...; see :data:`~.catalog.OVERRIDE_KEYS`).
+
+    A context manager: ``__enter__`` starts (and cleans up a half-finished start),
+    ``__exit__`` stops. :meth:`stop` is idempotent.
+    """
+
+    def __init__(
+        self,
+        config: str | Path | Catalog | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token: str | None = None,
+        ssh_backend: str = "asyncssh",
+        clock: Callable[[], float] | None = None,
+        user: str = "tester",
+        tick_interval: float = 0.025,
+        **overrides: Any,
+    ) -> None:
+        if not _is_loopback(host):
+            raise ConfigurationError(
+                f"simulator host: {host!r} is not a loopback address; the simulator serves "
+                "only this machine (use 127.0.0.1)")
+        if ssh_backend not in SSH_BACKENDS:
+            raise ConfigurationError(
+                f"simulator ssh_backend: {ssh_backend!r} is not one of {', '.join(SSH_BACKENDS)}")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigurationError(f"simulator port: expected 0..65535, got {port!r}")
+        catalog = _resolve_catalog(config)
+        if overrides:
+            catalog = apply_overrides(catalog, overrides, "Simulator()")
+        self.catalog = catalog
+        self.host = host
+        self.port = port
+        self.ssh_backend = ssh_backend
+        self.user = user
+        self.world = World(catalog, clock=clock, tick_interval=tick_interval)
+        self.token = self.world.add_user(user, token or secrets.token_urlsafe(32))
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._root: Path | None = None
+        self._errors: list[BaseException] = []
+        self._started = False
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        """The API origin, e.g. ``http://127.0.0.1:8666`` (valid once started)."""
+        if self._server is None:
+            raise RuntimeError("the simulator is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self._server.server_port}"
+
+    def start(self) -> Simulator:
+        """Start the hosts, the world's threads and the HTTP server; returns ``self``."""
+        if self._started:
+            return self
+        if self._stopped:
+            raise RuntimeError("a stopped simulator cannot be started again")
+        self._started = True
+        self._root = Path(tempfile.mkdtemp(prefix="rerobots-sim-"))
+        self.world.hosts = self._make_hosts(self._root)
+        self.world.start()
+        try:
+            self._server = make_server(self.host, self.port, SimApp(self.world), threaded=True,
+                                       request_handler=RequestHandler)
+        except SystemExit as exc:
+            # werkzeug reports a failed bind on stderr and exits; turn that into our error.
+            raise ConfigurationError(
+                f"simulator: cannot listen on {self.host}:{self.port}") from exc
+        self._thread = threading.Thread(target=self._serve, name="rerobots-sim-http",
+                                        daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=10):
+            raise RuntimeError("the simulator's HTTP server did not start")
+        self.check()
+        return self
+
+    def _make_hosts(self, root: Path) -> HostBackend:
+        if self.ssh_backend == "none":
+            return NullHostManager(root)
+        try:
+            from .hosts import HostManager  # imported late: asyncssh is the 'sim' extra
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"simulator ssh_backend {self.ssh_backend!r} needs the 'sim' extra "
+                f"(pip install 'pytest-rerobots[sim]'): {exc}") from exc
+        return HostManager(root, backend=self.ssh_backend)
+
+    def _serve(self) -> None:
+        assert self._server is not None
+        self._ready.set()
+        try:
+            self._server.serve_forever(poll_interval=0.05)
+        except BaseException as exc:  # surfaced by check(); the thread must not die silently
+            log.exception("the simulator's HTTP server failed")
+            self._errors.append(exc)
+
+    def stop(self) -> None:
+        """Stop serving, stop every host and thread, remove the temporary directory.
+
+        Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.world.close()
+        if self._root is not None:
+            shutil.rmtree(self._root, ignore_errors=True)
+
+    def check(self) -> None:
+        """Re-raise the first error of a background thread (HTTP server, ticker, hosts)."""
+        if self._errors:
+            raise self._errors[0]
+        self.world.check()
+        check_hosts = getattr(self.world.hosts, "check", None)
+        if callable(check_hosts):
+            check_hosts()
+
+    def __enter__(self) -> Simulator:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ conveniences
+
+    def add_user(self, name: str) -> str:
+        """Register another user; returns a fresh token of theirs."""
+        return self.world.add_user(name)
+
+    def live_instances(self) -> list[InstanceSnapshot]:
+        """Instances not TERMINATING, TERMINATED or INIT_FAIL (i.e. INIT or READY)."""
+        return self.world.snapshots(live_only=True)
+
+    def configure(self, **settings: Any) -> None:
+        """Change settings at run time (see :meth:`.state.World.configure`)."""
+        self.world.configure(**settings)
+
+    def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,
+                           error_status: int = 500, latency: float = 0.0) -> None:
+        """Make an endpoint fail or lag (see :meth:`.state.World.set_endpoint_fault`)."""
+        self.world.set_endpoint_fault(endpoint, error_rate=error_rate,
+                                      error_status=error_status, latency=latency)
+
+    def fail_next(self, endpoint: str, count: int = 1, status: int = 503) -> None:
+        """The next ``count`` calls of ``endpoint`` answer ``status`` without acting."""
+        self.world.fail_next(endpoint, count, status)
+
+    def set_not_found_window(self, seconds: float) -> None:
+        """GET /instance answers 404 this long after POST /new."""
+        self.world.set_not_found_window(seconds)
+
+    def set_stuck_init(self, share: bool | float = True) -> None:
+        """New instances (or this share of them) never leave INIT."""
+        self.world.set_stuck_init(share)
+
+    def set_init_fail_rate(self, rate: float) -> None:
+        """This share of new instances ends INIT_FAIL."""
+        self.world.set_init_fail_rate(rate)
+
+    def lose_new_responses(self, count: int = 1) -> None:
+        """The next ``count`` successful POST /new act but drop the connection unanswered."""
+        self.world.lose_new_responses(count)
+
+    def clear_faults(self) -> None:
+        """Turn every injected fault off."""
+        self.world.clear_faults()

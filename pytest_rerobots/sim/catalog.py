@@ -1,0 +1,525 @@
+"""The simulator's catalog: workspace types, deployments, timings, limits, tokens and faults.
+
+A catalog is a TOML file (the built-in one is ``default_catalog.toml`` next to this
+module). Every section is optional; an omitted key keeps its default::
+
+    [timings]                 # seconds; rates are probabilities in [0, 1]
+    ready_delay = 1.0         # INIT -> READY
+    terminate_delay = 0.5     # TERMINATING -> TERMINATED
+    init_fail_rate = 0.0      # share of new instances that end INIT_FAIL instead of READY
+    keepalive_timeout = 60.0  # no POST /instance/:id/ka for this long -> TERMINATING
+    init_timeout = 60.0       # still INIT after this long -> INIT_FAIL (0 = never)
+
+    [rate_limits]
+    token_budget = 3600       # requests per window and token
+    ip_budget = 60            # requests per window and address, for anonymous calls
+    rate_window = 3600.0
+
+    [switches]                # the variants where the sources disagree
+    sshkey_in_new_response = true   # the seed's behaviour; the real server sends none
+    queuelen_404_unknown = false    # DOC's 404 for GET /queuelen of an unknown id
+    vpn_nil_shape = false           # DOC's {"status": "nil"} for GET /vpn without a VPN
+    eurl_on_ready = false           # also POST an eurl event when READY (the server does not)
+
+    [tokens]                  # token = user name
+    "s3cret" = "alice"
+
+    [faults]
+    not_found_window = 0.0    # GET /instance/:id answers 404 this long after POST /new
+    stuck_init = 0.0          # share (or true/false) of new instances that never become READY
+    lose_new_response = 0.0   # share of successful POST /new whose answer is lost
+    seed = 1                  # makes the random draws repeatable
+    [faults.endpoints.new]    # endpoint names: see ENDPOINT_NAMES; "*" is every endpoint
+    error_rate = 0.1
+    error_status = 503
+    latency = 0.2
+
+    [types.basic_kobuki]
+    type_version = 1
+    supported_addons = ["cam", "drive"]
+    desc = "Kobuki mobile base"
+    commands = ["mkdir -p state"]     # run through /bin/sh in the host's directory at start
+    [types.basic_kobuki.files]        # path (relative to the host's directory) = text
+    "bin/robot-status" = "#!/bin/sh\\necho ok\\n"   # executable because it starts with #!
+
+    [[deployments]]
+    type = "basic_kobuki"
+    region = "us:cali"
+    id = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"     # optional; derived from type/region/index
+    created = 2019-11-18T22:23:57                   # optional
+    icounter = 0
+    lockout = false
+    offline = false
+    dissolved = false                               # or a date
+
+Every value is checked; a bad one raises :class:`~pytest_rerobots.errors.ConfigurationError`
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import re
+import sys
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = [
+    "ENDPOINT_NAMES",
+    "OVERRIDE_KEYS",
+    "Catalog",
+    "DeploymentSpec",
+    "EndpointFault",
+    "Faults",
+    "RateLimits",
+    "Switches",
+    "Timings",
+    "WorkspaceTypeSpec",
+    "apply_overrides",
+    "default_catalog",
+    "load_catalog",
+    "parse_catalog",
+]
+
+#: Names by which faults address endpoints (the werkzeug rule endpoints of :mod:`.api`).
+ENDPOINT_NAMES: frozenset[str] = frozenset(
+    {
+        "index",
+        "workspaces",
+        "deployments",
+        "deployment",
+        "queuelen",
+        "qlen",
+        "revoke",
+        "purge",
+        "new",
+        "terminate",
+        "instances",
+        "instance",
+        "sshkey",
+        "ka",
+        "firewall_get",
+        "firewall_post",
+        "firewall_delete",
+        "vpn_get",
+        "vpn_post",
+        "reservations",
+        "reservation_delete",
+        "ci_new",
+        "ci_projects",
+        "ci_job",
+    }
+)
+
+_UUID_RE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+_WTYPE_RE = re.compile(r"[A-Za-z0-9_]+")
+# A fixed namespace so that a deployment without an explicit id gets the same id every run.
+_DEPLOYMENT_NS = uuid.UUID("6f1d2c3a-8b0e-4e57-9d38-2f1f3c7a9e01")
+
+
+@dataclass(frozen=True)
+class WorkspaceTypeSpec:
+    """A workspace type: what its deployments report and what its hosts start with."""
+
+    name: str
+    type_version: int = 1
+    supported_addons: tuple[str, ...] = ()
+    desc: str = ""
+    files: Mapping[str, str] = field(default_factory=dict)
+    commands: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One workspace deployment of the catalog (``created``/``dissolved`` are naive UTC)."""
+
+    id: str
+    type: str
+    region: str
+    created: dt.datetime
+    icounter: int = 0
+    lockout: bool = False
+    offline: bool = False
+    dissolved: dt.datetime | None = None
+
+
+@dataclass
+class Timings:
+    """Durations (seconds) and rates that drive the instance lifecycle."""
+
+    ready_delay: float = 1.0
+    terminate_delay: float = 0.5
+    init_fail_rate: float = 0.0
+    keepalive_timeout: float = 60.0
+    init_timeout: float = 60.0
+
+
+@dataclass
+class RateLimits:
+    """Request budgets per window: per token, and per address for anonymous calls."""
+
+    token_budget: int = 3600
+    ip_budget: int = 60
+    rate_window: float = 3600.0
+
+
+@dataclass
+class Switches:
+    """Choices between variants where the seed, the docs and the real server disagree."""
+
+    sshkey_in_new_response: bool = True
+    queuelen_404_unknown: bool = False
+    vpn_nil_shape: bool = False
+    eurl_on_ready: bool = False
+
+
+@dataclass
+class EndpointFault:
+    """Injected trouble for one endpoint: a share of error answers, and added latency."""
+
+    error_rate: float = 0.0
+    error_status: int = 500
+    latency: float = 0.0
+
+
+@dataclass
+class Faults:
+    """Fault injection settings (all off by default)."""
+
+    not_found_window: float = 0.0
+    stuck_init: float = 0.0
+    lose_new_response: float = 0.0
+    seed: int | None = None
+    endpoints: dict[str, EndpointFault] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """A parsed, validated catalog. ``source`` names where it came from, for messages."""
+
+    types: Mapping[str, WorkspaceTypeSpec]
+    deployments: tuple[DeploymentSpec, ...]
+    timings: Timings = field(default_factory=Timings)
+    rate_limits: RateLimits = field(default_factory=RateLimits)
+    switches: Switches = field(default_factory=Switches)
+    faults: Faults = field(default_factory=Faults)
+    tokens: Mapping[str, str] = field(default_factory=dict)
+    source: str = "<catalog>"
+
+
+# The flat names accepted by ``Simulator(**overrides)`` and ``World.configure``: every scalar
+# setting of the four tunable sections, each name unique across them.
+_SECTIONS: dict[str, type] = {
+    "timings": Timings,
+    "rate_limits": RateLimits,
+    "switches": Switches,
+    "faults": Faults,
+}
+OVERRIDE_KEYS: dict[str, str] = {
+    f.name: section
+    for section, cls in _SECTIONS.items()
+    for f in dataclasses.fields(cls)
+    if f.name != "endpoints"
+}
+
+
+class _Checker:
+    """Validates values, naming the source and the dotted key in every error."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ConfigurationError:
+        return ConfigurationError(f"{self.source}: {key}: {problem}")
+
+    def table(self, value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a table, got {value!r}")
+        return value
+
+    def known(self, table: Mapping[str, Any], allowed: set[str] | frozenset[str], key: str) -> None:
+        unknown = sorted(set(table) - set(allowed))
+        if unknown:
+            where = f"{key}.{unknown[0]}" if key else unknown[0]
+            raise self.fail(where, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+    def number(self, value: Any, key: str, *, minimum: float = 0.0) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, f"expected a number, got {value!r}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum:g}, got {value!r}")
+        return float(value)
+
+    def rate(self, value: Any, key: str) -> float:
+        number = self.number(value, key)
+        if number > 1.0:
+            raise self.fail(key, f"must be a probability between 0 and 1, got {value!r}")
+        return number
+
+    def integer(self, value: Any, key: str, *, minimum: int = 0) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, f"expected an integer, got {value!r}")
+        if value < minimum:
+            raise self.fail(key, f"must be at least {minimum}, got {value!r}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
+    def string(self, value: Any, key: str, *, nonempty: bool = True) -> str:
+        if not isinstance(value, str):
+            raise self.fail(key, f"expected a string, got {value!r}")
+        if nonempty and not value.strip():
+            raise self.fail(key, "must not be empty")
+        return value
+
+    def strings(self, value: Any, key: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(key, f"expected a list of strings, got {value!r}")
+        return tuple(self.string(item, f"{key}[{i}]") for i, item in enumerate(value))
+
+    def when(self, value: Any, key: str) -> dt.datetime:
+        """A TOML date/datetime or an ISO string, as naive UTC (the API's convention)."""
+        if isinstance(value, str):
+            try:
+                value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                raise self.fail(key, f"expected a date or datetime, got {value!r}") from None
+        if isinstance(value, dt.datetime):
+            if value.tzinfo is not None:
+                value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            return value
+        if isinstance(value, dt.date):
+            return dt.datetime(value.year, value.month, value.day)
+        raise self.fail(key, f"expected a date or datetime, got {value!r}")
+
+
+def _check_setting(check: _Checker, name: str, value: Any, key: str) -> Any:
+    """Validate one tunable setting by its flat name (see :data:`OVERRIDE_KEYS`)."""
+    if name in ("init_fail_rate", "lose_new_response"):
+        return check.rate(value, key)
+    if name == "stuck_init":
+        # true/false is the common case; a number makes only some instances stick.
+        if isinstance(value, bool):
+            return 1.0 if value else 0.0
+        return check.rate(value, key)
+    if name in ("token_budget", "ip_budget"):
+        return check.integer(value, key, minimum=1)
+    if name == "seed":
+        return check.integer(value, key)
+    if OVERRIDE_KEYS[name] == "switches":
+        return check.boolean(value, key)
+    if name == "rate_window":
+        return check.number(value, key, minimum=0.001)
+    return check.number(value, key)
+
+
+def _section(check: _Checker, data: Mapping[str, Any], name: str, cls: type) -> Any:
+    """Build one of the tunable sections from its TOML table."""
+    table = check.table(data.get(name, {}), name)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    check.known(table, allowed, name)
+    values = {
+        key: _check_setting(check, key, value, f"{name}.{key}")
+        for key, value in table.items()
+        if key != "endpoints"
+    }
+    return cls(**values)
+
+
+def _endpoint_faults(check: _Checker, data: Mapping[str, Any]) -> dict[str, EndpointFault]:
+    faults = check.table(data.get("faults", {}), "faults")
+    table = check.table(faults.get("endpoints", {}), "faults.endpoints")
+    result: dict[str, EndpointFault] = {}
+    for name, spec in table.items():
+        key = f"faults.endpoints.{name}"
+        if name != "*" and name not in ENDPOINT_NAMES:
+            raise check.fail(key, f"unknown endpoint (expected \"*\" or one of "
+                                  f"{', '.join(sorted(ENDPOINT_NAMES))})")
+        spec = check.table(spec, key)
+        check.known(spec, {"error_rate", "error_status", "latency"}, key)
+        status = check.integer(spec.get("error_status", 500), f"{key}.error_status")
+        if not 500 <= status <= 599:
+            raise check.fail(f"{key}.error_status", f"must be a 5xx status, got {status}")
+        result[name] = EndpointFault(
+            error_rate=check.rate(spec.get("error_rate", 0.0), f"{key}.error_rate"),
+            error_status=status,
+            latency=check.number(spec.get("latency", 0.0), f"{key}.latency"),
+        )
+    return result
+
+
+def _types(check: _Checker, data: Mapping[str, Any]) -> dict[str, WorkspaceTypeSpec]:
+    table = check.table(data.get("types", {}), "types")
+    result: dict[str, WorkspaceTypeSpec] = {}
+    for name, spec in table.items():
+        key = f"types.{name}"
+        if not _WTYPE_RE.fullmatch(name):
+            raise check.fail(key, "a workspace type name is letters, digits and underscores")
+        spec = check.table(spec, key)
+        check.known(spec, {"type_version", "supported_addons", "desc", "files", "commands"}, key)
+        files = check.table(spec.get("files", {}), f"{key}.files")
+        for path, text in files.items():
+            fkey = f"{key}.files.{path}"
+            check.string(text, fkey, nonempty=False)
+            # Files land under the host's own directory; never let one escape it.
+            parts = Path(path).parts
+            if not path or Path(path).is_absolute() or ".." in parts:
+                raise check.fail(fkey, "a file path must be relative and stay inside the host")
+        result[name] = WorkspaceTypeSpec(
+            name=name,
+            type_version=check.integer(spec.get("type_version", 1), f"{key}.type_version"),
+            supported_addons=check.strings(spec.get("supported_addons", []),
+                                           f"{key}.supported_addons"),
+            desc=check.string(spec.get("desc", ""), f"{key}.desc", nonempty=False),
+            files=dict(files),
+            commands=check.strings(spec.get("commands", []), f"{key}.commands"),
+        )
+    return result
+
+
+def _deployments(
+    check: _Checker, data: Mapping[str, Any], types: Mapping[str, WorkspaceTypeSpec]
+) -> tuple[DeploymentSpec, ...]:
+    items = data.get("deployments", [])
+    if not isinstance(items, list):
+        raise check.fail("deployments", "expected an array of tables ([[deployments]])")
+    result: list[DeploymentSpec] = []
+    seen: set[str] = set()
+    for index, spec in enumerate(items):
+        key = f"deployments[{index}]"
+        spec = check.table(spec, key)
+        check.known(spec, {"id", "type", "region", "created", "icounter", "lockout", "offline",
+                           "dissolved"}, key)
+        if "type" not in spec:
+            raise check.fail(f"{key}.type", "missing")
+        wtype = check.string(spec["type"], f"{key}.type")
+        if wtype not in types:
+            raise check.fail(f"{key}.type", f"no workspace type {wtype!r} in [types]")
+        region = check.string(spec.get("region", "us:cali"), f"{key}.region")
+        if "id" in spec:
+            ident = check.string(spec["id"], f"{key}.id")
+            if not _UUID_RE.fullmatch(ident):
+                raise check.fail(f"{key}.id", f"expected a UUID, got {ident!r}")
+            ident = ident.lower()
+        else:
+            ident = str(uuid.uuid5(_DEPLOYMENT_NS, f"{wtype}/{region}/{index}"))
+        if ident in seen:
+            raise check.fail(f"{key}.id", f"duplicate deployment id {ident}")
+        seen.add(ident)
+        dissolved_value = spec.get("dissolved", False)
+        dissolved: dt.datetime | None
+        if isinstance(dissolved_value, bool):
+            dissolved = dt.datetime(2020, 1, 1) if dissolved_value else None
+        else:
+            dissolved = check.when(dissolved_value, f"{key}.dissolved")
+        result.append(
+            DeploymentSpec(
+                id=ident,
+                type=wtype,
+                region=region,
+                created=check.when(spec.get("created", "2019-11-18 22:23:57"),
+                                   f"{key}.created"),
+                icounter=check.integer(spec.get("icounter", 0), f"{key}.icounter"),
+                lockout=check.boolean(spec.get("lockout", False), f"{key}.lockout"),
+                offline=check.boolean(spec.get("offline", False), f"{key}.offline"),
+                dissolved=dissolved,
+            )
+        )
+    return tuple(result)
+
+
+def _tokens(check: _Checker, data: Mapping[str, Any]) -> dict[str, str]:
+    table = check.table(data.get("tokens", {}), "tokens")
+    result: dict[str, str] = {}
+    for token, user in table.items():
+        key = f"tokens.{token[:4]}..."  # never echo a whole token into a message
+        if not token.strip() or any(ch.isspace() for ch in token):
+            raise check.fail(key, "a token must be non-empty and contain no whitespace")
+        result[token] = check.string(user, key)
+    return result
+
+
+def parse_catalog(data: Mapping[str, Any], source: str = "<catalog>") -> Catalog:
+    """Validate decoded TOML (a mapping) and build a :class:`Catalog`."""
+    check = _Checker(source)
+    check.known(data, {"types", "deployments", "timings", "rate_limits", "switches", "faults",
+                       "tokens"}, "")
+    types = _types(check, data)
+    faults: Faults = _section(check, data, "faults", Faults)
+    faults.endpoints = _endpoint_faults(check, data)
+    return Catalog(
+        types=types,
+        deployments=_deployments(check, data, types),
+        timings=_section(check, data, "timings", Timings),
+        rate_limits=_section(check, data, "rate_limits", RateLimits),
+        switches=_section(check, data, "switches", Switches),
+        faults=faults,
+        tokens=_tokens(check, data),
+        source=source,
+    )
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and validate a TOML catalog file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot read the catalog: {exc}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_catalog(data, str(path))
+
+
+def default_catalog() -> Catalog:
+    """The built-in catalog shipped as ``default_catalog.toml``."""
+    text = resources.files(__package__).joinpath("default_catalog.toml").read_text("utf-8")
+    return parse_catalog(tomllib.loads(text), "<built-in catalog>")
+
+
+def apply_overrides(catalog: Catalog, overrides: Mapping[str, Any],
+                    source: str = "overrides") -> Catalog:
+    """A copy of ``catalog`` with flat settings (names in :data:`OVERRIDE_KEYS`) replaced."""
+    check = _Checker(source)
+    check.known(overrides, frozenset(OVERRIDE_KEYS), "")
+    sections = {name: copy.deepcopy(getattr(catalog, name)) for name in _SECTIONS}
+    for name, value in overrides.items():
+        setattr(sections[OVERRIDE_KEYS[name]], name, _check_setting(check, name, value, name))
+    return dataclasses.replace(catalog, **sections)
+
+
+def check_setting(name: str, value: Any, source: str = "configure") -> Any:
+    """Validate one flat setting for run-time changes; returns the normalised value."""
+    check = _Checker(source)
+    check.known({name: value}, frozenset(OVERRIDE_KEYS), "")
+    return _check_setting(check, name, value, name)
+
+
+def check_endpoint(name: str, source: str = "faults") -> str:
+    """Validate an endpoint name for fault injection ("*" means every endpoint)."""
+    if name != "*" and name not in ENDPOINT_NAMES:
+        raise ConfigurationError(
+            f"{source}: unknown endpoint {name!r} (expected \"*\" or one of "
+            f"{', '.join(sorted(ENDPOINT_NAMES))})"
+        )
+    return name
