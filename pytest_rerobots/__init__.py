@@ -27,6 +27,10 @@ from .errors import (
     WrongAuthToken,
 )
 
+from .client import RerobotsClient
+from .instance import Instance
+from .ssh import CommandResult
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -34,17 +38,20 @@ __all__ = [
     "BusyWorkspaceDeployment",
     "BusyWorkspaceInstance",
     "CommandFailed",
+    "CommandResult",
     "CommandTimeout",
     "ConfigurationError",
     "DeploymentNotFound",
     "HostKeyMismatch",
     "InstanceError",
     "InstanceFailed",
+    "Instance",
     "InstanceNotFound",
     "InstanceTimeout",
     "MalformedResponse",
     "NotFound",
     "RateLimited",
+    "RerobotsClient",
     "RerobotsError",
     "ReservationNotFound",
     "SSHConnectError",

@@ -1,0 +1,459 @@
+"""``Instance``: one rented robot, from ``POST /new`` to terminated.
+
+A context manager usable without pytest::
+
+    with RerobotsClient() as api, api.acquire("basic_kobuki") as robot:
+        robot.run("uname -a", check=True)
+
+``__enter__`` rents, waits for READY, opens the firewall and connects SSH; if
+any step fails after ``POST /new`` answered, the instance is terminated before
+the error propagates (Ctrl-C included). ``__exit__`` and :meth:`terminate`
+are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import paramiko
+import tenacity
+
+from . import retry, ssh
+from .errors import (
+    BusyWorkspaceDeployment,
+    BusyWorkspaceInstance,
+    InstanceFailed,
+    InstanceNotFound,
+    InstanceTimeout,
+    MalformedResponse,
+    RerobotsError,
+    ReservationNotFound,
+)
+
+if TYPE_CHECKING:
+    from .client import RerobotsClient
+    from .ssh import CommandResult
+
+__all__ = ["Instance", "InstanceListener", "Timings", "end", "is_deployment_id"]
+
+log = logging.getLogger("pytest_rerobots.instance")
+
+ENDED = ("INIT_FAIL", "TERMINATING", "TERMINATED")
+
+
+def end(
+    client: RerobotsClient,
+    instance_id: str,
+    *,
+    deadline: float = 120.0,
+    notfound_grace: float = 0.0,
+    sleep: retry.Sleep = time.sleep,
+) -> str:
+    """Terminate ``instance_id`` and say how it ended: ``"terminated"``, ``"already ended"``
+    or ``"not found"``.
+
+    Waits out INIT (the server refuses to terminate it) and transient errors
+    until ``deadline`` s; a 404 counts as "not visible yet" for ``notfound_grace``
+    s (the server inserts the instance after answering ``POST /new``).
+    """
+    begun = time.monotonic()
+    for attempt in retry.terminating(deadline=deadline, sleep=sleep):
+        with attempt:
+            try:
+                ended_now = client.terminate(instance_id)
+            except InstanceNotFound:
+                if time.monotonic() - begun < notfound_grace:
+                    raise BusyWorkspaceInstance(
+                        f"instance {instance_id} not visible yet", status=404) from None
+                return "not found"
+    return "terminated" if ended_now else "already ended"
+
+
+def is_deployment_id(target: str) -> bool:
+    """Whether ``target`` is a deployment id (a UUID) rather than a workspace type."""
+    import uuid
+
+    try:
+        uuid.UUID(target)
+    except ValueError:
+        return False
+    return len(target) == 36
+
+
+class InstanceListener(Protocol):
+    """Observes an instance's life; the pytest plugin, ledger and watchdog implement it."""
+
+    def rented(self, instance: Instance) -> None:
+        """``POST /new`` answered with this instance's id (before anything waits)."""
+
+    def progress(self, instance: Instance) -> None:
+        """A poll while waiting in a queue or for READY."""
+
+    def ended(self, instance: Instance) -> None:
+        """The instance is terminated (or found already ended); ``instance.outcome`` says how."""
+
+
+@dataclass
+class Timings:
+    """Seconds spent at each stage, for reports."""
+
+    queued: float = 0.0
+    to_ready: float = 0.0
+    held: float = 0.0
+    rented_at: float | None = None
+    ready_at: float | None = None
+
+
+#: Seconds between status polls under ``fast_polling`` (a simulator, where calls are free).
+FAST_POLL = 0.05
+
+
+def poll_interval(waited: float, time_left: float, rate: Any, now: float,
+                  fast: bool = False) -> float:
+    """Seconds until the next status poll, ``waited`` s into a wait with ``time_left`` s.
+
+    The real API's budget is 3600 calls an hour per token, shared by every job
+    using it, so polls are frugal: at 0.25 s and 1 s (a quick host), then every
+    2 s so that READY is noticed within 2 s. If the ``X-RateLimit-*`` budget
+    (``rate``, keeping 20 calls for teardown) cannot pay for that until the wait
+    ends or the window resets, polls are spread evenly over what is left.
+    ``fast`` polls every 50 ms instead (the embedded simulator).
+    """
+    if fast:
+        base = FAST_POLL
+    else:
+        base = 0.25 if waited < 0.25 else 0.75 if waited < 1.0 else 2.0
+    if rate is not None and rate.reset > now:
+        horizon = max(0.0, min(rate.reset - now, time_left))
+        spare = rate.remaining - 20
+        if spare * base < horizon:
+            base = max(base, horizon / max(spare, 1))
+    return base
+
+
+@dataclass
+class Instance:
+    """A rented instance of a workspace type (or of one deployment).
+
+    Attributes filled as it comes up: ``id``, ``wtype``, ``deployment``,
+    ``region``, ``host``, ``port``, ``hostkeys``, ``status``; ``timings`` and
+    ``outcome`` (how it ended) for reports. ``allow`` lists firewall sources
+    (CIDR); empty means the address the API sees this runner at.
+    """
+
+    client: RerobotsClient
+    target: str
+    ready_timeout: float = 600.0
+    queue_timeout: float = 0.0
+    lease: int | None = 3600
+    allow: Sequence[str] = ()
+    keepalive_interval: float = 40.0
+    notfound_grace: float = 30.0
+    connect_timeout: float = 60.0
+    terminate_timeout: float = 120.0
+    pkey: paramiko.PKey | None = None
+    public_key: str | None = None
+    listeners: Iterable[InstanceListener] = ()
+    connect: bool = True
+    fast_polling: bool = False
+    sleep: retry.Sleep = time.sleep
+
+    id: str | None = field(default=None, init=False)
+    wtype: str | None = field(default=None, init=False)
+    deployment: str | None = field(default=None, init=False)
+    region: str | None = field(default=None, init=False)
+    host: str | None = field(default=None, init=False)
+    port: int | None = field(default=None, init=False)
+    hostkeys: list[str] = field(default_factory=list, init=False)
+    status: str | None = field(default=None, init=False)
+    queue_position: int | None = field(default=None, init=False)
+    outcome: str | None = field(default=None, init=False)
+    timings: Timings = field(default_factory=Timings, init=False)
+    details: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _connection: ssh.Connection | None = field(default=None, init=False, repr=False)
+    _stop_keepalive: threading.Event = field(default_factory=threading.Event, init=False,
+                                             repr=False)
+    _keepalive: threading.Thread | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _started: float = field(default=0.0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.listeners = list(self.listeners)
+        if is_deployment_id(self.target):
+            self.deployment = self.target
+        else:
+            self.wtype = self.target
+
+    def __repr__(self) -> str:
+        return (f"Instance(id={self.id!r}, wtype={self.wtype!r}, deployment={self.deployment!r}, "
+                f"status={self.status!r})")
+
+    # -- context manager ------------------------------------------------------
+
+    def __enter__(self) -> Instance:
+        try:
+            self.start()
+        except BaseException:
+            # Half-started (even by Ctrl-C): whatever was rented is ended first.
+            self.terminate()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def start(self) -> Instance:
+        """Rent, wait for READY, open the firewall and connect. Call :meth:`terminate` after."""
+        self._started = time.monotonic()
+        if self.pkey is None:
+            self.pkey, self.public_key = ssh.generate_client_key()
+        elif self.public_key is None:
+            self.public_key = f"{self.pkey.get_name()} {self.pkey.get_base64()}"
+        self._rent()
+        self._wait_ready()
+        self._open_firewall()
+        if self.connect:
+            self._connect()
+        return self
+
+    # -- steps ----------------------------------------------------------------
+
+    def _new(self, target: str, *, reserve: bool | None = None) -> Any:
+        return self.client.new_instance(
+            target, sshkey=self.public_key, expire_d=self.lease, keepalive=True,
+            reserve=reserve, known_ids=self._known_ids,
+        )
+
+    def _known_ids(self) -> list[str]:
+        return [i for i in (self.id,) if i]
+
+    def _rent(self) -> None:
+        try:
+            answer = self._new(self.target)
+        except BusyWorkspaceDeployment:
+            if self.queue_timeout <= 0:
+                raise
+            answer = None
+        if answer is not None and answer.success:
+            self._rented(answer.id)
+            return
+        if answer is None:
+            deployment = self.deployment or self._shortest_queue()
+            answer = self._new(deployment, reserve=True)
+            if answer.success:
+                self._rented(answer.id)
+                return
+        self._follow_reservation(answer.id)
+
+    def _shortest_queue(self) -> str:
+        """The deployment of our type with the shortest queue (to reserve on)."""
+        listing = self.client.deployments(types=[self.target], info=True)
+        info = listing.get("info") or {}
+        ids = [d for d in listing["workspace_deployments"] if isinstance(d, str)]
+        if not ids:
+            raise BusyWorkspaceDeployment(f"no deployment of workspace type {self.target!r}")
+        return min(ids, key=lambda d: (info.get(d) or {}).get("queuelen", 0))
+
+    def _follow_reservation(self, rid: str) -> None:
+        """Wait in the queue until reservation ``rid`` becomes the instance (same id)."""
+        begun = time.monotonic()
+        served = False
+        try:
+            while time.monotonic() - begun < self.queue_timeout:
+                waiting = [r for r in self.client.reservations() if r.get("id") == rid]
+                if not waiting:
+                    served = True
+                    break
+                if self.deployment:
+                    self.queue_position = self.client.queue_length(self.deployment)
+                self.status = "QUEUED"
+                self._emit("progress")
+                self.sleep(min(2.0, max(0.1, self.queue_timeout / 20)))
+        finally:
+            if not served:
+                self._cancel_reservation(rid)
+        self.timings.queued = time.monotonic() - begun
+        self.queue_position = None
+        self._rented(rid)
+
+    def _cancel_reservation(self, rid: str) -> None:
+        try:
+            self.client.cancel_reservation(rid)
+        except ReservationNotFound:
+            # Served between the last look and now: the reservation is an instance.
+            self._rented(rid)
+            return
+        raise BusyWorkspaceDeployment(
+            f"{self.target}: still queued after {self.queue_timeout:g} s "
+            "(--rerobots-queue-timeout); reservation cancelled"
+        )
+
+    def _rented(self, ident: str) -> None:
+        self.id = ident
+        self.status = "INIT"
+        self.timings.rented_at = time.time()
+        self._emit("rented")
+        self._keepalive = threading.Thread(
+            target=self._keepalive_loop, name=f"rerobots-keepalive-{ident[:8]}", daemon=True
+        )
+        self._keepalive.start()
+
+    def _keepalive_loop(self) -> None:
+        while not self._stop_keepalive.wait(self.keepalive_interval):
+            try:
+                self.client.keepalive(self.id or "")
+            except RerobotsError as exc:
+                log.warning("keepalive for %s failed: %s", self.id, exc)
+
+    def _wait_ready(self) -> None:
+        assert self.id is not None
+        begun = time.monotonic()
+
+        def poll() -> str:
+            try:
+                info = self.client.instance(self.id or "")
+            except InstanceNotFound:
+                # The real server inserts the row asynchronously after POST /new.
+                if time.monotonic() - begun > self.notfound_grace:
+                    raise
+                return "PENDING"
+            self.details = info
+            self.status = info["status"]
+            if self.status in ENDED:
+                raise InstanceFailed(
+                    f"instance {self.id} of {self.target} became {self.status} before READY",
+                    instance_id=self.id, status=self.status,
+                )
+            return self.status
+
+        def interval(state: tenacity.RetryCallState | None = None) -> float:
+            waited = time.monotonic() - begun
+            return poll_interval(waited, self.ready_timeout - waited, self.client.rate_limit,
+                                 self.client.clock(), self.fast_polling)
+
+        def shown(state: tenacity.RetryCallState) -> None:
+            self._emit("progress")
+
+        policy = retry.polling(
+            deadline=self.ready_timeout, interval=interval, keep_going=lambda s: s != "READY",
+            sleep=self.sleep, before_sleep=shown,
+        )
+        try:
+            # Nothing is READY the instant POST /new answers: sleep before the first poll.
+            self.sleep(interval())
+            policy(poll)
+        except tenacity.RetryError as exc:
+            raise InstanceTimeout(
+                f"instance {self.id} of {self.target} not READY after {self.ready_timeout:g} s "
+                f"(last status: {self.status or 'unknown'})",
+                instance_id=self.id, status=self.status,
+            ) from exc
+        self.timings.to_ready = time.monotonic() - begun
+        self.timings.ready_at = time.time()
+        self._take_details(self.details)
+
+    def _take_details(self, info: Mapping[str, Any]) -> None:
+        try:
+            self.wtype = info.get("type") or self.wtype
+            self.deployment = info.get("deployment") or self.deployment
+            self.region = info.get("region")
+            fwd = info.get("fwd") or {}
+            self.host = str(fwd["ipv4"])
+            self.port = int(fwd["port"])
+            self.hostkeys = [str(k) for k in info["hostkeys"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedResponse(
+                f"GET /instance/{self.id}: READY but no usable fwd/hostkeys: {dict(info)!r}"[:400]
+            ) from exc
+
+    def _open_firewall(self) -> None:
+        assert self.id is not None
+        if not self.allow:
+            self.client.add_firewall_rule(self.id)
+        for cidr in self.allow:
+            self.client.add_firewall_rule(self.id, src=cidr)
+
+    def _connect(self) -> None:
+        assert self.host is not None and self.port is not None and self.pkey is not None
+        client = ssh.connect(
+            self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
+            deadline=self.connect_timeout, sleep=self.sleep,
+        )
+        self._connection = ssh.Connection(client)
+
+    # -- using it -------------------------------------------------------------
+
+    @property
+    def connection(self) -> ssh.Connection:
+        if self._connection is None:
+            raise RerobotsError(f"instance {self.id} has no SSH connection")
+        return self._connection
+
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        """The paramiko ``SSHClient``, logged in as root."""
+        return self.connection.client
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        """One SFTP session on that connection, opened on first use."""
+        return self.connection.sftp
+
+    def run(self, command: str, timeout: float | None = None, check: bool = False,
+            stdin: bytes | str | None = None) -> CommandResult:
+        """Run ``command`` through the host's shell; see :func:`pytest_rerobots.ssh.Connection.run`."""
+        return self.connection.run(command, timeout=timeout, check=check, stdin=stdin)
+
+    def put(self, local: str, remote: str) -> None:
+        """Copy a local file to the host over SFTP."""
+        self.connection.put(local, remote)
+
+    def get(self, remote: str, local: str) -> None:
+        """Copy a file from the host over SFTP."""
+        self.connection.get(remote, local)
+
+    # -- the end --------------------------------------------------------------
+
+    def terminate(self) -> None:
+        """End the instance: close SSH, terminate (waiting out INIT), stop keepalive.
+
+        Idempotent, and safe to call from ``finally`` blocks and other threads.
+        """
+        with self._lock:
+            if self.outcome is not None:
+                return
+            self.outcome = "ending"
+        if self._connection is not None:
+            self._connection.close()
+        if self.id is None:
+            self.outcome = "never rented"
+            return
+        held_from = self.timings.ready_at
+        try:
+            self.outcome = self._terminate_remote()
+        except BaseException as exc:
+            self.outcome = f"terminate failed: {exc}"
+            raise
+        finally:
+            self._stop_keepalive.set()
+            if held_from is not None:
+                self.timings.held = time.time() - held_from
+            self._emit("ended")
+
+    def _terminate_remote(self) -> str:
+        assert self.id is not None
+        return end(self.client, self.id, deadline=self.terminate_timeout,
+                   notfound_grace=max(0.0, self.notfound_grace - (time.monotonic() - self._started)),
+                   sleep=self.sleep)
+
+    def _emit(self, event: str) -> None:
+        for listener in self.listeners:
+            try:
+                getattr(listener, event)(self)
+            except Exception:  # a reporting bug must never stop a terminate
+                log.exception("listener %r failed on %s", listener, event)

@@ -1,0 +1,168 @@
+"""What a run tells its user: live progress, the terminal summary, JUnit properties
+and the GitHub step summary. Never the token."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .instance import Instance
+
+__all__ = ["Progress", "Records", "github_step_summary", "record_properties", "terminal_summary"]
+
+#: In a CI log (no terminal), print a progress line at most this often.
+CI_PROGRESS_EVERY = 10.0
+
+
+class Records:
+    """An instance listener that remembers every instance of the run, for the summary."""
+
+    def __init__(self) -> None:
+        self.instances: list[Instance] = []
+        self.leftovers: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def rented(self, instance: Instance) -> None:
+        with self._lock:
+            if instance not in self.instances:
+                self.instances.append(instance)
+
+    def progress(self, instance: Instance) -> None:
+        pass
+
+    def ended(self, instance: Instance) -> None:
+        pass
+
+    def note_leftover(self, instance_id: str, outcome: str) -> None:
+        """An instance a worker rented and never ended, ended (or not) by the controller."""
+        self.leftovers[instance_id] = outcome
+
+    def leaked(self) -> list[Instance]:
+        """Instances whose terminate did not succeed (or never ran)."""
+        return [i for i in self.instances
+                if i.outcome not in ("terminated", "already ended", "not found")]
+
+
+def _line(instance: Instance, waited: float) -> str:
+    where = f" queue position {instance.queue_position}" if instance.queue_position else ""
+    return (f"rerobots: {instance.wtype or instance.target} {instance.id or '(requesting)'} "
+            f"{instance.status or '...'} {waited:.0f}s{where}")
+
+
+class Progress:
+    """An instance listener that shows the wait for an instance on the terminal:
+    one line rewritten in place on a TTY, an occasional plain line in CI logs."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self._begun: dict[int, float] = {}
+        self._last_print: dict[int, float] = {}
+
+    def _write(self, text: str, *, in_place: bool) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is None or self.config.option.verbose < 0:
+            return
+        tw = reporter._tw
+        # Fixture setup runs under output capture; step outside it to reach the terminal.
+        ctx = capman.global_and_fixture_disabled() if capman else _null()
+        with ctx:
+            if in_place:
+                tw.write("\r" + text.ljust(78)[:200])
+            else:
+                tw.line(text)
+            tw.flush()
+
+    def _tty(self) -> bool:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        return bool(reporter and reporter.isatty and os.environ.get("CI") is None)
+
+    def rented(self, instance: Instance) -> None:
+        self._begun[id(instance)] = time.monotonic()
+
+    def progress(self, instance: Instance) -> None:
+        key = id(instance)
+        now = time.monotonic()
+        waited = now - self._begun.setdefault(key, now)
+        if self._tty():
+            self._write(_line(instance, waited), in_place=True)
+        elif now - self._last_print.get(key, now - CI_PROGRESS_EVERY) >= CI_PROGRESS_EVERY \
+                and waited >= 1.0:
+            self._last_print[key] = now
+            self._write(_line(instance, waited), in_place=False)
+
+    def ended(self, instance: Instance) -> None:
+        self._begun.pop(id(instance), None)
+        self._last_print.pop(id(instance), None)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def record_properties(item: Any, instance: Instance) -> None:
+    """Add the instance's identity to a test's JUnit XML properties."""
+    for name, value in (("rerobots_instance", instance.id), ("rerobots_wtype", instance.wtype),
+                        ("rerobots_deployment", instance.deployment),
+                        ("rerobots_region", instance.region)):
+        if value and (name, value) not in item.user_properties:
+            item.user_properties.append((name, value))
+
+
+HEADERS = ("instance", "type", "deployment", "region", "queued", "to READY", "held", "ended")
+
+
+def rows(records: Records) -> list[tuple[str, ...]]:
+    out = []
+    for i in records.instances:
+        t = i.timings
+        out.append((i.id or "-", i.wtype or i.target, (i.deployment or "-")[:8], i.region or "-",
+                    f"{t.queued:.1f}s", f"{t.to_ready:.1f}s", f"{t.held:.1f}s",
+                    i.outcome or "NOT TERMINATED"))
+    return out
+
+
+def terminal_summary(reporter: Any, records: Records, skipped_for_token: int) -> None:
+    """The rerobots section of pytest's terminal summary (controller only)."""
+    if skipped_for_token:
+        reporter.write_line(
+            f"rerobots: {skipped_for_token} test(s) skipped: no API token "
+            "(set REROBOTS_API_TOKEN, or run with --rerobots-sim)", yellow=True)
+    for ident, outcome in records.leftovers.items():
+        reporter.write_line(f"rerobots: instance {ident} left by a worker: {outcome}",
+                            red=outcome.startswith("failed"))
+    if not records.instances:
+        return
+    reporter.section("rerobots instances")
+    table = [HEADERS, *rows(records)]
+    widths = [max(len(r[c]) for r in table) for c in range(len(HEADERS))]
+    for row in table:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        reporter.write_line(line.rstrip())
+    for inst in records.leaked():
+        reporter.write_line(
+            f"LEAKED: instance {inst.id} ({inst.wtype}) was not terminated: {inst.outcome}. "
+            "Run `pytest --rerobots-sweep`.", red=True, bold=True)
+
+
+def github_step_summary(records: Records) -> None:
+    """Append the instance table in Markdown to ``$GITHUB_STEP_SUMMARY``, when set."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path or not records.instances:
+        return
+    lines = ["### rerobots instances", "", "| " + " | ".join(HEADERS) + " |",
+             "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+    except OSError as exc:
+        print(f"rerobots: cannot write GITHUB_STEP_SUMMARY: {exc}", file=sys.stderr)

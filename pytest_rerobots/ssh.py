@@ -1,0 +1,494 @@
+"""SSH to a robot's host: connect, run commands, move files.
+
+The one place where paramiko and socket errors become pytest-rerobots errors
+(with ``raise ... from exc``):
+
+* :func:`connect` opens a TCP connection with ``TCP_NODELAY``, pins the host
+  key to the ``hostkeys`` the API reported (``RejectPolicy``, an in-memory
+  host key table; ``~/.ssh/known_hosts``, the agent and ``~/.ssh/id_*`` are
+  never consulted) and logs in with an in-memory key. Refused, reset and timed
+  out connections are retried with bounded backoff while the host's sshd comes
+  up; a wrong host key (:class:`HostKeyMismatch`) or a refused login
+  (:class:`SSHConnectError`) is not retried, as retrying cannot help.
+* :func:`run` executes one command and returns a :class:`CommandResult`.
+* :class:`Connection` holds one logged-in client and its SFTP session; an
+  ``Instance`` delegates ``run``, ``put``, ``get``, ``ssh``, ``sftp`` and
+  ``close`` to it.
+
+Latency: every ``run`` costs a channel open, an exec request and the reply.
+Nagle's algorithm on a default paramiko socket makes small back-to-back
+packets (channel close, then the next channel open) wait for a delayed ACK,
+tens of milliseconds each; with ``TCP_NODELAY``, no pty and no polling sleeps a
+``run`` costs a few loopback round trips.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paramiko
+import tenacity
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from paramiko.common import MSG_CHANNEL_REQUEST
+from paramiko.pkey import UnknownKeyType
+
+from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHConnectError, SSHError
+
+__all__ = [
+    "CommandResult",
+    "Connection",
+    "connect",
+    "generate_client_key",
+    "run",
+]
+
+_CHUNK = 65536
+KEY_COMMENT = "pytest-rerobots"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """What one command did: its exit status, its output (decoded as UTF-8,
+    undecodable bytes replaced) and how long it took, in seconds.
+
+    ``exit_status`` is ``128 + n`` for a command killed by signal ``n``, as a
+    shell reports it, and ``-1`` when the host sent no status at all.
+    """
+
+    command: str
+    exit_status: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with status 0."""
+        return self.exit_status == 0
+
+
+# -- keys ------------------------------------------------------------------------------
+
+
+def generate_client_key() -> tuple[paramiko.PKey, str]:
+    """Make a fresh ed25519 login key in memory; return it and its public line.
+
+    paramiko cannot generate ed25519 keys, so ``cryptography`` makes one and
+    paramiko reads its OpenSSH serialization from memory: the private key never
+    touches the disk. The public line is ``"ssh-ed25519 AAAA... pytest-rerobots"``,
+    what ``POST /new`` takes as ``sshkey``.
+    """
+    private = ed25519.Ed25519PrivateKey.generate()
+    text = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode("ascii")
+    pkey = paramiko.Ed25519Key(file_obj=io.StringIO(text))
+    return pkey, f"{pkey.get_name()} {pkey.get_base64()} {KEY_COMMENT}"
+
+
+def _parse_hostkeys(hostkeys: list[str]) -> list[paramiko.PKey]:
+    """Parse ``"<type> <base64>[ comment]"`` lines; skip types paramiko lacks."""
+    keys = []
+    problems = []
+    for line in hostkeys:
+        fields = line.split()
+        if len(fields) < 2:
+            problems.append(f"{line!r}: not '<type> <base64>'")
+            continue
+        try:
+            keys.append(paramiko.PKey.from_type_string(fields[0], base64.b64decode(fields[1])))
+        except (paramiko.SSHException, UnknownKeyType, binascii.Error, ValueError) as exc:
+            problems.append(f"{fields[0]}: {exc}")
+    if not keys:
+        detail = "; ".join(problems) or "the list is empty"
+        raise SSHConnectError(f"no usable host key to pin the connection to ({detail})")
+    return keys
+
+
+# -- connect ---------------------------------------------------------------------------
+
+
+class _Retryable(Exception):
+    """Internal: an attempt failed in a way that a later attempt may not."""
+
+
+def connect(
+    host: str,
+    port: int,
+    *,
+    hostkeys: list[str],
+    pkey: paramiko.PKey,
+    username: str = "root",
+    timeout: float = 10.0,
+    attempts: int = 10,
+    deadline: float = 60.0,
+    source_address: tuple[str, int] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> paramiko.SSHClient:
+    """Open an SSH connection to ``host:port`` and log in as ``username`` with ``pkey``.
+
+    The host must present one of ``hostkeys``. ``timeout`` bounds each attempt's
+    TCP connect, banner, key exchange and login; ``attempts`` and ``deadline``
+    (seconds) bound the retries of refused, reset and timed out attempts, with
+    exponential backoff through ``sleep`` (injectable, so tests need not wait).
+    ``source_address`` binds the local end, as for :func:`socket.create_connection`.
+
+    Raises :class:`HostKeyMismatch` at once when the host presents another key,
+    and :class:`SSHConnectError` when the login is refused or the retries run
+    out. Safe to retry: a failed call leaves nothing open.
+    """
+    pinned = _parse_hostkeys(hostkeys)
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(max(1, attempts)) | tenacity.stop_after_delay(deadline),
+        wait=tenacity.wait_exponential(multiplier=0.1, min=0.1, max=3.0),
+        retry=tenacity.retry_if_exception_type(_Retryable),
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                return _connect_once(host, port, pinned, pkey, username, timeout, source_address)
+    except _Retryable as exc:
+        tries = retrying.statistics.get("attempt_number", 1)
+        cause = exc.__cause__
+        raise SSHConnectError(
+            f"could not connect to {host}:{port} ({tries} attempt{'s' * (tries != 1)}): "
+            f"{_describe(cause)}"
+        ) from cause
+    raise AssertionError("unreachable: tenacity either returns or raises")  # pragma: no cover
+
+
+def _connect_once(
+    host: str,
+    port: int,
+    pinned: list[paramiko.PKey],
+    pkey: paramiko.PKey,
+    username: str,
+    timeout: float,
+    source_address: tuple[str, int] | None,
+) -> paramiko.SSHClient:
+    try:
+        sock = socket.create_connection((host, port), timeout, source_address)
+    except socket.gaierror as exc:
+        raise SSHConnectError(f"cannot resolve {host!r}: {exc}") from exc
+    except OSError as exc:  # refused, unreachable, timed out: sshd may still be coming up
+        raise _Retryable() from exc
+    # A command round trip is a string of small packets; Nagle would hold each
+    # back until the previous one is ACKed, and Linux delays ACKs by up to 40 ms.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    client = paramiko.SSHClient()
+    # Fresh, in-memory table: nothing from or to ~/.ssh/known_hosts.
+    name = host if port == 22 else f"[{host}]:{port}"
+    for key in pinned:
+        client.get_host_keys().add(name, key.get_name(), key)
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(
+            host,
+            port,
+            username=username,
+            pkey=pkey,
+            sock=sock,
+            # The handshake deadline a little after the banner's: when both
+            # expire together paramiko may report "No existing session"
+            # instead of the missing banner.
+            timeout=timeout + 0.5,
+            banner_timeout=timeout,
+            auth_timeout=timeout,
+            channel_timeout=timeout,
+            look_for_keys=False,
+            allow_agent=False,
+            transport_factory=_Transport,
+        )
+    except paramiko.BadHostKeyException as exc:
+        _close_quietly(client, sock)
+        expected = ", ".join(f"{k.fingerprint} ({k.get_name()})" for k in pinned)
+        raise HostKeyMismatch(
+            f"host key mismatch for {name}: it presented {exc.key.fingerprint} "
+            f"({exc.key.get_name()}), expected {expected}; refusing to connect"
+        ) from exc
+    except paramiko.AuthenticationException as exc:
+        _close_quietly(client, sock)
+        raise SSHConnectError(
+            f"{name} refused the login of {username!r} with key {pkey.fingerprint}: {exc}"
+        ) from exc
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        # No banner (sshd starting, or a firewall dropping us), reset, timeout.
+        _close_quietly(client, sock)
+        raise _Retryable() from exc
+    return client
+
+
+def _close_quietly(client: paramiko.SSHClient, sock: socket.socket) -> None:
+    client.close()
+    sock.close()
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, (socket.timeout, TimeoutError)) and text == "timed out":
+        return "timed out"
+    return text
+
+
+def _channel_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
+    """Turn an ``exit-signal`` into exit status ``128 + n``; the rest as paramiko does.
+
+    OpenSSH reports a command that died of a signal with ``exit-signal`` and no
+    ``exit-status``, which paramiko ignores, leaving -1.
+    """
+    start = m.packet.tell()
+    if m.get_text() == "exit-signal":
+        m.get_boolean()  # want_reply: never set for exit-signal
+        name = m.get_text()
+        try:
+            chan.exit_status = 128 + signal.Signals["SIG" + name].value
+        except KeyError:
+            chan.exit_status = 128  # a signal this platform has no number for
+        chan.status_event.set()
+        return
+    m.packet.seek(start)
+    paramiko.Channel._handle_request(chan, m)
+
+
+class _Transport(paramiko.Transport):
+    """paramiko's Transport, plus ``exit-signal`` (see :func:`_channel_request`)."""
+
+    _channel_handler_table = {  # noqa: RUF012 (a class-level dispatch table, as in paramiko)
+        **paramiko.Transport._channel_handler_table,
+        MSG_CHANNEL_REQUEST: _channel_request,
+    }
+
+
+# -- run -------------------------------------------------------------------------------
+
+
+def run(
+    client: paramiko.SSHClient,
+    command: str,
+    timeout: float | None = None,
+    check: bool = False,
+    stdin: bytes | str | None = None,
+) -> CommandResult:
+    """Run ``command`` on the host (through its shell) and wait for it to end.
+
+    stdout and stderr are read together, so neither can fill up and stall the
+    command. ``stdin`` is sent and then closed; without it the command's stdin
+    is closed at once (like ``ssh -n``), so a command that reads it does not
+    hang. No pty is requested.
+
+    Raises :class:`CommandTimeout` when ``timeout`` seconds pass first: only
+    this command's channel is closed, the connection stays usable. With
+    ``check=True`` a non-zero status raises :class:`CommandFailed` carrying the
+    result. A lost connection is an :class:`SSHError`. Not retried: a command
+    may not be safe to run twice.
+    """
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise SSHError(f"cannot run {command!r}: the SSH connection is closed")
+    try:
+        chan = transport.open_session(timeout=timeout)
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        raise SSHError(f"cannot run {command!r}: {_describe(exc)}") from exc
+    feeder: threading.Thread | None = None
+    try:
+        try:
+            chan.exec_command(command)
+            if stdin is None:
+                chan.shutdown_write()
+            else:
+                data = stdin.encode() if isinstance(stdin, str) else bytes(stdin)
+                # A thread, because the command may not read all its input
+                # before it writes output that we must read meanwhile.
+                feeder = threading.Thread(
+                    target=_feed, args=(chan, data), name="rerobots-ssh-stdin", daemon=True
+                )
+                feeder.start()
+            stdout, stderr, status = _collect(chan, deadline)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise SSHError(f"running {command!r} failed: {_describe(exc)}") from exc
+        if status == -1 and not transport.is_active():
+            raise SSHError(f"the SSH connection was lost while running {command!r}")
+        if status is None:
+            raise CommandTimeout(
+                f"command {command!r} did not finish within {timeout:g} s",
+                command=command,
+                timeout=timeout,
+            )
+    finally:
+        chan.close()
+        if feeder is not None:
+            feeder.join()
+    result = CommandResult(
+        command=command,
+        exit_status=status,
+        stdout=stdout.decode("utf-8", "replace"),
+        stderr=stderr.decode("utf-8", "replace"),
+        duration=time.monotonic() - started,
+    )
+    if check and result.exit_status != 0:
+        raise CommandFailed(result)
+    return result
+
+
+def _feed(chan: paramiko.Channel, data: bytes) -> None:
+    try:
+        chan.sendall(data)
+        chan.shutdown_write()
+    except (OSError, EOFError, paramiko.SSHException):
+        pass  # the command ended or timed out without reading everything: not our error
+
+
+def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes, int | None]:
+    """Read stdout and stderr until EOF, then the exit status; None on timeout."""
+    # One event that both buffers set when data (or EOF) arrives, so one thread
+    # waits on both with no polling interval. Not chan.fileno(): its OS pipe is
+    # closed by chan.close() while paramiko's thread may still write to it for
+    # in-flight data, which can kill the whole transport (EBADF).
+    ready = threading.Event()
+    chan.in_buffer.set_event(ready)
+    chan.in_stderr_buffer.set_event(ready)
+    out: list[bytes] = []
+    err: list[bytes] = []
+    while True:
+        progressed = False
+        if chan.recv_ready():
+            out.append(chan.recv(_CHUNK))
+            progressed = True
+        if chan.recv_stderr_ready():
+            err.append(chan.recv_stderr(_CHUNK))
+            progressed = True
+        if progressed:
+            continue
+        if chan.eof_received or chan.closed:
+            # Data that arrived with the EOF after our readiness checks above.
+            while chan.recv_ready():
+                out.append(chan.recv(_CHUNK))
+            while chan.recv_stderr_ready():
+                err.append(chan.recv_stderr(_CHUNK))
+            break
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return b"", b"", None
+        # Only this thread clears the event (by reading a buffer empty), and it
+        # checked both buffers since: a set event means new data or EOF.
+        ready.wait(remaining)
+        ready.clear()
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if not chan.status_event.wait(remaining):
+        return b"", b"", None
+    return b"".join(out), b"".join(err), chan.exit_status
+
+
+# -- Connection ---------------------------------------------------------------------------
+
+
+class Connection:
+    """One logged-in SSH connection and its SFTP session; a context manager.
+
+    ``run``, ``put`` and ``get`` are thread-safe as far as paramiko is: each
+    ``run`` uses its own channel. ``close`` is idempotent.
+    """
+
+    def __init__(self, client: paramiko.SSHClient) -> None:
+        self._client = client
+        self._sftp: paramiko.SFTPClient | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, host: str, port: int, **kwargs: Any) -> Connection:
+        """Connect (see :func:`connect` for the arguments) and wrap the client."""
+        return cls(connect(host, port, **kwargs))
+
+    @property
+    def ssh(self) -> paramiko.SSHClient:
+        """The logged-in :class:`paramiko.SSHClient`."""
+        return self._client
+
+    @property
+    def client(self) -> paramiko.SSHClient:
+        """The same as :attr:`ssh`."""
+        return self._client
+
+    @property
+    def sftp(self) -> paramiko.SFTPClient:
+        """The connection's SFTP session, opened on first use and then reused."""
+        with self._lock:
+            if self._closed:
+                raise SSHError("the SSH connection is closed")
+            if self._sftp is None:
+                try:
+                    self._sftp = self._client.open_sftp()
+                except (paramiko.SSHException, EOFError, OSError) as exc:
+                    raise SSHError(f"cannot open an SFTP session: {_describe(exc)}") from exc
+            return self._sftp
+
+    def run(
+        self,
+        command: str,
+        timeout: float | None = None,
+        check: bool = False,
+        stdin: bytes | str | None = None,
+    ) -> CommandResult:
+        """Run ``command``; see :func:`run`."""
+        return run(self._client, command, timeout=timeout, check=check, stdin=stdin)
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy the local file ``local`` to ``remote`` on the host (relative: to its home)."""
+        sftp = self.sftp
+        try:
+            sftp.put(os.fspath(local), remote)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            detail = _describe(exc)
+            raise SSHError(f"cannot put {os.fspath(local)!r} to {remote!r}: {detail}") from exc
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy ``remote`` on the host to the local file ``local``."""
+        sftp = self.sftp
+        try:
+            sftp.get(remote, os.fspath(local))
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            detail = _describe(exc)
+            raise SSHError(f"cannot get {remote!r} to {os.fspath(local)!r}: {detail}") from exc
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the SFTP session and the connection. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sftp, self._sftp = self._sftp, None
+        if sftp is not None:
+            sftp.close()
+        self._client.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,39 @@
+"""Shared fixtures of the project's own tests: a fast simulator, and the plugin pointed at it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pytest_rerobots.sim import Simulator
+
+#: Timings short enough that a whole lifecycle takes a fraction of a second.
+FAST = dict(ready_delay=0.05, terminate_delay=0.05)
+
+
+@pytest.fixture
+def fast_sim() -> Iterator[Simulator]:
+    """A running simulator with real SSH hosts and short timings; after the test, it must
+    list no instance that is still alive."""
+    with Simulator(**FAST) as sim:
+        yield sim
+        assert sim.live_instances() == [], "a test left instances alive"
+
+
+@pytest.fixture
+def sim_env(fast_sim: Simulator, monkeypatch: pytest.MonkeyPatch) -> Simulator:
+    """Point the plugin (in pytester runs) at ``fast_sim`` as if it were the real API."""
+    monkeypatch.setenv("REROBOTS_API_URL", fast_sim.url)
+    monkeypatch.setenv("REROBOTS_API_TOKEN", fast_sim.token)
+    for name in ("REROBOTS_WTYPE", "REROBOTS_DEPLOYMENT", "REROBOTS_SIM", "REROBOTS_LEDGER"):
+        monkeypatch.delenv(name, raising=False)
+    return fast_sim
+
+
+@pytest.fixture(autouse=True)
+def _clean_rerobots_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The developer's own token or settings must not leak into the project's tests.
+    for name in ("REROBOTS_API_TOKEN", "REROBOTS_API_URL", "REROBOTS_WTYPE",
+                 "REROBOTS_DEPLOYMENT", "REROBOTS_SIM", "REROBOTS_LEDGER"):
+        monkeypatch.delenv(name, raising=False)
