@@ -74,6 +74,18 @@ def end(
     return "terminated" if ended_now else "already ended"
 
 
+def _private_key(text: str) -> paramiko.PKey:
+    """A private key from its text (PEM or OpenSSH format), read in memory."""
+    import io
+
+    for cls in (paramiko.RSAKey, paramiko.Ed25519Key, paramiko.ECDSAKey):
+        try:
+            return cls.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue
+    raise MalformedResponse("GET /instance/:id/sshkey: not a private key paramiko can read")
+
+
 def is_deployment_id(target: str) -> bool:
     """Whether ``target`` is a deployment id (a UUID) rather than a workspace type."""
     import uuid
@@ -161,6 +173,7 @@ class Instance:
     listeners: Iterable[InstanceListener] = ()
     connect: bool = True
     fast_polling: bool = False
+    existing: str | None = None
     sleep: retry.Sleep = time.sleep
 
     id: str | None = field(default=None, init=False)
@@ -210,6 +223,8 @@ class Instance:
     def start(self) -> Instance:
         """Rent, wait for READY, open the firewall and connect. Call :meth:`terminate` after."""
         self._started = time.monotonic()
+        if self.existing is not None:
+            return self._attach(self.existing)
         if self.pkey is None:
             self.pkey, self.public_key = ssh.generate_client_key()
         elif self.public_key is None:
@@ -218,6 +233,18 @@ class Instance:
         self._wait_ready()
         self._open_firewall()
         if self.connect:
+            self._connect()
+        return self
+
+    def _attach(self, ident: str) -> Instance:
+        """Use an instance another process rented (``existing``): log in with the key
+        the server generated for it (``GET /instance/:id/sshkey``, kept in memory)."""
+        self.id = ident
+        self._start_keepalive()
+        self._wait_ready()
+        if self.connect:
+            if self.pkey is None:
+                self.pkey = _private_key(self.client.instance_sshkey(ident))
             self._connect()
         return self
 
@@ -298,6 +325,10 @@ class Instance:
         self.status = "INIT"
         self.timings.rented_at = time.time()
         self._emit("rented")
+        self._start_keepalive()
+
+    def _start_keepalive(self) -> None:
+        ident = self.id or ""
         self._keepalive = threading.Thread(
             target=self._keepalive_loop, name=f"rerobots-keepalive-{ident[:8]}", daemon=True
         )
@@ -444,6 +475,18 @@ class Instance:
             if held_from is not None:
                 self.timings.held = time.time() - held_from
             self._emit("ended")
+
+    def detach(self) -> None:
+        """Stop using the instance without ending it (another process will): close SSH
+        and stop this process's keepalive. Listeners see the outcome "handed over"."""
+        with self._lock:
+            if self.outcome is not None:
+                return
+            self.outcome = "handed over"
+        if self._connection is not None:
+            self._connection.close()
+        self._stop_keepalive.set()
+        self._emit("ended")
 
     def _terminate_remote(self) -> str:
         assert self.id is not None

@@ -9,9 +9,12 @@ registered with the plugin manager.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from .client import RerobotsClient
 from .errors import ConfigurationError
 from .instance import Instance
 from .settings import OPTIONS, Settings, resolve
+from .share import SharedPool
 
 PLUGIN_NAME = "rerobots-plugin"
 
@@ -120,11 +124,31 @@ class XdistHooks:
     def __init__(self, plugin: RerobotsPlugin) -> None:
         self.plugin = plugin
 
+    @pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Worker: send its instances and skips to the controller, for the summary."""
+        output = getattr(session.config, "workeroutput", None)
+        if output is not None:
+            output["rerobots_rows"] = report.rows(self.plugin.records)
+            output["rerobots_skipped_for_token"] = self.plugin.skipped_for_token
+
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """Controller: collect what a worker sent (nothing if it crashed)."""
+        output = getattr(node, "workeroutput", None) or {}
+        self.plugin.records.remote_rows.extend(
+            tuple(row) for row in output.get("rerobots_rows", []))
+        self.plugin.skipped_for_token += int(output.get("rerobots_skipped_for_token", 0))
+
     def pytest_configure_node(self, node: Any) -> None:
         """Hand the run id and the controller's simulator to each worker (through
         execnet, not argv)."""
-        node.workerinput["rerobots_run_id"] = self.plugin.run_id
-        sim = self.plugin.simulator
+        plugin = self.plugin
+        node.workerinput["rerobots_run_id"] = plugin.run_id
+        if plugin.settings.xdist == "shared":
+            if plugin.share_dir is None:
+                plugin.share_dir = Path(tempfile.mkdtemp(prefix="rerobots-share-"))
+            node.workerinput["rerobots_share_dir"] = str(plugin.share_dir)
+        sim = plugin.simulator
         if sim is not None:
             node.workerinput["rerobots_sim_url"] = sim.url
             node.workerinput["rerobots_sim_token"] = sim.token
@@ -146,6 +170,13 @@ class RerobotsPlugin:
         self.ledger: guard.Ledger | None = None
         self.watchdog: guard.Watchdog | None = None
         self.run_id = str((self.worker_input or {}).get("rerobots_run_id") or uuid.uuid4())
+        # Under xdist with --rerobots-xdist shared: the controller's directory for the
+        # workers to share instances through (see share.py).
+        self.share_dir: Path | None = None
+        self.shared: SharedPool | None = None
+        share_dir = (self.worker_input or {}).get("rerobots_share_dir")
+        if share_dir and settings.xdist == "shared":
+            self.shared = SharedPool(share_dir)
         self._failed: dict[tuple[str, str | None, str], BaseException] = {}
 
     # -- start and stop -------------------------------------------------------
@@ -203,6 +234,8 @@ class RerobotsPlugin:
             if self.simulator is not None:
                 self.simulator.stop()
                 self.simulator = None
+            if self.share_dir is not None:
+                shutil.rmtree(self.share_dir, ignore_errors=True)
             self.signals.uninstall()
 
     def _end_run_leftovers(self) -> None:
@@ -253,19 +286,32 @@ class RerobotsPlugin:
             raise self._failed[key]
         inst = self._pool.get(key)
         if inst is None:
-            inst = self.new_instance(deployment or wtype)
-            inst.wtype = wtype
-            # Registered before starting, so the scope's teardown ends it even if
-            # the start is interrupted half way.
-            self._pool[key] = inst
+            # The finalizer comes first, so the scope's teardown ends the instance even
+            # if its start is interrupted half way (Instance.__enter__ also cleans up).
             scope_node.addfinalizer(lambda: self._release(key))
             try:
-                inst.__enter__()
+                inst = self._start_pooled(key)
             except BaseException as exc:
                 if isinstance(exc, Exception):
                     self._failed[key] = exc
                 raise
         report.record_properties(request.node, inst)
+        return inst
+
+    def _start_pooled(self, key: tuple[str, str | None, str]) -> Instance:
+        wtype, deployment, _ = key
+
+        def make(existing: str | None = None) -> Instance:
+            inst = self.new_instance(deployment or wtype, existing=existing)
+            inst.wtype = wtype
+            return inst
+
+        if self.shared is not None and self.settings.scope == "session":
+            inst = self.shared.acquire(f"{wtype}/{deployment}", make)
+            self._pool[key] = inst
+            return inst
+        inst = self._pool[key] = make()
+        inst.__enter__()
         return inst
 
     def _scope_node(self, request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
@@ -279,7 +325,11 @@ class RerobotsPlugin:
     def _release(self, key: tuple[str, str | None, str]) -> None:
         self._failed.pop(key, None)
         inst = self._pool.pop(key, None)
-        if inst is not None:
+        if inst is None:
+            return
+        if self.shared is not None and self.settings.scope == "session":
+            self.shared.release(f"{key[0]}/{key[1]}", inst)
+        else:
             inst.terminate()
 
     def release_all(self) -> None:

@@ -24,6 +24,8 @@ class Records:
     def __init__(self) -> None:
         self.instances: list[Instance] = []
         self.leftovers: dict[str, str] = {}
+        # Rows sent by xdist workers (their instances live in their processes).
+        self.remote_rows: list[tuple[str, ...]] = []
         self._lock = threading.Lock()
 
     def rented(self, instance: Instance) -> None:
@@ -35,16 +37,13 @@ class Records:
         pass
 
     def ended(self, instance: Instance) -> None:
-        pass
+        # An instance attached to (shared under xdist) was never "rented" here.
+        self.rented(instance)
 
     def note_leftover(self, instance_id: str, outcome: str) -> None:
         """An instance a worker rented and never ended, ended (or not) by the controller."""
         self.leftovers[instance_id] = outcome
 
-    def leaked(self) -> list[Instance]:
-        """Instances whose terminate did not succeed (or never ran)."""
-        return [i for i in self.instances
-                if i.outcome not in ("terminated", "already ended", "not found")]
 
 
 def _line(instance: Instance, waited: float) -> str:
@@ -117,11 +116,15 @@ def record_properties(item: Any, instance: Instance) -> None:
             item.user_properties.append((name, value))
 
 
+#: Outcomes after which nothing is left running on our account (or someone else ends it).
+ENDED_OK = ("terminated", "already ended", "not found", "handed over", "never rented")
+
 HEADERS = ("instance", "type", "deployment", "region", "queued", "to READY", "held", "ended")
 
 
 def rows(records: Records) -> list[tuple[str, ...]]:
-    out = []
+    """One row per instance of the run (``HEADERS``), workers' rows included."""
+    out = list(records.remote_rows)
     for i in records.instances:
         t = i.timings
         out.append((i.id or "-", i.wtype or i.target, (i.deployment or "-")[:8], i.region or "-",
@@ -139,28 +142,31 @@ def terminal_summary(reporter: Any, records: Records, skipped_for_token: int) ->
     for ident, outcome in records.leftovers.items():
         reporter.write_line(f"rerobots: instance {ident} left by a worker: {outcome}",
                             red=outcome.startswith("failed"))
-    if not records.instances:
+    table_rows = rows(records)
+    if not table_rows:
         return
     reporter.section("rerobots instances")
-    table = [HEADERS, *rows(records)]
+    table = [HEADERS, *table_rows]
     widths = [max(len(r[c]) for r in table) for c in range(len(HEADERS))]
     for row in table:
         line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
         reporter.write_line(line.rstrip())
-    for inst in records.leaked():
-        reporter.write_line(
-            f"LEAKED: instance {inst.id} ({inst.wtype}) was not terminated: {inst.outcome}. "
-            "Run `pytest --rerobots-sweep`.", red=True, bold=True)
+    for row in table_rows:
+        if row[-1] not in ENDED_OK:
+            reporter.write_line(
+                f"LEAKED: instance {row[0]} ({row[1]}) was not terminated: {row[-1]}. "
+                "Run `pytest --rerobots-sweep`.", red=True, bold=True)
 
 
 def github_step_summary(records: Records) -> None:
     """Append the instance table in Markdown to ``$GITHUB_STEP_SUMMARY``, when set."""
     path = os.environ.get("GITHUB_STEP_SUMMARY")
-    if not path or not records.instances:
+    table_rows = rows(records)
+    if not path or not table_rows:
         return
     lines = ["### rerobots instances", "", "| " + " | ".join(HEADERS) + " |",
              "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(records)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows]
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
