@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from paramiko.common import MSG_CHANNEL_REQUEST
 from paramiko.pkey import UnknownKeyType
 
+from . import retry
 from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHConnectError, SSHError
 
 __all__ = [
@@ -133,7 +134,7 @@ def connect(
     pkey: paramiko.PKey,
     username: str = "root",
     timeout: float = 10.0,
-    attempts: int = 10,
+    attempts: int | None = None,
     deadline: float = 60.0,
     source_address: tuple[str, int] | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -141,9 +142,10 @@ def connect(
     """Open an SSH connection to ``host:port`` and log in as ``username`` with ``pkey``.
 
     The host must present one of ``hostkeys``. ``timeout`` bounds each attempt's
-    TCP connect, banner, key exchange and login; ``attempts`` and ``deadline``
-    (seconds) bound the retries of refused, reset and timed out attempts, with
-    exponential backoff through ``sleep`` (injectable, so tests need not wait).
+    TCP connect, banner, key exchange and login. Refused, reset and timed out
+    attempts are retried, with exponential backoff through ``sleep``
+    (injectable, so tests need not wait), until ``deadline`` seconds have
+    passed or, when given, ``attempts`` attempts were made.
     ``source_address`` binds the local end, as for :func:`socket.create_connection`.
 
     Raises :class:`HostKeyMismatch` at once when the host presents another key,
@@ -151,13 +153,10 @@ def connect(
     out. Safe to retry: a failed call leaves nothing open.
     """
     pinned = _parse_hostkeys(hostkeys)
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(max(1, attempts)) | tenacity.stop_after_delay(deadline),
-        wait=tenacity.wait_exponential(multiplier=0.1, min=0.1, max=3.0),
-        retry=tenacity.retry_if_exception_type(_Retryable),
-        sleep=sleep,
-        reraise=True,
-    )
+    policy = retry.connecting(deadline=deadline, retry_on=(_Retryable,), sleep=sleep)
+    retrying = policy
+    if attempts is not None:
+        retrying = policy.copy(stop=policy.stop | tenacity.stop_after_attempt(max(1, attempts)))
     try:
         for attempt in retrying:
             with attempt:

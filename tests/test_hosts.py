@@ -6,6 +6,8 @@ import os
 import pathlib
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -338,16 +340,18 @@ def test_close_leaves_no_process_or_thread(
 ) -> None:
     before = {t.ident for t in threading.enumerate()}
     hosts = HostManager(tmp_path, backend)
-    info = _start(hosts, [client_key[1]])
-    with _connect(hosts, info, client_key[0]) as conn:
-        # A background process that outlives its session, as a daemon would.
-        orphan = int(conn.run("sleep 300 >/dev/null 2>&1 </dev/null & echo $!").stdout)
-        server = _child_of_ours(conn.run(_ANCESTRY, check=True).stdout)
-        assert _alive(orphan)
-        if backend == "openssh":
-            assert "sshd" in pathlib.Path(f"/proc/{server}/cmdline").read_text()
-            assert _alive(server)
-    hosts.close()
+    try:
+        info = _start(hosts, [client_key[1]])
+        with _connect(hosts, info, client_key[0]) as conn:
+            # A background process that outlives its session, as a daemon would.
+            orphan = int(conn.run("sleep 300 >/dev/null 2>&1 </dev/null & echo $!").stdout)
+            server = _child_of_ours(conn.run(_ANCESTRY, check=True).stdout)
+            assert _alive(orphan)
+            if backend == "openssh":
+                assert "sshd" in pathlib.Path(f"/proc/{server}/cmdline").read_text()
+                assert _alive(server)
+    finally:
+        hosts.close()
     hosts.close()  # idempotent
     assert _wait_until(lambda: not _alive(orphan))
     if backend == "openssh":
@@ -371,3 +375,39 @@ def test_openssh_backend_without_sshd_is_a_configuration_error(
     monkeypatch.setattr(hosts_module, "SSHD", str(tmp_path / "no-sshd"))
     with pytest.raises(ConfigurationError, match="openssh-server"):
         HostManager(tmp_path, "openssh")
+
+
+_EXIT_WITHOUT_CLOSE = """
+import os, pathlib, re, sys
+from pytest_rerobots import ssh
+from pytest_rerobots.sim.hosts import HostManager
+pkey, public = ssh.generate_client_key()
+hosts = HostManager(pathlib.Path(sys.argv[1]), sys.argv[2])
+info = hosts.start_host("i-1", authorized_keys=[public], firewall=lambda src: "ACCEPT",
+                        files={}, commands=[])
+client = ssh.connect("127.0.0.1", info.port, hostkeys=[info.hostkey], pkey=pkey,
+                     username=hosts.login_user)
+orphan = ssh.run(client, "sleep 300 >/dev/null 2>&1 </dev/null & echo $!").stdout.strip()
+chain = [int(pid) for pid in ssh.run(client, sys.argv[3]).stdout.split()]
+server = chain[chain.index(os.getpid()) - 1]  # sshd's listener, or the command's shell
+title = open(f"/proc/{server}/cmdline").read() if sys.argv[2] == "openssh" else ""
+private = re.search(r"/\\S*rerobots-sshd-\\w+", title)
+print(orphan, server, private.group(0) if private else "-", flush=True)
+# No close(): the interpreter exits with the host running.
+"""
+
+
+def test_exit_without_close_still_kills_what_the_hosts_started(
+    tmp_path: pathlib.Path, backend: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(tmp_path), backend, _ANCESTRY],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    orphan, server, private = done.stdout.split()
+    assert _wait_until(lambda: not _alive(int(orphan)))
+    assert _wait_until(lambda: not _alive(int(server)))
+    if backend == "openssh":  # nor the private directory that holds the host key
+        assert private != "-"
+        assert not pathlib.Path(private).exists()

@@ -58,8 +58,9 @@ import subprocess
 import tempfile
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+import weakref
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncssh
@@ -119,12 +120,17 @@ class HostManager:
             )
         self.root = pathlib.Path(root)
         self.backend = backend
+        #: The user that can log in: ``root``, except for the openssh backend
+        #: run by another user (a non-root sshd can only log in its own user).
+        self.login_user = "root"
+        self._sftp_server = ""
+        self._sshd_options = ""
         if backend == "openssh":
             _check_openssh()
-            # A non-root sshd cannot change user, so only its own user can log in.
-            self.login_user = "root" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-        else:
-            self.login_user = "root"
+            self._sftp_server = _sftp_server()
+            self._sshd_options = _sshd_version_options()
+            if os.geteuid() != 0:
+                self.login_user = pwd.getpwuid(os.geteuid()).pw_name
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._hosts: dict[str, _Host | None] = {}  # None: starting
@@ -136,6 +142,10 @@ class HostManager:
             max_workers=4, thread_name_prefix="rerobots-sim-firewall"
         )
         self._loop = _LoopThread(self._record_error)
+        # Should this manager be dropped without close() (a crashed test,
+        # interpreter exit), whatever its hosts started is still killed by pid.
+        self._leftovers = _Leftovers()
+        self._finalizer = weakref.finalize(self, self._leftovers.clean)
 
     # -- public API --------------------------------------------------------
 
@@ -194,7 +204,9 @@ class HostManager:
     def stop_host(self, instance_id: str) -> None:
         """Close the host's listener and every live connection; kill what it started.
 
-        Idempotent: an unknown or already stopped id is not an error.
+        Idempotent: an unknown or already stopped id is not an error. A host
+        whose ``start_host`` has not returned yet is not stopped: its caller
+        stops it once it is up.
         """
         with self._lock:
             host = self._hosts.get(instance_id)
@@ -217,6 +229,7 @@ class HostManager:
         finally:
             self._loop.close()
             self._executor.shutdown(wait=True, cancel_futures=True)
+            self._finalizer()  # anything a host failed to stop
 
     def check(self) -> None:
         """Raise the first unexpected error seen in the hosts' thread since the last check.
@@ -341,6 +354,7 @@ class _Host:
         self.authorized = authorized
         self.firewall = firewall
         self.marker = f"{instance_id}:{uuid.uuid4().hex}"
+        manager._leftovers.markers.add(self.marker)
         key = ec.generate_private_key(ec.SECP256R1())
         self.key_pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -352,6 +366,7 @@ class _Host:
         ).decode("ascii")
         self.port = 0
         self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._socks: set[socket.socket] = set()
@@ -393,7 +408,7 @@ class _Host:
             listener.setblocking(False)
             self._listener = listener
             self.port = listener.getsockname()[1]
-            self._spawn(self._accept_loop())
+            self._accepting = asyncio.get_running_loop().create_task(self._accept_loop())
         except BaseException:
             await self.stop()
             raise
@@ -449,6 +464,11 @@ class _Host:
     async def stop(self) -> None:
         """Close the listener and every connection; kill every process of this host."""
         self._stopping = True
+        # Stop accepting before closing the listener: asyncio must unregister
+        # its file descriptor while that number still means this socket.
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
         await self._close_connections()
@@ -463,6 +483,7 @@ class _Host:
         self._socks.clear()
         await self._stop_server()
         await _kill_marked(self.marker)
+        self.manager._leftovers.markers.discard(self.marker)
         self._cleanup()
 
     def _cleanup(self) -> None:
@@ -557,10 +578,10 @@ class _AsyncsshHost(_Host):
         loop = asyncio.get_running_loop()
         feeder = loop.create_task(_feed(process, proc))
         closed = loop.create_task(process.channel.wait_closed())
+        outputs = loop.create_task(
+            _all_true(_pump(proc.stdout, process.stdout), _pump(proc.stderr, process.stderr))
+        )
         try:
-            outputs = loop.create_task(
-                _all_true(_pump(proc.stdout, process.stdout), _pump(proc.stderr, process.stderr))
-            )
             # The client may close the channel (a timeout on its side) at any
             # moment: then the command is killed, as nobody can read its output.
             if await _unless_closed(outputs, closed):
@@ -572,8 +593,8 @@ class _AsyncsshHost(_Host):
         finally:
             if proc.returncode is None:
                 _killpg(proc.pid)
-            feeder.cancel()
-            closed.cancel()
+            for task in (feeder, closed, outputs):
+                task.cancel()
             try:
                 await _reap(transport, proc)
             finally:
@@ -748,6 +769,7 @@ class _OpensshHost(_Host):
             )
         private = pathlib.Path(tempfile.mkdtemp(prefix="rerobots-sshd-"))
         self._private = private
+        self.manager._leftovers.dirs.add(private)
         key_file = private / "host_key"
         key_file.write_bytes(self.key_pem)
         key_file.chmod(0o600)  # sshd refuses readable host keys whatever StrictModes says
@@ -774,11 +796,11 @@ class _OpensshHost(_Host):
                     port=self._sshd_port,
                     private=private,
                     user=self.manager.login_user,
-                    sftp_server=_sftp_server(),
+                    sftp_server=self.manager._sftp_server,
                     home=self.directory,
                     marker_var=_MARKER_VAR,
                     marker=self.marker,
-                    extra=_sshd_version_options(),
+                    extra=self.manager._sshd_options,
                 )
             )
             self._sshd_transport, self._sshd = await _subprocess(
@@ -789,6 +811,7 @@ class _OpensshHost(_Host):
                 env={**self.env(), "HOME": str(private)},
                 start_new_session=True,
             )
+            self.manager._leftovers.pids.add(self._sshd.pid)
             if await self._wait_listening():
                 self._spawn(self._drain_log())
                 return
@@ -847,26 +870,32 @@ class _OpensshHost(_Host):
 
     async def _stop_server(self) -> None:
         sshd, self._sshd = self._sshd, None
-        if sshd is not None and sshd.returncode is None:
+        transport, self._sshd_transport = self._sshd_transport, None
+        if sshd is None or transport is None:
+            return
+        children: list[int] = []
+        if sshd.returncode is None:
             # sshd's per-connection children outlive a SIGTERM to the listener
             # by design, so they are signalled by pid too.
             children = _descendants(sshd.pid)
             with contextlib.suppress(ProcessLookupError):
                 sshd.terminate()
             _signal_all(children, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.shield(sshd.wait()), 5)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    sshd.kill()
-            _signal_all(children, signal.SIGKILL)
-        transport, self._sshd_transport = self._sshd_transport, None
-        if sshd is not None and transport is not None:
-            await _reap(transport, sshd)
+        reaping = asyncio.ensure_future(_reap(transport, sshd))
+        try:
+            await asyncio.wait_for(asyncio.shield(reaping), 5)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                sshd.kill()
+            await reaping
+        # Only what still is an sshd: a pid freed since may be someone else's now.
+        _signal_all([pid for pid in children if "sshd" in _cmdline(pid)], signal.SIGKILL)
+        self.manager._leftovers.pids.discard(sshd.pid)
 
     def _cleanup(self) -> None:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
+            self.manager._leftovers.dirs.discard(self._private)
 
 
 async def _reap(transport: asyncio.SubprocessTransport, proc: asyncio.subprocess.Process) -> None:
@@ -931,7 +960,6 @@ def _check_openssh() -> None:
             f"the openssh host backend needs {SSHD}, which is missing "
             "(Debian: apt-get install openssh-server); use the asyncssh backend instead"
         )
-    _sftp_server()
 
 
 def _sftp_server() -> str:
@@ -1043,6 +1071,14 @@ def _proc_table() -> dict[int, int]:
     return table
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def _descendants(pid: int) -> list[int]:
     table = _proc_table()
     children: dict[int, list[int]] = {}
@@ -1056,27 +1092,56 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-async def _kill_marked(marker: str) -> None:
-    """SIGKILL every process whose environment carries this host's marker.
+@dataclass
+class _Leftovers:
+    """What the hosts of one manager have started and not yet cleaned up.
 
-    This reaches what a command left running in the background after its
-    session ended, which no parent or process group leads us to any more.
+    ``markers`` of hosts not fully stopped; ``pids`` of sshd listeners (sshd
+    overwrites its environment with its process title, so no marker finds
+    it); ``dirs``, the private sshd directories holding host keys.
     """
-    needle = f"{_MARKER_VAR}={marker}".encode() + b"\0"
+
+    markers: set[str] = field(default_factory=set)
+    pids: set[int] = field(default_factory=set)
+    dirs: set[pathlib.Path] = field(default_factory=set)
+
+    def clean(self) -> None:
+        """Last resort for a manager that was never closed: SIGKILL by pid, remove dirs."""
+        _signal_all(list(self.pids), signal.SIGKILL)
+        _kill_marked_now(self.markers)
+        for path in list(self.dirs):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill_marked_now(markers: Collection[str]) -> list[int]:
+    """SIGKILL every process whose environment carries one of ``markers``; return their pids."""
+    needles = [f"{_MARKER_VAR}={marker}".encode() + b"\0" for marker in list(markers)]
+    if not needles:
+        return []
     me = os.getpid()
+    victims = []
+    for pid in _proc_table():
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read() + b"\0"
+        except OSError:
+            continue
+        if any(needle in environ for needle in needles):
+            victims.append(pid)
+    _signal_all(victims, signal.SIGKILL)
+    return victims
+
+
+async def _kill_marked(marker: str) -> None:
+    """Kill every process of this host, by pid, until none is left (three rounds at most).
+
+    The marker in their environment reaches what a command left running in the
+    background after its session ended, which no parent or process group leads
+    us to any more.
+    """
     for _round in range(3):
-        victims = []
-        for pid in _proc_table():
-            if pid == me:
-                continue
-            try:
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    environ = f.read() + b"\0"
-            except OSError:
-                continue
-            if needle in environ:
-                victims.append(pid)
-        if not victims:
+        if not _kill_marked_now([marker]):
             return
-        _signal_all(victims, signal.SIGKILL)
         await asyncio.sleep(0.05)
