@@ -7,6 +7,7 @@ robot with ``REROBOTS_API_TOKEN=... pytest examples``.
 from __future__ import annotations
 
 import pytest
+
 from pytest_rerobots import CommandFailed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .client import RerobotsClient
 from .errors import (
     APIError,
     BusyWorkspaceDeployment,
@@ -26,8 +27,6 @@ from .errors import (
     TransportError,
     WrongAuthToken,
 )
-
-from .client import RerobotsClient
 from .instance import Instance
 from .ssh import CommandResult
 
@@ -43,9 +42,9 @@ __all__ = [
     "ConfigurationError",
     "DeploymentNotFound",
     "HostKeyMismatch",
+    "Instance",
     "InstanceError",
     "InstanceFailed",
-    "Instance",
     "InstanceNotFound",
     "InstanceTimeout",
     "MalformedResponse",

@@ -314,7 +314,8 @@ class RerobotsClient:
     def _expect(payload: Any, key: str, kind: type, what: str) -> Any:
         """Check the shape of a decoded answer; a wrong one is ``MalformedResponse``."""
         if not isinstance(payload, Mapping) or not isinstance(payload.get(key), kind):
-            raise MalformedResponse(f"{what}: expected a JSON object with {key!r}, got {payload!r}"[:400])
+            got = repr(payload)[:300]
+            raise MalformedResponse(f"{what}: expected a JSON object with {key!r}, got {got}")
         return payload[key]
 
     # -- public, no token needed ----------------------------------------------
@@ -343,7 +344,8 @@ class RerobotsClient:
         info: bool = False,
         with_dissolved: bool = False,
     ) -> dict[str, Any]:
-        """``GET /deployments[/wtype]``: ``{"workspace_deployments": [...], "page_count": N[, "info": {...}]}``.
+        """``GET /deployments[/wtype]``: ``{"workspace_deployments": [...], "page_count": N}``,
+        plus ``"info": {id: {...}}`` when ``info`` is true.
 
         ``types`` entries may start with ``!`` to exclude a type; ``maxlen`` is
         an int or ``"u"`` (unbounded).

@@ -437,7 +437,7 @@ class Instance:
 
     def run(self, command: str, timeout: float | None = None, check: bool = False,
             stdin: bytes | str | None = None) -> CommandResult:
-        """Run ``command`` through the host's shell; see :func:`pytest_rerobots.ssh.Connection.run`."""
+        """Run ``command`` through the host's shell (see :meth:`.ssh.Connection.run`)."""
         return self.connection.run(command, timeout=timeout, check=check, stdin=stdin)
 
     def put(self, local: str, remote: str) -> None:
@@ -490,9 +490,9 @@ class Instance:
 
     def _terminate_remote(self) -> str:
         assert self.id is not None
+        since_start = time.monotonic() - self._started
         return end(self.client, self.id, deadline=self.terminate_timeout,
-                   notfound_grace=max(0.0, self.notfound_grace - (time.monotonic() - self._started)),
-                   sleep=self.sleep)
+                   notfound_grace=max(0.0, self.notfound_grace - since_start), sleep=self.sleep)
 
     def _emit(self, event: str) -> None:
         for listener in self.listeners:

@@ -21,7 +21,7 @@ from pytest_rerobots import (
     TransportError,
     WrongAuthToken,
 )
-from pytest_rerobots.client import RerobotsClient, classify, _epoch
+from pytest_rerobots.client import RerobotsClient, _epoch, classify
 from pytest_rerobots.sim import Simulator
 
 FAST = dict(ready_delay=0.05, terminate_delay=0.05, ssh_backend="none")
