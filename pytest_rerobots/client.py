@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import requests
+import requests.adapters
+import requests.auth
+import urllib3.exceptions
 
 from . import retry
 from .errors import (
@@ -29,6 +32,7 @@ from .errors import (
     MalformedResponse,
     NotFound,
     RateLimited,
+    RerobotsError,
     ReservationNotFound,
     ServerError,
     TransportError,
@@ -43,6 +47,8 @@ __all__ = ["DEFAULT_API_URL", "NewInstance", "RateLimit", "RerobotsClient"]
 log = logging.getLogger("pytest_rerobots.client")
 
 DEFAULT_API_URL = "https://api.rerobots.net"
+#: How many times (1 s apart) a lost POST /new is looked for in GET /instances.
+RECONCILE_LOOKS = 3
 ACCEPT = "application/vnd.rerobots.v1+json"
 USER_AGENT = "pytest-rerobots"
 
@@ -54,6 +60,7 @@ _BUSY_INSTANCE = ("cannot terminate instance that is init", "this instance is bu
 # "init_fail" must be tested before the busy prefix "... that is init", which it extends.
 _ALREADY_ENDED = ("instance already terminating", "instance already terminated",
                   "cannot terminate instance that is init_fail")
+
 _DEPLOYMENT_MISSING = ("no matching wdeployment found",
                        "no workspace deployment found with given id")
 
@@ -106,10 +113,16 @@ def _starts(message: str, prefixes: Iterable[str]) -> bool:
     return any(low.startswith(p) for p in prefixes)
 
 
-def classify(status: int, payload: Any, *, empty: bool) -> type[APIError]:
-    """The error class for a non-200 answer (a pure function of status and body)."""
+def classify(status: int, payload: Any, *, empty: bool,
+             remaining: int | None = None) -> type[APIError]:
+    """The error class for a non-200 answer (a pure function of status, body and the
+    ``X-RateLimit-Remaining`` header, when there was one).
+
+    A 403 with an empty body is rate limiting when the budget is spent (or unknown);
+    with budget left it is the deployment's access rules saying no.
+    """
     message = _message(payload)
-    if status == 429 or (status == 403 and empty):
+    if status == 429 or (status == 403 and empty and (remaining is None or remaining <= 0)):
         return RateLimited
     if _starts(message, _AUTH_MESSAGES):
         return WrongAuthToken
@@ -130,6 +143,32 @@ def classify(status: int, payload: Any, *, empty: bool) -> type[APIError]:
     if status >= 500:
         return ServerError
     return APIError
+
+
+def _surely_unsent(exc: requests.RequestException) -> bool:
+    """Whether the request never reached the server (no connection was made), so that
+    sending it again cannot do anything twice."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0] if exc.args else None, "reason", None)
+    return isinstance(exc, requests.ConnectionError) and isinstance(
+        reason, urllib3.exceptions.NewConnectionError)
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Adds ``Authorization: Bearer`` to each request. The token lives only here, so no
+    local variable of ours holds it (pytest prints the arguments of traceback frames),
+    and this object's repr hides it."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._token}"
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(<redacted>)"
 
 
 def _flag(params: dict[str, Any], key: str, on: bool) -> None:
@@ -183,6 +222,13 @@ class RerobotsClient:
         self._owns_session = session is None
         self.session = session or requests.Session()
         self.session.headers.update({"Accept": ACCEPT, "User-Agent": USER_AGENT})
+        if self._owns_session:
+            # Keepalive threads and parallel terminates share this session.
+            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+            self.session.mount("http://", adapter)
+            self.session.mount("https://", adapter)
+        self._auth = _BearerAuth(self._token) if self._token else None
+        self._calls_lock = threading.Lock()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -250,18 +296,20 @@ class RerobotsClient:
     ) -> requests.Response:
         """One HTTP exchange; foreign transport errors become ``TransportError``."""
         self._pace()
-        headers = {}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
-        self.calls += 1
+        with self._calls_lock:
+            self.calls += 1
         try:
             response = self.session.request(
                 method, self.api_url + path, params=params, json=body,
-                headers=headers, timeout=self.timeout,
+                auth=self._auth, timeout=self.timeout,
             )
         except requests.RequestException as exc:
+            # "from None", against the usual rule: the chained frames of urllib3 carry
+            # the request headers as arguments, and pytest prints them (token included).
             # str(exc) from requests names the URL, never the headers.
-            raise TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}") from exc
+            error = TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}")
+            error.not_sent = _surely_unsent(exc)  # type: ignore[attr-defined]
+            raise error from None
         log.debug("%s %s -> %s", method, path, response.status_code)
         self._note_rate(response.headers)
         return response
@@ -283,8 +331,10 @@ class RerobotsClient:
         status = response.status_code
         if status == 200:
             return payload
-        cls = classify(status, payload, empty=empty)
+        cls = classify(status, payload, empty=empty, remaining=_remaining(response.headers))
         message = _message(payload)
+        if status == 403 and empty and cls is APIError:
+            message = "forbidden (the deployment's access rules refuse this token)"
         if cls is RateLimited:
             rate = self._rate
             raise RateLimited(
@@ -415,15 +465,16 @@ class RerobotsClient:
     ) -> NewInstance:
         """``POST /new/:target`` (a workspace type or a deployment id).
 
-        Never retried blindly. When the answer is lost after the request may
-        have been sent, the client looks in ``GET /instances`` for an instance
-        of ``target`` that started since and that is not among ``known_ids()``
-        (instances this process already knows). If exactly one is found, it is
-        adopted (``reconciled=True``). If none is found after two looks, the
-        request is sent once more. If several are found the client cannot tell
-        which is its own and raises ``TransportError``; they carry
-        ``keepalive`` (when asked for), so the server ends them within its
-        keepalive window.
+        Never retried blindly. It is sent again only when no connection was made
+        at all. When the answer is lost after the request may have been acted on
+        (a dropped connection, a 5xx), the client looks in ``GET /instances`` for
+        an instance of ``target`` that started since and that is not among
+        ``known_ids()`` (instances this checkout already holds). If exactly one
+        is found it is adopted (``reconciled=True``); if none is found after a
+        few looks, the original error is raised; if several, the client cannot
+        tell which is its own and raises ``TransportError``. Either way, an
+        instance created with ``keepalive`` and never pinged is ended by the
+        server within its keepalive window.
         """
         body: dict[str, Any] = {}
         for key, value in (("sshkey", sshkey), ("vpn", vpn), ("reserve", reserve),
@@ -436,37 +487,42 @@ class RerobotsClient:
         try:
             payload = self._request("POST", path, body=body, idempotent=False)
         except TransportError as lost:
-            found = self._reconcile(target, sent_at, known_ids)
-            if found is not None:
-                return NewInstance(success=True, id=found, reconciled=True)
-            log.warning("POST %s: answer lost and no instance found; sending it once more", path)
-            try:
-                payload = self._request("POST", path, body=body, idempotent=False)
-            except TransportError:
-                raise lost from None
+            if not getattr(lost, "not_sent", False):
+                return self._adopt(target, sent_at, known_ids, lost)
+            # No connection was ever made: sending it again cannot rent twice.
+            payload = self._request("POST", path, body=body, idempotent=False)
+        except ServerError as failed:
+            # A gateway or server error may come after the server acted.
+            return self._adopt(target, sent_at, known_ids, failed)
         success = self._expect(payload, "success", bool, f"POST {path}")
         ident = self._expect(payload, "id", str, f"POST {path}")
         key = payload.get("sshkey")
         return NewInstance(success=success, id=ident, sshkey=key if isinstance(key, str) else None)
 
-    def _reconcile(
-        self, target: str, sent_at: float, known_ids: Callable[[], Iterable[str]] | None
-    ) -> str | None:
-        """Find the instance a lost ``POST /new`` may have created (see :meth:`new_instance`)."""
-        # Allow for the server's clock running a little behind ours.
-        since = sent_at - 30.0
-        for look in range(2):
+    def _adopt(
+        self,
+        target: str,
+        sent_at: float,
+        known_ids: Callable[[], Iterable[str]] | None,
+        cause: RerobotsError,
+    ) -> NewInstance:
+        """Find the instance a lost ``POST /new`` may have created, or raise ``cause``."""
+        # The server's clock may run a little behind ours.
+        since = sent_at - 10.0
+        for look in range(RECONCILE_LOOKS):
             if look:
+                # The real server inserts the instance after it answers.
                 self.sleep(1.0)
             try:
                 listing = self.instances(details=True, include_init_fail=True)
             except (TransportError, ServerError) as exc:
                 raise TransportError(
-                    f"POST /new/{target}: answer lost, and GET /instances failed too: {exc}"
-                ) from exc
+                    f"POST /new/{target}: answer lost ({cause}), and GET /instances failed "
+                    f"too: {exc}"
+                ) from None
             known = set(known_ids()) if known_ids else set()
             candidates = [
-                item["id"] for item in listing.get("workspace_instances", [])
+                str(item["id"]) for item in listing.get("workspace_instances", [])
                 if isinstance(item, Mapping)
                 and item.get("id") not in known
                 and target in (item.get("type"), item.get("deployment"))
@@ -474,13 +530,14 @@ class RerobotsClient:
             ]
             if len(candidates) == 1:
                 log.warning("POST /new/%s: answer lost; adopted instance %s", target, candidates[0])
-                return str(candidates[0])
+                return NewInstance(success=True, id=candidates[0], reconciled=True)
             if len(candidates) > 1:
                 raise TransportError(
                     f"POST /new/{target}: answer lost and {len(candidates)} new instances match "
                     f"({', '.join(candidates)}); none adopted, keepalive will end them"
-                )
-        return None
+                ) from None
+        # Not sent again: it may yet appear, and a second robot must not be rented.
+        raise cause
 
     def terminate(self, instance_id: str) -> bool:
         """``POST /terminate/:id``. True if this call ended it, False if it was already ending.
@@ -536,8 +593,10 @@ class RerobotsClient:
         return str(self._expect(payload, "key", str, "GET /instance/:id/sshkey"))
 
     def keepalive(self, instance_id: str) -> None:
-        """``POST /instance/:id/ka``: ping an instance created with ``keepalive: true``."""
-        self._request("POST", f"/instance/{instance_id}/ka")
+        """``POST /instance/:id/ka``: ping an instance created with ``keepalive: true``.
+
+        Not retried here: the caller pings on its own schedule."""
+        self._request("POST", f"/instance/{instance_id}/ka", idempotent=False)
 
     def acquire(self, target: str, **options: Any) -> Instance:
         """An :class:`~pytest_rerobots.instance.Instance` context manager for ``target``."""
@@ -614,6 +673,13 @@ class RerobotsClient:
         payload = self._request("POST", "/ci/new", body={"repo_url": repo_url}, idempotent=False)
         self._expect(payload, "pid", str, "POST /ci/new")
         return dict(payload)
+
+
+def _remaining(headers: Mapping[str, str]) -> int | None:
+    try:
+        return int(headers["X-RateLimit-Remaining"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _epoch(stamp: Any) -> float:

@@ -29,6 +29,10 @@ boundary each and chained with ``raise ... from exc``::
 
 Whether a retry is safe is a property of the request, not the error: see
 :mod:`pytest_rerobots.retry`. The messages never contain the API token.
+
+Every error here except ``CommandFailed`` and ``CommandTimeout`` is trouble with
+the infrastructure, not a verdict on the code under test; the pytest plugin
+reports it as a test *error* (:func:`is_infrastructure`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ __all__ = [
     "ServerError",
     "TransportError",
     "WrongAuthToken",
+    "is_infrastructure",
 ]
 
 
@@ -210,3 +215,9 @@ class CommandFailed(SSHError):
         if tail:
             msg = f"{msg}:\n{tail}"
         super().__init__(msg)
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Whether ``exc`` is infrastructure trouble (the API, the network, the robot's host)
+    rather than the outcome of a command under test."""
+    return isinstance(exc, RerobotsError) and not isinstance(exc, (CommandFailed, CommandTimeout))

@@ -13,12 +13,12 @@ The five layers (SPEC "Termination is guaranteed"), and where each lives:
 5. The :class:`Ledger` and ``pytest --rerobots-sweep`` (:func:`sweep`).
 
 Every layer is idempotent: ending an instance twice is success the second time.
+Nothing here imports pytest.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -30,17 +30,25 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 from typing import IO, TYPE_CHECKING, Any
-
-from .errors import RerobotsError
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance
 
-__all__ = ["Ledger", "SignalGuard", "Watchdog", "end_all", "sweep"]
+fcntl: ModuleType | None
+try:
+    import fcntl
+except ImportError:  # Windows: appends of one small write are atomic enough there
+    fcntl = None
+
+__all__ = ["ENDED_OUTCOMES", "Ledger", "SignalGuard", "Watchdog", "end_all", "sweep"]
 
 log = logging.getLogger("pytest_rerobots.guard")
+
+#: ``Instance.outcome`` values that mean the instance is over (anything else may still run).
+ENDED_OUTCOMES = ("terminated", "already ended", "not found")
 
 
 # -- layer 5: the ledger ------------------------------------------------------------
@@ -52,6 +60,7 @@ class Ledger:
     Each event is one ``write`` to a file opened with ``O_APPEND`` under an
     exclusive ``flock`` and fsynced, so concurrent xdist workers never
     interleave lines and a SIGKILL right after ``POST /new`` loses nothing.
+    An ``ended`` record says which layer ended the instance (``by``).
     Also an instance listener (``rented``/``ended``).
     """
 
@@ -61,13 +70,24 @@ class Ledger:
         self.run_id = run_id
         self.api_url = api_url
 
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path)!r}, run_id={self.run_id!r})"
+
     def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
+            size = os.fstat(fd).st_size
+            # A line torn by a crash (or a full disk) must not swallow ours too.
+            # (O_APPEND writes at the end wherever this read leaves the offset.)
+            if size:
+                os.lseek(fd, size - 1, os.SEEK_SET)
+                if os.read(fd, 1) != b"\n":
+                    data = b"\n" + data
+            os.write(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -77,9 +97,10 @@ class Ledger:
                       "api_url": self.api_url, "run": self.run_id, "pid": os.getpid(),
                       "time": time.time()})
 
-    def record_ended(self, instance_id: str, outcome: str) -> None:
-        self._append({"event": "ended", "id": instance_id, "outcome": outcome,
-                      "run": self.run_id, "time": time.time()})
+    def record_ended(self, instance_id: str, outcome: str, *, by: str = "teardown") -> None:
+        """``by`` names the layer: teardown, controller, watchdog or sweep."""
+        self._append({"event": "ended", "id": instance_id, "outcome": outcome, "by": by,
+                      "run": self.run_id, "pid": os.getpid(), "time": time.time()})
 
     # The instance-listener protocol.
     def rented(self, instance: Instance) -> None:
@@ -91,13 +112,13 @@ class Ledger:
 
     def ended(self, instance: Instance) -> None:
         # Only a confirmed end takes it off the ledger; a failed terminate stays live.
-        if instance.id and instance.outcome in ("terminated", "already ended", "not found"):
+        if instance.id and instance.outcome in ENDED_OUTCOMES:
             self.record_ended(instance.id, instance.outcome)
 
     def records(self) -> list[dict[str, Any]]:
-        """Every readable record, oldest first (a torn last line is skipped)."""
+        """Every readable record, oldest first (a torn line is skipped)."""
         try:
-            text = self.path.read_text()
+            text = self.path.read_text(errors="replace")
         except FileNotFoundError:
             return []
         out = []
@@ -109,10 +130,12 @@ class Ledger:
         return out
 
     def live(self, *, run_id: str | None = None) -> list[dict[str, Any]]:
-        """Rented records with no ``ended`` record after them (of one run, if given)."""
+        """The ``rented`` records with no ``ended`` record after them, oldest first
+        (of one run, if ``run_id`` is given)."""
         rented: dict[str, dict[str, Any]] = {}
         for item in self.records():
             if item.get("event") == "rented":
+                rented.pop(item["id"], None)  # rented again: it moves to the end
                 rented[item["id"]] = item
             elif item.get("event") == "ended":
                 rented.pop(item["id"], None)
@@ -127,71 +150,124 @@ def end_all(
     ids: Iterable[str],
     *,
     deadline: float = 120.0,
+    notfound_grace: float = 0.0,
     ledger: Ledger | None = None,
+    by: str = "controller",
 ) -> dict[str, str]:
-    """Terminate every id in parallel; ``{id: outcome}`` where a failure's outcome
-    starts with ``"failed:"``. Each success is recorded in ``ledger``. Never raises
-    for one instance's trouble."""
+    """Terminate every id in parallel, waiting out INIT for up to ``deadline`` s.
+
+    Returns ``{id: outcome}``, an outcome of :data:`ENDED_OUTCOMES` or one starting
+    with ``"failed:"``. Each success is recorded in ``ledger`` as ended ``by`` that
+    layer. Never raises for one instance's trouble.
+    """
     from .instance import end
 
     def one(ident: str) -> tuple[str, str]:
         try:
-            outcome = end(client, ident, deadline=deadline)
-        except RerobotsError as exc:
+            outcome = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)
+        except Exception as exc:  # one instance's trouble must not stop the others
             outcome = f"failed: {exc}"
-        if ledger is not None and not outcome.startswith("failed"):
-            ledger.record_ended(ident, outcome)
+        if ledger is not None and outcome in ENDED_OUTCOMES:
+            try:
+                ledger.record_ended(ident, outcome, by=by)
+            except OSError as exc:
+                log.warning("rerobots ledger %s: cannot record the end of %s: %s",
+                            ledger.path, ident, exc)
         return ident, outcome
 
-    ids = list(dict.fromkeys(ids))
-    if not ids:
+    unique = list(dict.fromkeys(ids))
+    if not unique:
         return {}
-    with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:
-        return dict(pool.map(one, ids))
+    with ThreadPoolExecutor(max_workers=min(16, len(unique)),
+                            thread_name_prefix="rerobots-end") as pool:
+        return dict(pool.map(one, unique))
 
 
 def sweep(client: RerobotsClient, ledger: Ledger, write: Callable[[str], None]) -> int:
     """Terminate every live instance in the ledger, writing one line per id.
 
+    Records rented from another API origin than ``client``'s are listed and left
+    alone (ending them here would answer "not found" and wrongly clear them).
     Returns the number that could not be ended (0 = all done).
     """
     live = ledger.live()
     if not live:
         write(f"rerobots sweep: no live instances in {ledger.path}")
         return 0
-    results = end_all(client, [r["id"] for r in live], ledger=ledger)
+    mine = [r for r in live if r.get("api_url") in (None, "", client.api_url)]
+    for record in live:
+        if record not in mine:
+            write(f"rerobots sweep: {record['id']} ({record.get('target', '?')}) skipped: "
+                  f"rented from {record['api_url']} (sweep with --rerobots-api-url "
+                  f"{record['api_url']})")
+    if mine and not client.has_token:
+        for record in mine:
+            write(f"rerobots sweep: {record['id']} ({record.get('target', '?')}) not ended: "
+                  "no API token (set REROBOTS_API_TOKEN or pass --rerobots-token-file)")
+        return len(mine)
+    targets = {r["id"]: r.get("target", "?") for r in mine}
+    results = end_all(client, targets, ledger=ledger, by="sweep")
     for ident, outcome in results.items():
-        write(f"rerobots sweep: {ident} {outcome}")
-    return sum(1 for o in results.values() if o.startswith("failed"))
+        write(f"rerobots sweep: {ident} ({targets[ident]}) {outcome}")
+    failed = sum(1 for o in results.values() if o not in ENDED_OUTCOMES)
+    write(f"rerobots sweep: {len(results) - failed} ended, {failed} failed, "
+          f"{len(live) - len(mine)} skipped")
+    return failed
 
 
 # -- layer 2: signals ----------------------------------------------------------------
 
 
+def _tell_the_terminal(text: str) -> None:
+    """Write to the controlling terminal: pytest captures stderr, and whoever pressed
+    Ctrl-C twice is looking at the terminal. Without one (CI), stderr."""
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(text)
+    except OSError:
+        sys.stderr.write(text)
+
+
 class SignalGuard:
     """SIGTERM and SIGHUP raise ``KeyboardInterrupt`` in the main thread, as SIGINT does,
     so pytest runs teardown. Once one arrived, repeats (SIGINT included) are ignored for
-    ``grace`` seconds so that teardown can finish terminating instances.
+    ``grace`` seconds so that teardown can finish terminating instances; after that a
+    signal interrupts again (an operator who insists gets their way).
 
-    Installed only from the main thread; previous handlers are restored by
-    :meth:`uninstall` and called (chained) when they were Python callables.
+    Installed only from the main thread. A signal whose handler was not set from
+    Python, or is ``SIG_IGN`` (``nohup``), is left alone, and so is SIGINT unless
+    Python's default handler owns it. Previous Python handlers are called (chained)
+    on the first signal and restored by :meth:`uninstall`. An ignored signal is
+    reported through ``write`` (default: the controlling terminal, else stderr).
     """
 
     SIGNALS = ("SIGTERM", "SIGHUP", "SIGINT")
 
-    def __init__(self, grace: float = 30.0) -> None:
+    def __init__(self, grace: float = 30.0,
+                 write: Callable[[str], Any] | None = None) -> None:
         self.grace = grace
         self.first_at: float | None = None
+        self._write = write or _tell_the_terminal
         self._previous: dict[int, Any] = {}
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> bool:
+        """Install the handlers; False (and nothing changed) off the main thread."""
         if threading.current_thread() is not threading.main_thread():
             return False
+        if self._previous:
+            return True
+        self.first_at = None
         for name in self.SIGNALS:
             signum = getattr(signal, name, None)
             if signum is None:
                 continue
             previous = signal.getsignal(signum)
+            if previous is None or previous is signal.SIG_IGN:
+                continue  # set from C (cannot be restored) or deliberately ignored
             if signum == signal.SIGINT and previous is not signal.default_int_handler:
                 continue  # somebody else owns SIGINT; leave it alone
             self._previous[signum] = previous
@@ -199,23 +275,30 @@ class SignalGuard:
         return True
 
     def uninstall(self) -> None:
+        """Restore the previous handlers (main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         for signum, previous in self._previous.items():
-            with contextlib.suppress(ValueError, TypeError):
+            # Only undo our own handler: whoever replaced it since keeps theirs.
+            if signal.getsignal(signum) == self._handle:
                 signal.signal(signum, previous)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
+        __tracebackhide__ = True  # pytest reports where the run was, not this handler
+        name = signal.Signals(signum).name
         now = time.monotonic()
         if self.first_at is not None and now - self.first_at < self.grace:
             # Teardown is under way: a second signal must not abort it.
-            sys.stderr.write(f"\nrerobots: {signal.Signals(signum).name} ignored while "
-                             "instances are being terminated\n")
+            with contextlib.suppress(Exception):
+                self._write(f"\nrerobots: {name} ignored while instances are being "
+                            "terminated\n")
             return
         self.first_at = now
         previous = self._previous.get(signum)
         if callable(previous) and previous not in (signal.default_int_handler, self._handle):
             previous(signum, frame)
-        raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+        raise KeyboardInterrupt(f"received {name}")
 
 
 # -- layer 3: the watchdog -----------------------------------------------------------
@@ -225,94 +308,153 @@ class Watchdog:
     """A detached process that terminates what this process did not release.
 
     Started with the first instance (one per pytest process), in its own session
-    so signals to our process group do not reach it. It reads JSON lines from a
-    pipe: ``{"rent": id}`` and ``{"release": id}``. When the pipe closes (we
-    exited, cleanly or not) it terminates every id still rented, waiting out INIT,
-    and exits. The token travels through the pipe, never argv.
-    Also an instance listener.
+    so that signals to our process group do not reach it, and in this package's
+    directory so that nothing in the user's working directory shadows an import.
+    It reads JSON lines from a pipe: a header (API origin, token, ledger), then
+    ``{"rent": id}`` and ``{"release": id}``. When the pipe closes (we exited,
+    cleanly or not) it terminates every id still rented, waiting out INIT for up
+    to ``deadline`` s, records the ends in the ledger, and exits. The token travels
+    through the pipe, never on a command line. Also an instance listener.
     """
 
-    def __init__(self, api_url: str, token: str | None, *, deadline: float = 180.0) -> None:
+    def __init__(self, api_url: str, token: str | None, *, ledger: Ledger | None = None,
+                 deadline: float = 180.0, notfound_grace: float = 30.0) -> None:
         self.api_url = api_url
         self._token = token
+        self.ledger = ledger
         self.deadline = deadline
+        self.notfound_grace = notfound_grace
         self.process: subprocess.Popen[bytes] | None = None
+        self._rented: dict[str, float] = {}
+        self._lingering: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def __repr__(self) -> str:
+        return f"Watchdog(api_url={self.api_url!r}, pid={self.pid})"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    def rent(self, instance_id: str) -> None:
+        """Protect ``instance_id``: it is terminated if this process dies holding it."""
         with self._lock:
-            if self.process is None:
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                    start_new_session=True, close_fds=True,
-                )
-                self._write({"api_url": self.api_url, "token": self._token,
-                             "deadline": self.deadline})
-            self._write(message)
+            at = time.time()
+            self._rented[instance_id] = at
+            if self.process is None or self.process.poll() is not None:
+                self._spawn()  # also re-sends what an earlier watchdog held
+            else:
+                self._write({"rent": instance_id, "at": at})
+
+    def release(self, instance_id: str) -> None:
+        """``instance_id`` ended: the watchdog forgets it."""
+        with self._lock:
+            self._rented.pop(instance_id, None)
+            if self.process is not None and self.process.poll() is None:
+                self._write({"release": instance_id})
+
+    def _spawn(self) -> None:
+        if self.process is not None:  # it died (killed by someone): keep it for reaping
+            if self.process.stdin is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.process.stdin.close()
+            self._lingering.append(self.process)
+        package_root = Path(__file__).resolve().parent.parent
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=package_root, start_new_session=True, close_fds=True,
+        )
+        ledger = None
+        if self.ledger is not None:
+            ledger = {"path": os.path.abspath(self.ledger.path), "run": self.ledger.run_id,
+                      "api_url": self.ledger.api_url}
+        self._write({"api_url": self.api_url, "token": self._token, "deadline": self.deadline,
+                     "notfound_grace": self.notfound_grace, "ledger": ledger})
+        for ident, at in self._rented.items():
+            self._write({"rent": ident, "at": at})
 
     def _write(self, message: dict[str, Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
         try:
             self.process.stdin.write((json.dumps(message) + "\n").encode())
             self.process.stdin.flush()
-        except OSError as exc:  # the watchdog died: the other layers still stand
-            log.warning("rerobots watchdog is gone: %s", exc)
+        except (OSError, ValueError) as exc:  # it died: the next rent starts another
+            log.warning("rerobots watchdog %s is gone: %s", self.process.pid, exc)
 
+    # The instance-listener protocol.
     def rented(self, instance: Instance) -> None:
         if instance.id:
-            self._send({"rent": instance.id})
+            self.rent(instance.id)
 
     def progress(self, instance: Instance) -> None:
         pass
 
     def ended(self, instance: Instance) -> None:
-        if instance.id and instance.outcome in ("terminated", "already ended", "not found"):
-            self._send({"release": instance.id})
+        # "handed over": another process uses it now and ends it (xdist shared mode).
+        if instance.id and (instance.outcome in ENDED_OUTCOMES
+                            or instance.outcome == "handed over"):
+            self.release(instance.id)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the pipe; the watchdog ends what is unreleased, then exits. Waits for it
-        (bounded) so no watchdog outlives a clean run."""
+        """Close the pipe: the watchdog ends what is unreleased, then exits. Waits for
+        it (bounded) so that no watchdog outlives a clean run."""
         with self._lock:
             proc, self.process = self.process, None
         if proc is None:
             return
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             assert proc.stdin is not None
             proc.stdin.close()
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            # Still terminating something: let it finish on its own (it is detached).
-            log.warning("rerobots watchdog %s still ending instances", proc.pid)
+            # Still terminating something: it finishes on its own (it is detached).
+            log.warning("rerobots watchdog %s is still ending instances", proc.pid)
+            self._lingering.append(proc)
 
 
 def _watchdog_main(stream: IO[bytes]) -> int:
     """The watchdog process: read the pipe until it closes, then end what is left."""
     from .client import RerobotsClient
 
-    header = json.loads(stream.readline() or b"{}")
-    rented: dict[str, None] = {}
+    try:
+        header = json.loads(stream.readline() or b"{}")
+    except ValueError:
+        return 2
+    rented: dict[str, float] = {}
     for raw in iter(stream.readline, b""):
-        with contextlib.suppress(ValueError):
+        try:
             message = json.loads(raw)
-            if "rent" in message:
-                rented[message["rent"]] = None
-            elif "release" in message:
-                rented.pop(message["release"], None)
+        except ValueError:
+            continue  # a line torn by the writer's death
+        if "rent" in message:
+            rented[str(message["rent"])] = float(message.get("at") or time.time())
+        elif "release" in message:
+            rented.pop(str(message["release"]), None)
     if not rented:
         return 0
+    ledger = None
+    if header.get("ledger"):
+        info = header["ledger"]
+        ledger = Ledger(info["path"], run_id=info.get("run", ""), api_url=info.get("api_url", ""))
+    # The server may not list an instance for a while after POST /new answered:
+    # a 404 counts as "not yet" until the newest rent is that old.
+    grace = float(header.get("notfound_grace", 30.0)) - (time.time() - max(rented.values()))
     with RerobotsClient(header.get("token"), header.get("api_url"), ignore_env=True) as client:
-        results = end_all(client, rented, deadline=float(header.get("deadline", 180.0)))
-    return 0 if all(not o.startswith("failed") for o in results.values()) else 1
+        results = end_all(client, rented, deadline=float(header.get("deadline", 180.0)),
+                          notfound_grace=max(0.0, grace), ledger=ledger, by="watchdog")
+    return 0 if all(o in ENDED_OUTCOMES for o in results.values()) else 1
 
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["watchdog"]:
-        # Ignore the signals a dying run's process group may still receive.
+        # The dying run's terminal or process group may still send these.
         # (SIGTERM still stops it, for an operator who means it.)
         for name in ("SIGINT", "SIGHUP"):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                signal.signal(signum, signal.SIG_IGN)
         return _watchdog_main(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.guard watchdog", file=sys.stderr)
     return 2

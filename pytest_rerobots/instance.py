@@ -194,6 +194,7 @@ class Instance:
     _keepalive: threading.Thread | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
+    _ending: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.listeners = list(self.listeners)
@@ -211,9 +212,17 @@ class Instance:
     def __enter__(self) -> Instance:
         try:
             self.start()
-        except BaseException:
-            # Half-started (even by Ctrl-C): whatever was rented is ended first.
-            self.terminate()
+        except BaseException as exc:
+            # Half-started (even by Ctrl-C): whatever was rented is ended first; an
+            # instance attached to is someone else's, so it is only left.
+            try:
+                if self.existing is not None:
+                    self.detach()
+                else:
+                    self.terminate()
+            except Exception as cleanup:
+                # The first error is the one the user needs; the second one is logged.
+                log.error("while cleaning up after %r: %s", exc, cleanup)
             raise
         return self
 
@@ -278,22 +287,27 @@ class Instance:
         self._follow_reservation(answer.id)
 
     def _shortest_queue(self) -> str:
-        """The deployment of our type with the shortest queue (to reserve on)."""
+        """The usable deployment of our type with the shortest queue (to reserve on)."""
         listing = self.client.deployments(types=[self.target], info=True)
         info = listing.get("info") or {}
-        ids = [d for d in listing["workspace_deployments"] if isinstance(d, str)]
+        ids = [d for d in listing["workspace_deployments"]
+               if isinstance(d, str) and not (info.get(d) or {}).get("lockout")]
         if not ids:
-            raise BusyWorkspaceDeployment(f"no deployment of workspace type {self.target!r}")
+            raise BusyWorkspaceDeployment(f"no usable deployment of workspace type {self.target!r}")
         return min(ids, key=lambda d: (info.get(d) or {}).get("queuelen", 0))
 
     def _follow_reservation(self, rid: str) -> None:
-        """Wait in the queue until reservation ``rid`` becomes the instance (same id)."""
+        """Wait in the queue until reservation ``rid`` becomes the instance (same id).
+
+        On the deadline the reservation is cancelled and ``BusyWorkspaceDeployment``
+        raised; on any other way out (Ctrl-C included) it is cancelled and the
+        original exception propagates.
+        """
         begun = time.monotonic()
         served = False
         try:
             while time.monotonic() - begun < self.queue_timeout:
-                waiting = [r for r in self.client.reservations() if r.get("id") == rid]
-                if not waiting:
+                if not any(r.get("id") == rid for r in self.client.reservations()):
                     served = True
                     break
                 if self.deployment:
@@ -303,22 +317,31 @@ class Instance:
                 self.sleep(min(2.0, max(0.1, self.queue_timeout / 20)))
         finally:
             if not served:
-                self._cancel_reservation(rid)
-        self.timings.queued = time.monotonic() - begun
-        self.queue_position = None
-        self._rented(rid)
+                served = self._cancel_reservation(rid)
+            self.timings.queued = time.monotonic() - begun
+            self.queue_position = None
+            if served:
+                # Also on the way out of a Ctrl-C: what was served must be ended.
+                self._rented(rid)
+        if not served:
+            # Cancelled in time: nothing was rented after all.
+            raise BusyWorkspaceDeployment(
+                f"{self.target}: still queued after {self.queue_timeout:g} s "
+                "(--rerobots-queue-timeout); reservation cancelled"
+            )
 
-    def _cancel_reservation(self, rid: str) -> None:
+    def _cancel_reservation(self, rid: str) -> bool:
+        """Cancel reservation ``rid``; True if it turned out to be served already."""
         try:
             self.client.cancel_reservation(rid)
         except ReservationNotFound:
             # Served between the last look and now: the reservation is an instance.
-            self._rented(rid)
-            return
-        raise BusyWorkspaceDeployment(
-            f"{self.target}: still queued after {self.queue_timeout:g} s "
-            "(--rerobots-queue-timeout); reservation cancelled"
-        )
+            return True
+        except RerobotsError as exc:
+            # Should it be served later, it carries keepalive: the server ends it
+            # within its keepalive window, as nobody pings it.
+            log.warning("could not cancel reservation %s: %s", rid, exc)
+        return False
 
     def _rented(self, ident: str) -> None:
         self.id = ident
@@ -335,11 +358,16 @@ class Instance:
         self._keepalive.start()
 
     def _keepalive_loop(self) -> None:
-        while not self._stop_keepalive.wait(self.keepalive_interval):
+        wait = self.keepalive_interval
+        while not self._stop_keepalive.wait(wait):
             try:
                 self.client.keepalive(self.id or "")
+                wait = self.keepalive_interval
             except RerobotsError as exc:
+                # One attempt per ping (a retried ping could outlast the server's
+                # window); a failed one is tried again soon.
                 log.warning("keepalive for %s failed: %s", self.id, exc)
+                wait = min(5.0, self.keepalive_interval)
 
     def _wait_ready(self) -> None:
         assert self.id is not None
@@ -387,6 +415,7 @@ class Instance:
         self.timings.to_ready = time.monotonic() - begun
         self.timings.ready_at = time.time()
         self._take_details(self.details)
+        self._emit("progress")  # the last word of the wait: READY
 
     def _take_details(self, info: Mapping[str, Any]) -> None:
         try:
@@ -418,6 +447,19 @@ class Instance:
         self._connection = ssh.Connection(client)
 
     # -- using it -------------------------------------------------------------
+
+    def ensure_connected(self) -> None:
+        """Reconnect if the SSH connection was lost (e.g. a test closed it or the host
+        dropped it), so the next user of a shared instance gets a live one."""
+        conn = self._connection
+        if conn is None or not self.connect:
+            return
+        transport = conn.client.get_transport()
+        if not conn.closed and transport is not None and transport.is_active():
+            return
+        conn.close()
+        self._connection = None
+        self._connect()
 
     @property
     def connection(self) -> ssh.Connection:
@@ -453,39 +495,56 @@ class Instance:
     def terminate(self) -> None:
         """End the instance: close SSH, terminate (waiting out INIT), stop keepalive.
 
-        Idempotent, and safe to call from ``finally`` blocks and other threads.
+        Idempotent and safe from ``finally`` blocks and other threads. If it is
+        interrupted (Ctrl-C) before the API confirmed the end, the instance keeps
+        its keepalive and a later call tries again.
         """
-        with self._lock:
-            if self.outcome is not None:
-                return
-            self.outcome = "ending"
-        if self._connection is not None:
-            self._connection.close()
-        if self.id is None:
-            self.outcome = "never rented"
+        if not self._claim():
             return
-        held_from = self.timings.ready_at
         try:
-            self.outcome = self._terminate_remote()
-        except BaseException as exc:
-            self.outcome = f"terminate failed: {exc}"
-            raise
+            self._close_connection()
+            if self.id is None:
+                self.outcome = "never rented"
+                return
+            try:
+                self.outcome = self._terminate_remote()
+            except Exception as exc:
+                self.outcome = f"terminate failed: {exc}"
+                raise
         finally:
-            self._stop_keepalive.set()
-            if held_from is not None:
-                self.timings.held = time.time() - held_from
-            self._emit("ended")
+            self._finish()
 
     def detach(self) -> None:
         """Stop using the instance without ending it (another process will): close SSH
         and stop this process's keepalive. Listeners see the outcome "handed over"."""
-        with self._lock:
-            if self.outcome is not None:
-                return
+        if not self._claim():
+            return
+        try:
+            self._close_connection()
             self.outcome = "handed over"
-        if self._connection is not None:
-            self._connection.close()
+        finally:
+            self._finish()
+
+    def _claim(self) -> bool:
+        """Whether this caller is the one to end (or leave) the instance now."""
+        with self._lock:
+            if self.outcome is not None or self._ending:
+                return False
+            self._ending = True
+            return True
+
+    def _close_connection(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            conn.close()
+
+    def _finish(self) -> None:
+        self._ending = False
+        if self.outcome is None:
+            return  # interrupted: still ours, still kept alive
         self._stop_keepalive.set()
+        if self.timings.ready_at is not None:
+            self.timings.held = time.time() - self.timings.ready_at
         self._emit("ended")
 
     def _terminate_remote(self) -> str:

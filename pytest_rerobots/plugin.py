@@ -21,7 +21,7 @@ import pytest
 
 from . import guard, report
 from .client import RerobotsClient
-from .errors import ConfigurationError
+from .errors import ConfigurationError, is_infrastructure
 from .instance import Instance
 from .settings import OPTIONS, Settings, resolve
 from .share import SharedPool
@@ -32,7 +32,7 @@ NO_TYPE = (
     "no workspace type for this test: pass --rerobots-wtype TYPE (or set REROBOTS_WTYPE or "
     "the ini option rerobots_wtype), or mark the test @pytest.mark.rerobots('TYPE')"
 )
-NO_TOKEN = (
+NO_CREDENTIALS = (
     "no rerobots API token: set REROBOTS_API_TOKEN or pass --rerobots-token-file, "
     "or run on the simulator with --rerobots-sim"
 )
@@ -42,8 +42,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rerobots", "hardware-in-the-loop tests on rerobots instances")
     for opt in OPTIONS:
         if opt.name in ("sim", "require"):
-            group.addoption(opt.flag, action="store_true", default=None, dest=f"rerobots_{opt.name}",
-                            help=opt.help + (f" [env {opt.env}=1]" if opt.env else ""))
+            env_hint = f" [env {opt.env}=1]" if opt.env else ""
+            group.addoption(opt.flag, action="store_true", default=None,
+                            dest=f"rerobots_{opt.name}", help=opt.help + env_hint)
         elif opt.name == "allow":
             group.addoption(opt.flag, action="append", default=None, dest="rerobots_allow",
                             metavar="CIDR", help=opt.help)
@@ -85,10 +86,14 @@ def load_settings(config: pytest.Config) -> Settings:
 
 
 def _with_default_ledger(config: pytest.Config, settings: Settings) -> Settings:
+    """The ledger's stable default: ``d/rerobots/ledger.jsonl`` in pytest's cache dir
+    (the ``cache_dir`` ini option, ``.pytest_cache`` under the rootdir by default)."""
     from dataclasses import replace
 
-    base = config.rootpath / ".pytest_cache" / "d" / "rerobots"
-    return replace(settings, ledger=base / "ledger.jsonl")
+    cache_dir = Path(str(_ini(config, "cache_dir") or ".pytest_cache"))
+    if not cache_dir.is_absolute():
+        cache_dir = config.rootpath / cache_dir
+    return replace(settings, ledger=cache_dir / "d" / "rerobots" / "ledger.jsonl")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -195,12 +200,25 @@ class RerobotsPlugin:
             self.simulator = self._start_simulator()
             url, token = self.simulator.url, self.simulator.token
         self.client = RerobotsClient(token=token, api_url=url, ignore_env=True)
-        self.signals.install()
+        if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
+            # The xdist controller rents nothing itself, but on SIGTERM it must still
+            # get to end what its workers hold.
+            self.signals.install()
         if self.simulator is None and s.ledger is not None and not s.sweep:
             # An embedded simulator dies with this process, and its instances with it;
             # anything else (the real API, a simulator of its own) gets layers 3 and 5.
             self.ledger = guard.Ledger(s.ledger, run_id=self.run_id, api_url=url)
-            self.watchdog = guard.Watchdog(url, token)
+            cache = getattr(self.config, "cache", None)
+            if cache is not None:
+                # Let pytest make its cache dir first, with its .gitignore, before the
+                # ledger is written there (pytest adds those files only to a new dir).
+                cache.set("rerobots/ledger", str(s.ledger))
+            # REROBOTS_NO_WATCHDOG=1 is undocumented: it leaves layer 3 out so that the
+            # project's own tests can show layer 4 (keepalive) working alone.
+            if os.environ.get("REROBOTS_NO_WATCHDOG") != "1":
+                # Long enough to wait out an INIT that may last until the ready timeout.
+                self.watchdog = guard.Watchdog(url, token, ledger=self.ledger,
+                                               deadline=max(180.0, s.ready_timeout + 60.0))
 
     def _start_simulator(self) -> Any:
         try:
@@ -220,8 +238,8 @@ class RerobotsPlugin:
     @property
     def mode(self) -> str:
         if self.simulator is not None or (self.worker_input or {}).get("rerobots_sim_url"):
-            return "simulator"
-        return "real"
+            return "embedded simulator"
+        return "remote API"
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         try:
@@ -245,7 +263,7 @@ class RerobotsPlugin:
             return
         leftovers = [r["id"] for r in self.ledger.live(run_id=self.run_id)]
         if leftovers:
-            results = guard.end_all(self.client, leftovers, ledger=self.ledger)
+            results = guard.end_all(self.client, leftovers, ledger=self.ledger, by="controller")
             for ident, outcome in results.items():
                 self.records.note_leftover(ident, outcome)
 
@@ -258,9 +276,9 @@ class RerobotsPlugin:
         """The client, or skip (or fail with --rerobots-require) when there is no token."""
         if not self.can_rent():
             if self.settings.require:
-                pytest.fail(f"{NO_TOKEN} (--rerobots-require)", pytrace=False)
+                pytest.fail(f"{NO_CREDENTIALS} (--rerobots-require)", pytrace=False)
             self.skipped_for_token += 1
-            pytest.skip(NO_TOKEN)
+            pytest.skip(NO_CREDENTIALS)
         assert self.client is not None
         return self.client
 
@@ -269,12 +287,17 @@ class RerobotsPlugin:
         s = self.settings
         options: dict[str, Any] = dict(
             ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout, lease=s.lease,
-            allow=s.allow, fast_polling=self.mode == "simulator",
+            allow=s.allow, fast_polling=self.mode == "embedded simulator",
+            keepalive_interval=s.keepalive_interval,
+            # The watchdog hears of a new instance before the ledger records it.
             listeners=[self.records, report.Progress(self.config),
-                       *(x for x in (self.ledger, self.watchdog) if x is not None)],
+                       *(x for x in (self.watchdog, self.ledger) if x is not None)],
         )
         options.update(overrides)
-        return Instance(self.need_client(), target, **options)
+        client = self.need_client()
+        # Only a run that rents anything changes how signals behave.
+        self.signals.install()
+        return Instance(client, target, **options)
 
     def pooled(self, request: pytest.FixtureRequest) -> Instance:
         """The instance for this test's (type, deployment) within ``--rerobots-scope``."""
@@ -295,6 +318,8 @@ class RerobotsPlugin:
                 if isinstance(exc, Exception):
                     self._failed[key] = exc
                 raise
+        else:
+            inst.ensure_connected()
         report.record_properties(request.node, inst)
         return inst
 
@@ -354,17 +379,46 @@ class RerobotsPlugin:
 
     # -- hooks ----------------------------------------------------------------
 
-    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+    def pytest_collection_modifyitems(self, config: pytest.Config,
+                                      items: list[pytest.Item]) -> None:
         for item in items:
             reason = skip_reason(item.get_closest_marker("rerobots"), self.settings.wtype,
                                  self.settings.sources.get("wtype", ""))
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
 
-    @pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if not self.is_worker:
+    # The innermost wrapper: before xdist's and pytest's own sessionfinish, and after
+    # them but before the terminal summary (which reports the leftovers).
+    @pytest.hookimpl(hookwrapper=True, trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> Iterator[None]:
+        if self.is_worker:
+            yield
+            return
+        if self.config.pluginmanager.has_plugin("dsession"):
+            # xdist's controller: end what the workers hold *before* xdist shuts them
+            # down, which can take 10 s when the run was interrupted.
             self._end_run_leftovers()
+        yield  # (an old-style wrapper: the other impls' errors do not surface here)
+        # After the session's fixtures are torn down: what is still live leaked.
+        self._end_run_leftovers()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
+                                  ) -> Iterator[None]:
+        outcome = yield
+        rep = outcome.get_result()
+        if rep.when == "call" and rep.failed and call.excinfo is not None \
+                and is_infrastructure(call.excinfo.value):
+            # Marked on the report (it travels to the xdist controller), shown as an error.
+            rep.rerobots_infrastructure = True  # type: ignore[attr-defined]
+            rep.sections.append(("rerobots", "infrastructure trouble, not a test failure: "
+                                 f"{type(call.excinfo.value).__name__}"))
+
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
+                                 ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+        if report.when == "call" and getattr(report, "rerobots_infrastructure", False):
+            return "error", "E", ("ERROR", {"red": True})
+        return None
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         client = self.client
@@ -464,7 +518,9 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., I
         def acquire(wtype: str, deployment: str | None = None, **options: Any) -> Instance:
             inst = plugin.new_instance(deployment or wtype, **options)
             inst.wtype = wtype
-            return stack.enter_context(inst)
+            stack.enter_context(inst)
+            report.record_properties(request.node, inst)
+            return inst
 
         yield acquire
 

@@ -53,31 +53,41 @@ def _line(instance: Instance, waited: float) -> str:
 
 
 class Progress:
-    """An instance listener that shows the wait for an instance on the terminal:
-    one line rewritten in place on a TTY, an occasional plain line in CI logs."""
+    """An instance listener that shows a wait of more than a second for an instance:
+    one line rewritten in place on a terminal, a plain line every 10 s in CI logs, and
+    a last line when the wait ends."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
         self._begun: dict[int, float] = {}
         self._last_print: dict[int, float] = {}
+        self._shown: set[int] = set()
 
-    def _write(self, text: str, *, in_place: bool) -> None:
+    def _reporter(self) -> Any:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        capman = self.config.pluginmanager.get_plugin("capturemanager")
         if reporter is None or self.config.option.verbose < 0:
+            return None
+        return reporter
+
+    def _show(self, text: str, *, in_place: bool, first: bool = False,
+              last: bool = False) -> None:
+        reporter = self._reporter()
+        if reporter is None:
             return
-        tw = reporter._tw
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
         # Fixture setup runs under output capture; step outside it to reach the terminal.
-        ctx = capman.global_and_fixture_disabled() if capman else _null()
-        with ctx:
+        with capman.global_and_fixture_disabled() if capman else _null():
+            if first:
+                reporter.ensure_newline()
             if in_place:
-                tw.write("\r" + text.ljust(78)[:200])
+                reporter.rewrite(text)
+                if last:
+                    reporter.write("\n")
             else:
-                tw.line(text)
-            tw.flush()
+                reporter.write_line(text)
 
     def _tty(self) -> bool:
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        reporter = self._reporter()
         return bool(reporter and reporter.isatty and os.environ.get("CI") is None)
 
     def rented(self, instance: Instance) -> None:
@@ -87,16 +97,30 @@ class Progress:
         key = id(instance)
         now = time.monotonic()
         waited = now - self._begun.setdefault(key, now)
+        done = instance.status == "READY"
+        if done:
+            if key in self._shown:
+                self._show(_line(instance, waited), in_place=self._tty(), last=True)
+                self._shown.discard(key)
+            return
+        if waited < 1.0:
+            return  # a quick start is not worth a line
+        first = key not in self._shown
+        self._shown.add(key)
         if self._tty():
-            self._write(_line(instance, waited), in_place=True)
-        elif now - self._last_print.get(key, now - CI_PROGRESS_EVERY) >= CI_PROGRESS_EVERY \
-                and waited >= 1.0:
+            self._show(_line(instance, waited), in_place=True, first=first)
+        elif now - self._last_print.get(key, now - CI_PROGRESS_EVERY) >= CI_PROGRESS_EVERY:
             self._last_print[key] = now
-            self._write(_line(instance, waited), in_place=False)
+            self._show(_line(instance, waited), in_place=False, first=first)
 
     def ended(self, instance: Instance) -> None:
-        self._begun.pop(id(instance), None)
-        self._last_print.pop(id(instance), None)
+        key = id(instance)
+        if key in self._shown:  # ended while waiting (failed, interrupted)
+            self._show(_line(instance, time.monotonic() - self._begun.get(key, 0.0)),
+                       in_place=self._tty(), last=True)
+            self._shown.discard(key)
+        self._begun.pop(key, None)
+        self._last_print.pop(key, None)
 
 
 class _null:

@@ -62,7 +62,8 @@ def terminating(*, deadline: float = 120.0, sleep: Sleep = time.sleep) -> Retryi
     return Retrying(
         retry=retry_if_exception_type((*TRANSIENT, BusyWorkspaceInstance)),
         stop=stop_after_delay(deadline),
-        wait=_backoff(0.2, 5.0),
+        # Capped at 2 s: an instance leaving INIT should be ended without delay.
+        wait=_backoff(0.2, 2.0),
         sleep=sleep,
         reraise=True,
     )

@@ -38,6 +38,7 @@ class Settings:
     ready_timeout: float = 600.0
     queue_timeout: float = 0.0
     lease: int = 3600
+    keepalive_interval: float = 40.0
     allow: tuple[str, ...] = ()
     scope: str = "session"
     xdist: str = "per-worker"
@@ -157,6 +158,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("lease", "--rerobots-lease", None, "rerobots_lease", _lease,
            "expire_d sent with every instance request: the server ends it after this many "
            "seconds whatever happens (default 3600)"),
+    Option("keepalive_interval", "--rerobots-keepalive-interval", None,
+           "rerobots_keepalive_interval", _seconds(0.05),
+           "seconds between keepalive pings (default 40; the server ends an instance "
+           "60 s after the last one)"),
     Option("allow", "--rerobots-allow", None, "rerobots_allow", _cidrs,
            "firewall source (CIDR) to accept; repeatable (default: this runner's address)"),
     Option("scope", "--rerobots-scope", None, "rerobots_scope", _choice(SCOPES),

@@ -76,7 +76,9 @@ class SharedPool:
             if state.get("error"):
                 raise RerobotsError(f"the shared instance failed in another worker: "
                                     f"{state['error']}")
-            live = state.get("id") and state.get("users")
+            # A renter that crashed is no user: its watchdog or the controller ends it.
+            state["users"] = [u for u in state.get("users", []) if _alive(u)]
+            live = state.get("id") and state["users"]
             inst = make(state["id"] if live else None)
             try:
                 inst.__enter__()

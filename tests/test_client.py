@@ -63,6 +63,7 @@ def kobuki_deployments(api: RerobotsClient) -> list[str]:
         (400, {"error_message": "wrong authorization token"}, False, WrongAuthToken),
         (400, {"error_message": "authentication failed"}, False, WrongAuthToken),
         (403, None, True, RateLimited),
+        (500, None, True, ServerError),
         (429, None, True, RateLimited),
         (403, None, False, APIError),
         (404, {"error_message": "instance not found"}, False, InstanceNotFound),
@@ -85,6 +86,12 @@ def kobuki_deployments(api: RerobotsClient) -> list[str]:
 )
 def test_classify_maps_each_answer_to_its_error(status, payload, empty, expected):
     assert classify(status, payload, empty=empty) is expected
+
+
+def test_empty_403_with_budget_left_is_access_denied_not_rate_limit():
+    assert classify(403, None, empty=True, remaining=0) is RateLimited
+    assert classify(403, None, empty=True, remaining=-1) is RateLimited
+    assert classify(403, None, empty=True, remaining=120) is APIError
 
 
 def test_epoch_reads_both_timestamp_formats():
@@ -406,3 +413,22 @@ def test_lost_answer_with_a_known_instance_is_not_confused(sim: Simulator):
         for ident in (mine, new.id):
             wait_status(api, ident, "READY")
             api.terminate(ident)
+
+
+def test_server_error_on_new_that_created_nothing_is_not_resent(sim: Simulator):
+    sim.world.set_endpoint_fault("new", error_rate=1.0, error_status=502)
+    naps: list[float] = []
+    with RerobotsClient(sim.token, sim.url, ignore_env=True, sleep=naps.append) as api:
+        with pytest.raises(ServerError):
+            api.new_instance("basic_kobuki")
+        # One POST, then three looks in GET /instances 1 s apart; never a second POST.
+        assert api.calls == 4 and naps == [1.0, 1.0]
+        assert api.instances(include_init_fail=True)["workspace_instances"] == []
+
+
+def test_connection_refused_is_known_unsent():
+    with RerobotsClient("t", "http://127.0.0.1:9", ignore_env=True, retries=0) as api:
+        with pytest.raises(TransportError) as raised:
+            api.new_instance("basic_kobuki")
+        assert raised.value.not_sent is True  # type: ignore[attr-defined]
+        assert api.calls == 2  # sent once more, safely: it never reached a server

@@ -80,7 +80,7 @@ def test_require_turns_the_skip_into_an_error(pytester: pytest.Pytester):
 def test_report_header_never_shows_the_token(pytester: pytest.Pytester, sim_env: Simulator):
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest()
-    result.stdout.fnmatch_lines([f"rerobots: {sim_env.url} (real), token set*"])
+    result.stdout.fnmatch_lines([f"rerobots: {sim_env.url} (remote API), token set*"])
     assert sim_env.token not in result.stdout.str() + result.stderr.str()
 
 
@@ -299,7 +299,7 @@ def test_embedded_simulator(pytester: pytest.Pytester):
     )
     result = pytester.runpytest("--rerobots-sim")
     result.assert_outcomes(passed=1)
-    result.stdout.fnmatch_lines(["rerobots: http://127.0.0.1:* (simulator), token set*"])
+    result.stdout.fnmatch_lines(["rerobots: http://127.0.0.1:* (embedded simulator), token set*"])
 
 
 def _end(api, ident: str) -> None:
@@ -311,3 +311,57 @@ def _end(api, ident: str) -> None:
             return
         except BusyWorkspaceInstance:
             time.sleep(0.05)
+
+
+def test_infrastructure_trouble_in_a_test_is_an_error(pytester: pytest.Pytester,
+                                                      sim_env: Simulator):
+    pytester.makepyfile(
+        """
+        import pytest
+        pytestmark = pytest.mark.rerobots("basic_kobuki")
+        def test_host_vanishes(rerobots_instance, rerobots_client):
+            rerobots_instance.ssh.close()  # as if the robot's host went away
+            rerobots_instance.run("true")
+        def test_firmware_command_fails(rerobots_instance):
+            rerobots_instance.run("exit 3", check=True)
+        """
+    )
+    result = pytester.runpytest("-rfE")
+    result.assert_outcomes(failed=1, errors=1)
+    result.stdout.fnmatch_lines(["FAILED*test_firmware_command_fails*",
+                                 "ERROR*test_host_vanishes*"])
+
+
+def test_token_never_appears_when_the_api_is_unreachable(pytester: pytest.Pytester,
+                                                          monkeypatch: pytest.MonkeyPatch):
+    secret = "tok-5f1e9a-never-print-me"
+    monkeypatch.setenv("REROBOTS_API_TOKEN", secret)
+    monkeypatch.setenv("REROBOTS_API_URL", "http://127.0.0.1:9")
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.rerobots("basic_kobuki")
+        def test_x(rerobots_instance): pass
+        """
+    )
+    result = pytester.runpytest("-l", "--junitxml=out.xml", "-p", "no:cacheprovider")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*TransportError*no answer from http://127.0.0.1:9*"])
+    everything = result.stdout.str() + result.stderr.str() + (pytester.path / "out.xml").read_text()
+    assert secret not in everything
+
+
+def test_a_long_wait_shows_progress_lines(pytester: pytest.Pytester, sim_env: Simulator):
+    sim_env.world.configure(ready_delay=1.6)
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.rerobots("basic_kobuki")
+        def test_x(rerobots_instance): pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    # Not a terminal: plain lines, the first after a second of waiting, then READY.
+    result.stdout.fnmatch_lines(["rerobots: basic_kobuki * INIT 1s",
+                                 "rerobots: basic_kobuki * READY *s"])
