@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,6 +174,7 @@ class Instance:
     connect: bool = True
     fast_polling: bool = False
     existing: str | None = None
+    known_ids: Callable[[], Iterable[str]] | None = None
     sleep: retry.Sleep = time.sleep
 
     id: str | None = field(default=None, init=False)
@@ -266,7 +267,11 @@ class Instance:
         )
 
     def _known_ids(self) -> list[str]:
-        return [i for i in (self.id,) if i]
+        """Instances that cannot be the answer to a lost POST /new of ours."""
+        known = [i for i in (self.id,) if i]
+        if self.known_ids is not None:
+            known.extend(self.known_ids())
+        return known
 
     def _rent(self) -> None:
         try:

@@ -289,6 +289,9 @@ class RerobotsPlugin:
             ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout, lease=s.lease,
             allow=s.allow, fast_polling=self.mode == "embedded simulator",
             keepalive_interval=s.keepalive_interval,
+            # Everything this checkout holds (other workers, other runs) is not ours to
+            # adopt when a POST /new answer is lost.
+            known_ids=(lambda: [r["id"] for r in self.ledger.live()]) if self.ledger else None,
             # The watchdog hears of a new instance before the ledger records it.
             listeners=[self.records, report.Progress(self.config),
                        *(x for x in (self.watchdog, self.ledger) if x is not None)],
