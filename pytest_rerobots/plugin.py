@@ -408,7 +408,7 @@ class RerobotsPlugin:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Iterator[None]:
-        outcome = yield
+        outcome: Any = yield
         rep = outcome.get_result()
         if rep.when == "call" and rep.failed and call.excinfo is not None \
                 and is_infrastructure(call.excinfo.value):

@@ -132,7 +132,7 @@ class Option:
     """One setting and its names in each source."""
 
     name: str
-    flag: str | None
+    flag: str
     env: str | None
     ini: str | None
     parse: Callable[[Any], Any]

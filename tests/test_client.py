@@ -292,6 +292,26 @@ def test_vpn_without_vpn_reads_nil(api: RerobotsClient, sim: Simulator):
     api.terminate(new.id)
 
 
+def test_vpn_client_credentials(api: RerobotsClient):
+    new = api.new_instance("fixed_misty2", vpn=True)
+    wait_status(api, new.id, "READY")
+    assert api.vpn(new.id) == {"status": "ready", "clients": []}
+    creds = api.new_vpn_client(new.id)
+    assert creds["ovpn"] and api.vpn(new.id)["clients"] == [creds["client_id"]]
+    api.terminate(new.id)
+
+
+def test_queue_lengths_by_type_and_by_ids(api: RerobotsClient):
+    kobukis = kobuki_deployments(api)
+    held = api.new_instance(kobukis[0], expire_d=100)
+    by_type = api.queue_lengths("basic_kobuki")
+    assert set(by_type) == set(kobukis)
+    assert by_type[kobukis[0]]["qlen"] == 1 and by_type[kobukis[1]]["qlen"] == 0
+    assert set(api.queue_lengths(deployments=[kobukis[1]])) == {kobukis[1]}
+    wait_status(api, held.id, "READY")
+    api.terminate(held.id)
+
+
 def test_ci_new(api: RerobotsClient):
     assert len(api.new_ci_build("https://example.org/robot-fw.git")["pid"]) == 22
 
