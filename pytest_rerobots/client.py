@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -685,11 +687,11 @@ def _remaining(headers: Mapping[str, str]) -> int | None:
 def _epoch(stamp: Any) -> float:
     """Seconds since the epoch of an API timestamp (``isoformat()+'Z'`` or ``str(datetime)``);
     -inf when it cannot be read, so an unreadable stamp never matches a lower bound."""
-    from datetime import datetime, timezone
-
     if not isinstance(stamp, str) or not stamp:
         return float("-inf")
     text = stamp.strip().removesuffix("Z").replace("T", " ")
+    # Python 3.10's fromisoformat takes only 3 or 6 digits of fraction.
+    text = re.sub(r"\.(\d{1,6})\d*$", lambda m: "." + m.group(1).ljust(6, "0"), text)
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
