@@ -509,37 +509,50 @@ class RerobotsClient:
         cause: RerobotsError,
     ) -> NewInstance:
         """Find the instance a lost ``POST /new`` may have created, or raise ``cause``."""
-        # The server's clock may run a little behind ours.
-        since = sent_at - 10.0
         for look in range(RECONCILE_LOOKS):
             if look:
                 # The real server inserts the instance after it answers.
                 self.sleep(1.0)
             try:
-                listing = self.instances(details=True, include_init_fail=True)
+                found = self.find_new_instance(target, sent_at, known_ids)
             except (TransportError, ServerError) as exc:
                 raise TransportError(
                     f"POST /new/{target}: answer lost ({cause}), and GET /instances failed "
                     f"too: {exc}"
                 ) from None
-            known = set(known_ids()) if known_ids else set()
-            candidates = [
-                str(item["id"]) for item in listing.get("workspace_instances", [])
-                if isinstance(item, Mapping)
-                and item.get("id") not in known
-                and target in (item.get("type"), item.get("deployment"))
-                and _epoch(item.get("starttime")) >= since
-            ]
-            if len(candidates) == 1:
-                log.warning("POST /new/%s: answer lost; adopted instance %s", target, candidates[0])
-                return NewInstance(success=True, id=candidates[0], reconciled=True)
-            if len(candidates) > 1:
-                raise TransportError(
-                    f"POST /new/{target}: answer lost and {len(candidates)} new instances match "
-                    f"({', '.join(candidates)}); none adopted, keepalive will end them"
-                ) from None
+            if found is not None:
+                log.warning("POST /new/%s: answer lost; adopted instance %s", target, found)
+                return NewInstance(success=True, id=found, reconciled=True)
         # Not sent again: it may yet appear, and a second robot must not be rented.
         raise cause
+
+    def find_new_instance(
+        self,
+        target: str,
+        sent_at: float,
+        known_ids: Callable[[], Iterable[str]] | None = None,
+    ) -> str | None:
+        """One look in ``GET /instances`` for the instance a ``POST /new/<target>`` sent at
+        ``sent_at`` (our clock) may have created: one that started since, of that type or
+        deployment, and not among ``known_ids()``. None if there is none; ``TransportError``
+        if several match (the client cannot tell which is its own)."""
+        # The server's clock may run a little behind ours.
+        since = sent_at - 10.0
+        listing = self.instances(details=True, include_init_fail=True)
+        known = set(known_ids()) if known_ids else set()
+        candidates = [
+            str(item["id"]) for item in listing.get("workspace_instances", [])
+            if isinstance(item, Mapping)
+            and item.get("id") not in known
+            and target in (item.get("type"), item.get("deployment"))
+            and _epoch(item.get("starttime")) >= since
+        ]
+        if len(candidates) > 1:
+            raise TransportError(
+                f"POST /new/{target}: answer lost and {len(candidates)} new instances match "
+                f"({', '.join(candidates)}); none adopted, keepalive will end them"
+            )
+        return candidates[0] if candidates else None
 
     def terminate(self, instance_id: str) -> bool:
         """``POST /terminate/:id``. True if this call ended it, False if it was already ending.

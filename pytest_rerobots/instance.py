@@ -261,10 +261,28 @@ class Instance:
     # -- steps ----------------------------------------------------------------
 
     def _new(self, target: str, *, reserve: bool | None = None) -> Any:
-        return self.client.new_instance(
-            target, sshkey=self.public_key, expire_d=self.lease, keepalive=True,
-            reserve=reserve, known_ids=self._known_ids,
-        )
+        sent_at = self.client.clock()
+        try:
+            return self.client.new_instance(
+                target, sshkey=self.public_key, expire_d=self.lease, keepalive=True,
+                reserve=reserve, known_ids=self._known_ids,
+            )
+        except KeyboardInterrupt:
+            # Ctrl-C while POST /new was in flight: the server may have acted. One quick
+            # look, so that what it made is ended now, not a keepalive window later.
+            self._claim_interrupted_new(target, sent_at)
+            raise
+
+    def _claim_interrupted_new(self, target: str, sent_at: float) -> None:
+        try:
+            found = self.client.find_new_instance(target, sent_at, self._known_ids)
+        except RerobotsError as exc:
+            log.warning("after Ctrl-C during POST /new/%s: %s", target, exc)
+            return
+        if found is not None:
+            log.warning("Ctrl-C during POST /new/%s: it made %s, which is ended now", target,
+                        found)
+            self._rented(found)
 
     def _known_ids(self) -> list[str]:
         """Instances that cannot be the answer to a lost POST /new of ours."""
