@@ -325,7 +325,7 @@ class Watchdog:
         self.deadline = deadline
         self.notfound_grace = notfound_grace
         self.process: subprocess.Popen[bytes] | None = None
-        self._rented: dict[str, float] = {}
+        self._rented: dict[str, dict[str, Any]] = {}
         self._lingering: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
 
@@ -336,15 +336,16 @@ class Watchdog:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
-    def rent(self, instance_id: str) -> None:
-        """Protect ``instance_id``: it is terminated if this process dies holding it."""
+    def rent(self, instance_id: str, shared: tuple[str, str] | None = None) -> None:
+        """Protect ``instance_id``: it is terminated if this process dies holding it,
+        unless it is ``shared`` (a SharedPool directory and key) and other users live."""
         with self._lock:
-            at = time.time()
-            self._rented[instance_id] = at
+            message = {"rent": instance_id, "at": time.time(), "shared": shared}
+            self._rented[instance_id] = message
             if self.process is None or self.process.poll() is not None:
                 self._spawn()  # also re-sends what an earlier watchdog held
             else:
-                self._write({"rent": instance_id, "at": at})
+                self._write(message)
 
     def release(self, instance_id: str) -> None:
         """``instance_id`` ended: the watchdog forgets it."""
@@ -370,9 +371,10 @@ class Watchdog:
             ledger = {"path": os.path.abspath(self.ledger.path), "run": self.ledger.run_id,
                       "api_url": self.ledger.api_url}
         self._write({"api_url": self.api_url, "token": self._token, "deadline": self.deadline,
-                     "notfound_grace": self.notfound_grace, "ledger": ledger})
-        for ident, at in self._rented.items():
-            self._write({"rent": ident, "at": at})
+                     "notfound_grace": self.notfound_grace, "ledger": ledger,
+                     "parent": os.getpid()})
+        for message in self._rented.values():
+            self._write(message)
 
     def _write(self, message: dict[str, Any]) -> None:
         assert self.process is not None and self.process.stdin is not None
@@ -385,7 +387,7 @@ class Watchdog:
     # The instance-listener protocol.
     def rented(self, instance: Instance) -> None:
         if instance.id:
-            self.rent(instance.id)
+            self.rent(instance.id, shared=instance.shared_key)
 
     def progress(self, instance: Instance) -> None:
         pass
@@ -414,6 +416,16 @@ class Watchdog:
             self._lingering.append(proc)
 
 
+def _others_hold(directory: str, key: str, dead: int) -> bool:
+    """Whether live processes other than ``dead`` still use a shared instance."""
+    from .share import SharedPool
+
+    try:
+        return SharedPool(directory).abandon(key, dead)
+    except OSError:
+        return False  # the run's directory is gone: nobody is left to end it
+
+
 def _watchdog_main(stream: IO[bytes]) -> int:
     """The watchdog process: read the pipe until it closes, then end what is left."""
     from .client import RerobotsClient
@@ -423,6 +435,7 @@ def _watchdog_main(stream: IO[bytes]) -> int:
     except ValueError:
         return 2
     rented: dict[str, float] = {}
+    shared: dict[str, tuple[str, str]] = {}
     for raw in iter(stream.readline, b""):
         try:
             message = json.loads(raw)
@@ -430,8 +443,15 @@ def _watchdog_main(stream: IO[bytes]) -> int:
             continue  # a line torn by the writer's death
         if "rent" in message:
             rented[str(message["rent"])] = float(message.get("at") or time.time())
+            if message.get("shared"):
+                shared[str(message["rent"])] = tuple(message["shared"])  # type: ignore[assignment]
         elif "release" in message:
             rented.pop(str(message["release"]), None)
+    # A shared instance that other live workers still use is theirs to end.
+    parent = int(header.get("parent") or 0)
+    for ident, (directory, key) in shared.items():
+        if ident in rented and _others_hold(directory, key, parent):
+            rented.pop(ident)
     if not rented:
         return 0
     ledger = None

@@ -174,6 +174,8 @@ class Instance:
     connect: bool = True
     fast_polling: bool = False
     existing: str | None = None
+    #: (directory, key) of a :class:`~.share.SharedPool` entry when shared by xdist workers.
+    shared_key: tuple[str, str] | None = None
     known_ids: Callable[[], Iterable[str]] | None = None
     sleep: retry.Sleep = time.sleep
 
@@ -250,6 +252,9 @@ class Instance:
         """Use an instance another process rented (``existing``): log in with the key
         the server generated for it (``GET /instance/:id/sshkey``, kept in memory)."""
         self.id = ident
+        self.status = "INIT"
+        # Listeners learn of it as of a rented one (this process now helps hold it).
+        self._emit("rented")
         self._start_keepalive()
         self._wait_ready()
         if self.connect:

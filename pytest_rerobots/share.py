@@ -80,6 +80,7 @@ class SharedPool:
             state["users"] = [u for u in state.get("users", []) if _alive(u)]
             live = state.get("id") and state["users"]
             inst = make(state["id"] if live else None)
+            inst.shared_key = (str(self.directory), key)
             try:
                 inst.__enter__()
             except Exception as exc:
@@ -89,6 +90,17 @@ class SharedPool:
             state["id"] = inst.id
             state["users"] = [*state.get("users", []), me]
         return inst
+
+    def abandon(self, key: str, pid: int) -> bool:
+        """User ``pid`` died without releasing ``key``'s instance: drop it. True if
+        other live users remain, in which case the instance must be left running
+        (the watchdog of a crashed worker asks this before ending anything)."""
+        with self._locked(key) as state:
+            users = [u for u in state.get("users", []) if u != pid and _alive(u)]
+            state["users"] = users
+            if not users:
+                state.pop("id", None)
+        return bool(users)
 
     def release(self, key: str, inst: Instance) -> None:
         """Leave the instance: terminate it if this is its last user, else detach."""

@@ -323,6 +323,37 @@ def test_watchdog_ends_what_was_not_released_when_the_pipe_closes(
     api.terminate(released)
 
 
+def test_watchdog_leaves_a_shared_instance_that_others_still_use(
+        sim: Simulator, api: RerobotsClient, tmp_path: Path):
+    """xdist shared mode: the watchdog of a worker that dies ends a shared instance only
+    when no other live worker still uses it."""
+    from pytest_rerobots.share import SharedPool
+
+    pool = SharedPool(tmp_path / "share")
+    other_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        still_used, last_user = rent_ready(api, "basic_kobuki"), rent_ready(api, "fixed_misty2")
+        for key, ident, users in (("k1", still_used, [os.getpid(), other_worker.pid]),
+                                  ("k2", last_user, [os.getpid()])):
+            with pool._locked(key) as state:
+                state.update(id=ident, users=users)
+        watchdog = Watchdog(sim.url, sim.token)
+        watchdog.rent(still_used, shared=(str(pool.directory), "k1"))
+        watchdog.rent(last_user, shared=(str(pool.directory), "k2"))
+        proc = watchdog.process
+        assert proc is not None
+        watchdog.close(timeout=30)  # as when this process dies holding both
+        assert proc.returncode == 0
+        assert status(api, still_used) == "READY"
+        assert status(api, last_user) in ("TERMINATING", "TERMINATED")
+        with pool._locked("k1") as state:  # the dead user is gone, the other stays
+            assert state["users"] == [other_worker.pid]
+    finally:
+        other_worker.kill()
+        other_worker.wait()
+    api.terminate(still_used)
+
+
 def test_watchdog_ends_what_a_killed_process_held(sim: Simulator, api: RerobotsClient):
     ident = rent_ready(api, "basic_kobuki")
     owner = subprocess.Popen(

@@ -49,6 +49,7 @@ def test_ctrl_c_during_the_ready_wait_ends_the_instance(api: RerobotsClient,
 def test_ctrl_c_as_the_new_answer_arrives_ends_what_the_server_made(api: RerobotsClient):
     def ctrl_c(response: requests.Response, *args: object, **kwargs: object) -> None:
         if response.request.method == "POST" and "/new/" in (response.request.url or ""):
+            response.close()  # (so that no socket is left for the garbage collector)
             raise KeyboardInterrupt  # the server acted; we never saw its answer
 
     api.session.hooks["response"].append(ctrl_c)
