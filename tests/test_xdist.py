@@ -53,3 +53,13 @@ def test_shared_rents_one_instance_for_the_run(pytester: pytest.Pytester, sim_en
     out = result.stdout.str()
     assert "terminated" in out and "handed over" in out and "LEAKED" not in out
     assert _all_ended(sim_env, sim_env.token)
+
+
+def test_embedded_simulator_is_shared_with_the_workers(pytester: pytest.Pytester):
+    pytester.makepyfile(test_fw=SUITE)
+    result = pytester.runpytest_subprocess("-n", "2", "--rerobots-sim", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=6)
+    pids, ids = _seen(pytester)
+    assert len(pids) == 2 and len(ids) == 2
+    result.stdout.fnmatch_lines(["rerobots: http://127.0.0.1:* (embedded simulator)*"])
+    assert sum("terminated" in line for line in result.outlines) == 2
