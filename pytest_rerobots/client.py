@@ -230,6 +230,8 @@ class RerobotsClient:
             self.session.mount("http://", adapter)
             self.session.mount("https://", adapter)
         self._auth = _BearerAuth(self._token) if self._token else None
+        # Every instance id the API gave this client: never adoptable as "lost".
+        self._issued: set[str] = set()
         self._calls_lock = threading.Lock()
 
     # -- plumbing -----------------------------------------------------------------
@@ -294,10 +296,12 @@ class RerobotsClient:
             self._rate = rate
 
     def _send(
-        self, method: str, path: str, params: Mapping[str, Any] | None, body: Any
+        self, method: str, path: str, params: Mapping[str, Any] | None, body: Any,
+        pace: bool = True,
     ) -> requests.Response:
         """One HTTP exchange; foreign transport errors become ``TransportError``."""
-        self._pace()
+        if pace:
+            self._pace()
         with self._calls_lock:
             self.calls += 1
         try:
@@ -353,13 +357,15 @@ class RerobotsClient:
         params: Mapping[str, Any] | None = None,
         body: Any = None,
         idempotent: bool = True,
+        pace: bool = True,
     ) -> Any:
-        """Send a request and decode its answer; retry it only if ``idempotent``."""
+        """Send a request and decode its answer; retry it only if ``idempotent``; wait for
+        a spent rate-limit budget only if ``pace``."""
         if not idempotent:
-            return self._decode(method, path, self._send(method, path, params, body))
+            return self._decode(method, path, self._send(method, path, params, body, pace))
         for attempt in retry.idempotent(attempts=self.retries + 1, sleep=self.sleep):
             with attempt:
-                return self._decode(method, path, self._send(method, path, params, body))
+                return self._decode(method, path, self._send(method, path, params, body, pace))
         raise AssertionError("unreachable")  # pragma: no cover
 
     @staticmethod
@@ -486,18 +492,22 @@ class RerobotsClient:
                 body[key] = value
         path = f"/new/{target}"
         sent_at = self.clock()
-        try:
-            payload = self._request("POST", path, body=body, idempotent=False)
-        except TransportError as lost:
-            if not getattr(lost, "not_sent", False):
+        for attempt in range(2):
+            try:
+                payload = self._request("POST", path, body=body, idempotent=False)
+            except TransportError as lost:
+                if getattr(lost, "not_sent", False):
+                    if attempt == 0:
+                        continue  # no connection was made: sending again cannot rent twice
+                    raise  # twice unsent: nothing to look for
                 return self._adopt(target, sent_at, known_ids, lost)
-            # No connection was ever made: sending it again cannot rent twice.
-            payload = self._request("POST", path, body=body, idempotent=False)
-        except ServerError as failed:
-            # A gateway or server error may come after the server acted.
-            return self._adopt(target, sent_at, known_ids, failed)
+            except ServerError as failed:
+                # A gateway or server error may come after the server acted.
+                return self._adopt(target, sent_at, known_ids, failed)
+            break
         success = self._expect(payload, "success", bool, f"POST {path}")
         ident = self._expect(payload, "id", str, f"POST {path}")
+        self._issued.add(ident)  # (a reservation's id becomes its instance's id)
         key = payload.get("sshkey")
         return NewInstance(success=success, id=ident, sshkey=key if isinstance(key, str) else None)
 
@@ -522,6 +532,7 @@ class RerobotsClient:
                 ) from None
             if found is not None:
                 log.warning("POST /new/%s: answer lost; adopted instance %s", target, found)
+                self._issued.add(found)
                 return NewInstance(success=True, id=found, reconciled=True)
         # Not sent again: it may yet appear, and a second robot must not be rented.
         raise cause
@@ -534,12 +545,19 @@ class RerobotsClient:
     ) -> str | None:
         """One look in ``GET /instances`` for the instance a ``POST /new/<target>`` sent at
         ``sent_at`` (our clock) may have created: one that started since, of that type or
-        deployment, and not among ``known_ids()``. None if there is none; ``TransportError``
-        if several match (the client cannot tell which is its own)."""
-        # The server's clock may run a little behind ours.
-        since = sent_at - 10.0
+        deployment, and neither among ``known_ids()`` nor one this client already got
+        from the API. None if there is none; ``TransportError`` if several match (the
+        client cannot tell which is its own).
+
+        Another holder of the same token renting the same type in the same seconds
+        (another CI job) cannot be told apart; the window is kept short to make that
+        unlikely, at the price of missing our own instance when the server's clock runs
+        more than 2 s behind ours (it then ends by keepalive).
+        """
+        since = sent_at - 2.0
         listing = self.instances(details=True, include_init_fail=True)
         known = set(known_ids()) if known_ids else set()
+        known |= self._issued
         candidates = [
             str(item["id"]) for item in listing.get("workspace_instances", [])
             if isinstance(item, Mapping)
@@ -611,7 +629,7 @@ class RerobotsClient:
         """``POST /instance/:id/ka``: ping an instance created with ``keepalive: true``.
 
         Not retried here: the caller pings on its own schedule."""
-        self._request("POST", f"/instance/{instance_id}/ka", idempotent=False)
+        self._request("POST", f"/instance/{instance_id}/ka", idempotent=False, pace=False)
 
     def acquire(self, target: str, **options: Any) -> Instance:
         """An :class:`~pytest_rerobots.instance.Instance` context manager for ``target``."""

@@ -416,12 +416,12 @@ class Watchdog:
             self._lingering.append(proc)
 
 
-def _others_hold(directory: str, key: str, dead: int) -> bool:
-    """Whether live processes other than ``dead`` still use a shared instance."""
+def _others_hold(directory: str, key: str, dead: int, instance_id: str) -> bool:
+    """Whether live processes other than ``dead`` still use shared ``instance_id``."""
     from .share import SharedPool
 
     try:
-        return SharedPool(directory).abandon(key, dead)
+        return SharedPool(directory).abandon(key, dead, instance_id)
     except OSError:
         return False  # the run's directory is gone: nobody is left to end it
 
@@ -450,7 +450,7 @@ def _watchdog_main(stream: IO[bytes]) -> int:
     # A shared instance that other live workers still use is theirs to end.
     parent = int(header.get("parent") or 0)
     for ident, (directory, key) in shared.items():
-        if ident in rented and _others_hold(directory, key, parent):
+        if ident in rented and _others_hold(directory, key, parent, ident):
             rented.pop(ident)
     if not rented:
         return 0

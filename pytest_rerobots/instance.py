@@ -27,6 +27,7 @@ from . import retry, ssh
 from .errors import (
     BusyWorkspaceDeployment,
     BusyWorkspaceInstance,
+    InstanceError,
     InstanceFailed,
     InstanceNotFound,
     InstanceTimeout,
@@ -198,6 +199,7 @@ class Instance:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
     _ending: bool = field(default=False, init=False, repr=False)
+    _rented_mono: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.listeners = list(self.listeners)
@@ -230,7 +232,10 @@ class Instance:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.terminate()
+        if self.existing is not None:
+            self.detach()  # attached to: someone else's to end
+        else:
+            self.terminate()
 
     def start(self) -> Instance:
         """Rent, wait for READY, open the firewall and connect. Call :meth:`terminate` after."""
@@ -281,7 +286,7 @@ class Instance:
     def _claim_interrupted_new(self, target: str, sent_at: float) -> None:
         try:
             found = self.client.find_new_instance(target, sent_at, self._known_ids)
-        except RerobotsError as exc:
+        except Exception as exc:  # nothing may replace the KeyboardInterrupt
             log.warning("after Ctrl-C during POST /new/%s: %s", target, exc)
             return
         if found is not None:
@@ -372,11 +377,22 @@ class Instance:
         return False
 
     def _rented(self, ident: str) -> None:
-        self.id = ident
+        with self._lock:
+            self.id = ident
+            # terminate() from another thread before there was an id said "never rented":
+            # what the server made since must be ended all the same.
+            raced = self.outcome == "never rented"
+            if raced:
+                self.outcome = None
         self.status = "INIT"
         self.timings.rented_at = time.time()
+        self._rented_mono = time.monotonic()
         self._emit("rented")
         self._start_keepalive()
+        if raced:
+            self.terminate()
+            raise InstanceError(f"instance {ident} was terminated while it was being rented",
+                                instance_id=ident)
 
     def _start_keepalive(self) -> None:
         ident = self.id or ""
@@ -479,14 +495,15 @@ class Instance:
     def ensure_connected(self) -> None:
         """Reconnect if the SSH connection was lost (e.g. a test closed it or the host
         dropped it), so the next user of a shared instance gets a live one."""
+        if not self.connect or self.host is None or self.outcome is not None:
+            return
         conn = self._connection
-        if conn is None or not self.connect:
-            return
-        transport = conn.client.get_transport()
-        if not conn.closed and transport is not None and transport.is_active():
-            return
-        conn.close()
-        self._connection = None
+        if conn is not None:
+            transport = conn.client.get_transport()
+            if not conn.closed and transport is not None and transport.is_active():
+                return
+            self._connection = None
+            conn.close()
         self._connect()
 
     @property
@@ -577,9 +594,10 @@ class Instance:
 
     def _terminate_remote(self) -> str:
         assert self.id is not None
-        since_start = time.monotonic() - self._started
+        # The server may not list it yet for a while after POST /new answered.
+        since_rent = time.monotonic() - (self._rented_mono or self._started)
         return end(self.client, self.id, deadline=self.terminate_timeout,
-                   notfound_grace=max(0.0, self.notfound_grace - since_start), sleep=self.sleep)
+                   notfound_grace=max(0.0, self.notfound_grace - since_rent), sleep=self.sleep)
 
     def _emit(self, event: str) -> None:
         for listener in self.listeners:

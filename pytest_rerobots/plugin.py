@@ -318,6 +318,9 @@ class RerobotsPlugin:
             try:
                 inst = self._start_pooled(key)
             except BaseException as exc:
+                # Not left in the pool: Instance.__enter__ has ended it (on any exception,
+                # pytest's own outcomes such as a pytest-timeout failure included).
+                self._pool.pop(key, None)
                 if isinstance(exc, Exception):
                     self._failed[key] = exc
                 raise

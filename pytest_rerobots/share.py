@@ -61,10 +61,13 @@ class SharedPool:
                 state = json.loads(state_path.read_text())
             except (FileNotFoundError, ValueError):
                 state = {}
-            yield state
-            tmp = state_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state))
-            tmp.replace(state_path)
+            try:
+                yield state
+            finally:
+                # Also when the block raised: a failure recorded in the state must stick.
+                tmp = state_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(state))
+                tmp.replace(state_path)
         finally:
             os.close(fd)
 
@@ -91,11 +94,13 @@ class SharedPool:
             state["users"] = [*state.get("users", []), me]
         return inst
 
-    def abandon(self, key: str, pid: int) -> bool:
-        """User ``pid`` died without releasing ``key``'s instance: drop it. True if
-        other live users remain, in which case the instance must be left running
-        (the watchdog of a crashed worker asks this before ending anything)."""
+    def abandon(self, key: str, pid: int, instance_id: str) -> bool:
+        """User ``pid`` died without releasing ``key``'s instance ``instance_id``: drop it.
+        True if other live users of that same instance remain, in which case it must be
+        left running (the watchdog of a crashed worker asks this before ending anything)."""
         with self._locked(key) as state:
+            if state.get("id") != instance_id:
+                return False  # the key holds another instance now (or none): ours is free
             users = [u for u in state.get("users", []) if u != pid and _alive(u)]
             state["users"] = users
             if not users:

@@ -452,3 +452,14 @@ def test_connection_refused_is_known_unsent():
             api.new_instance("basic_kobuki")
         assert raised.value.not_sent is True  # type: ignore[attr-defined]
         assert api.calls == 2  # sent once more, safely: it never reached a server
+
+
+def test_a_lost_answer_never_adopts_an_instance_this_client_was_given(sim: Simulator):
+    with RerobotsClient(sim.token, sim.url, ignore_env=True, sleep=lambda s: None) as api:
+        mine = api.new_instance("basic_kobuki").id  # e.g. the session's instance
+        sim.world.fail_next("new", 1, 503)  # answers 503 without acting
+        with pytest.raises(ServerError):
+            api.new_instance("basic_kobuki")
+        assert api.instances()["workspace_instances"] == [mine]
+        wait_status(api, mine, "READY")
+        api.terminate(mine)
