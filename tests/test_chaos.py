@@ -636,5 +636,7 @@ def test_keepalive_alone_ends_a_killed_run(chaos):
     run.wait_for("a running test", lambda: run.marked("running"))
     since = run.signal(signal.SIGKILL)
     seconds = finish(run, since, by=None, exit_codes=KILLED)
-    # Nobody ended it but the server, once the pings had stopped for its 3 s window.
-    assert 1.5 < seconds <= FAST["keepalive_timeout"] + 1.0
+    # Nobody ended it but the server, once the pings had stopped for its 3 s window
+    # (the upper bound leaves room for a loaded machine: it only has to be the window,
+    # not the watchdog, that did it).
+    assert 1.5 < seconds <= FAST["keepalive_timeout"] + 3.0
