@@ -3,11 +3,14 @@ and the GitHub step summary. Never the token."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
+
+from .guard import ENDED_OUTCOMES
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -76,7 +79,7 @@ class Progress:
             return
         capman = self.config.pluginmanager.get_plugin("capturemanager")
         # Fixture setup runs under output capture; step outside it to reach the terminal.
-        with capman.global_and_fixture_disabled() if capman else _null():
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
             if first:
                 reporter.ensure_newline()
             if in_place:
@@ -123,14 +126,6 @@ class Progress:
         self._last_print.pop(key, None)
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def record_properties(item: Any, instance: Instance) -> None:
     """Add the instance's identity to a test's JUnit XML properties."""
     for name, value in (("rerobots_instance", instance.id), ("rerobots_wtype", instance.wtype),
@@ -141,7 +136,7 @@ def record_properties(item: Any, instance: Instance) -> None:
 
 
 #: Outcomes after which nothing is left running on our account (or someone else ends it).
-ENDED_OK = ("terminated", "already ended", "not found", "handed over", "never rented")
+ENDED_OK = (*ENDED_OUTCOMES, "handed over", "never rented")
 
 HEADERS = ("instance", "type", "deployment", "region", "queued", "to READY", "held", "ended")
 
