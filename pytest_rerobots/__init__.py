@@ -27,7 +27,8 @@ from .errors import (
     TransportError,
     WrongAuthToken,
 )
-from .instance import Instance
+from .instance import Instance, InstanceOptions, Outcome
+from .run import Run
 from .ssh import CommandResult
 
 __version__ = "0.1.0"
@@ -46,13 +47,16 @@ __all__ = [
     "InstanceError",
     "InstanceFailed",
     "InstanceNotFound",
+    "InstanceOptions",
     "InstanceTimeout",
     "MalformedResponse",
     "NotFound",
+    "Outcome",
     "RateLimited",
     "RerobotsClient",
     "RerobotsError",
     "ReservationNotFound",
+    "Run",
     "SSHConnectError",
     "SSHError",
     "ServerError",

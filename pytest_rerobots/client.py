@@ -631,11 +631,19 @@ class RerobotsClient:
         Not retried here: the caller pings on its own schedule."""
         self._request("POST", f"/instance/{instance_id}/ka", idempotent=False, pace=False)
 
-    def acquire(self, target: str, **options: Any) -> Instance:
-        """An :class:`~pytest_rerobots.instance.Instance` context manager for ``target``."""
+    def acquire(self, target: str, **settings: Any) -> Instance:
+        """An unstarted :class:`~pytest_rerobots.instance.Instance` for ``target`` (a
+        workspace type or a deployment id), a context manager; ``settings`` name
+        :class:`~pytest_rerobots.instance.InstanceOptions` fields (``ready_timeout=...``).
+
+        The bare building block: the instance has its own ``try/finally``, keepalive
+        and lease, but no ledger, watchdog or signal guard, so a SIGKILL of this
+        process leaves it to the server's keepalive. :class:`pytest_rerobots.Run`
+        adds those layers.
+        """
         from .instance import Instance
 
-        return Instance(self, target, **options)
+        return Instance.build(self, target, **settings)
 
     # -- firewall -------------------------------------------------------------
 

@@ -33,6 +33,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import IO, TYPE_CHECKING, Any
 
+from .instance import ENDED_OUTCOMES, Outcome, end
+
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance
@@ -47,8 +49,6 @@ __all__ = ["ENDED_OUTCOMES", "Ledger", "SignalGuard", "Watchdog", "end_all", "sw
 
 log = logging.getLogger("pytest_rerobots.guard")
 
-#: ``Instance.outcome`` values that mean the instance is over (anything else may still run).
-ENDED_OUTCOMES = ("terminated", "already ended", "not found")
 
 
 # -- layer 5: the ledger ------------------------------------------------------------
@@ -160,11 +160,9 @@ def end_all(
     with ``"failed:"``. Each success is recorded in ``ledger`` as ended ``by`` that
     layer. Never raises for one instance's trouble.
     """
-    from .instance import end
-
     def one(ident: str) -> tuple[str, str]:
         try:
-            outcome = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)
+            outcome: str = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)
         except Exception as exc:  # one instance's trouble must not stop the others
             outcome = f"failed: {exc}"
         if ledger is not None and outcome in ENDED_OUTCOMES:
@@ -395,7 +393,7 @@ class Watchdog:
     def ended(self, instance: Instance) -> None:
         # "handed over": another process uses it now and ends it (xdist shared mode).
         if instance.id and (instance.outcome in ENDED_OUTCOMES
-                            or instance.outcome == "handed over"):
+                            or instance.outcome == Outcome.HANDED_OVER):
             self.release(instance.id)
 
     def close(self, timeout: float = 5.0) -> None:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 import paramiko
@@ -40,11 +41,79 @@ if TYPE_CHECKING:
     from .client import RerobotsClient
     from .ssh import CommandResult
 
-__all__ = ["Instance", "InstanceListener", "Timings", "end", "is_deployment_id"]
+__all__ = [
+    "ENDED_OUTCOMES",
+    "Instance",
+    "InstanceListener",
+    "InstanceOptions",
+    "Outcome",
+    "Timings",
+    "end",
+    "is_deployment_id",
+]
 
 log = logging.getLogger("pytest_rerobots.instance")
 
 ENDED = ("INIT_FAIL", "TERMINATING", "TERMINATED")
+
+
+class Outcome(str, Enum):
+    """How an instance's use ended (``Instance.outcome``); equal to its text."""
+
+    TERMINATED = "terminated"
+    ALREADY_ENDED = "already ended"
+    NOT_FOUND = "not found"
+    #: Left running for another process that uses it (xdist shared mode).
+    HANDED_OVER = "handed over"
+    #: ``POST /new`` never answered with an id: there is nothing to end.
+    NEVER_RENTED = "never rented"
+    #: The API did not confirm the end; ``Instance.failure`` says why.
+    TERMINATE_FAILED = "terminate failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Outcomes that mean the instance is over (anything else may still run).
+ENDED_OUTCOMES = (Outcome.TERMINATED, Outcome.ALREADY_ENDED, Outcome.NOT_FOUND)
+
+
+@dataclass(frozen=True)
+class InstanceOptions:
+    """How an :class:`Instance` is rented and held (seconds unless said otherwise).
+
+    ``allow`` lists firewall sources (CIDR); empty means the address the API
+    sees this runner at. ``fast_polling`` polls every 50 ms (a local simulator).
+    """
+
+    ready_timeout: float = 600.0
+    queue_timeout: float = 0.0
+    #: ``expire_d`` of ``POST /new``: the server ends the instance after this long.
+    lease: int | None = 3600
+    allow: tuple[str, ...] = ()
+    keepalive_interval: float = 40.0
+    notfound_grace: float = 30.0
+    connect_timeout: float = 60.0
+    terminate_timeout: float = 120.0
+    connect: bool = True
+    fast_polling: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allow", tuple(self.allow))
+
+    def updated(self, **changes: Any) -> InstanceOptions:
+        """A copy with ``changes``; an unknown name is a ``TypeError`` that lists the known."""
+        unknown = sorted(set(changes) - _OPTION_NAMES)
+        if unknown:
+            raise TypeError(f"unknown instance option {unknown[0]!r} "
+                            f"(known: {', '.join(sorted(_OPTION_NAMES))})")
+        return replace(self, **changes) if changes else self
+
+
+_OPTION_NAMES = frozenset(f.name for f in fields(InstanceOptions))
+#: ``Instance`` keywords that are not options (see :meth:`Instance.build`).
+_OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing", "shared_key",
+                           "known_ids", "sleep"})
 
 
 def end(
@@ -54,9 +123,8 @@ def end(
     deadline: float = 120.0,
     notfound_grace: float = 0.0,
     sleep: retry.Sleep = time.sleep,
-) -> str:
-    """Terminate ``instance_id`` and say how it ended: ``"terminated"``, ``"already ended"``
-    or ``"not found"``.
+) -> Outcome:
+    """Terminate ``instance_id`` and say how it ended: terminated, already ended or not found.
 
     Waits out INIT (the server refuses to terminate it) and transient errors
     until ``deadline`` s; a 404 counts as "not visible yet" for ``notfound_grace``
@@ -71,8 +139,8 @@ def end(
                 if time.monotonic() - begun < notfound_grace:
                     raise BusyWorkspaceInstance(
                         f"instance {instance_id} not visible yet", status=404) from None
-                return "not found"
-    return "terminated" if ended_now else "already ended"
+                return Outcome.NOT_FOUND
+    return Outcome.TERMINATED if ended_now else Outcome.ALREADY_ENDED
 
 
 def _private_key(text: str) -> paramiko.PKey:
@@ -118,7 +186,6 @@ class Timings:
     queued: float = 0.0
     to_ready: float = 0.0
     held: float = 0.0
-    rented_at: float | None = None
     ready_at: float | None = None
 
 
@@ -149,39 +216,34 @@ def poll_interval(waited: float, time_left: float, rate: Any, now: float,
     return base
 
 
-@dataclass
+@dataclass(eq=False)
 class Instance:
     """A rented instance of a workspace type (or of one deployment).
 
-    Attributes filled as it comes up: ``id``, ``wtype``, ``deployment``,
-    ``region``, ``host``, ``port``, ``hostkeys``, ``status``; ``timings`` and
-    ``outcome`` (how it ended) for reports. ``allow`` lists firewall sources
-    (CIDR); empty means the address the API sees this runner at.
+    ``target`` is what ``POST /new`` names: a workspace type or a deployment id
+    (then ``wtype`` may say its type). ``options`` say how it is rented and held.
+    Attributes filled as it comes up: ``id``, ``deployment``, ``region``, ``host``,
+    ``port``, ``hostkeys``, ``status``; ``timings`` and ``outcome`` (how it ended)
+    for reports.
+
+    Use it as a context manager, or call :meth:`start` and later :meth:`terminate`.
     """
 
     client: RerobotsClient
     target: str
-    ready_timeout: float = 600.0
-    queue_timeout: float = 0.0
-    lease: int | None = 3600
-    allow: Sequence[str] = ()
-    keepalive_interval: float = 40.0
-    notfound_grace: float = 30.0
-    connect_timeout: float = 60.0
-    terminate_timeout: float = 120.0
-    pkey: paramiko.PKey | None = None
-    public_key: str | None = None
-    listeners: Iterable[InstanceListener] = ()
-    connect: bool = True
-    fast_polling: bool = False
+    options: InstanceOptions = field(default_factory=InstanceOptions)
+    wtype: str | None = None
+    pkey: paramiko.PKey | None = field(default=None, repr=False)
+    public_key: str | None = field(default=None, repr=False)
+    listeners: Iterable[InstanceListener] = field(default=(), repr=False)
+    #: The id of an instance another process rented, to attach to instead of renting.
     existing: str | None = None
     #: (directory, key) of a :class:`~.share.SharedPool` entry when shared by xdist workers.
     shared_key: tuple[str, str] | None = None
-    known_ids: Callable[[], Iterable[str]] | None = None
-    sleep: retry.Sleep = time.sleep
+    known_ids: Callable[[], Iterable[str]] | None = field(default=None, repr=False)
+    sleep: retry.Sleep = field(default=time.sleep, repr=False)
 
     id: str | None = field(default=None, init=False)
-    wtype: str | None = field(default=None, init=False)
     deployment: str | None = field(default=None, init=False)
     region: str | None = field(default=None, init=False)
     host: str | None = field(default=None, init=False)
@@ -189,7 +251,9 @@ class Instance:
     hostkeys: list[str] = field(default_factory=list, init=False)
     status: str | None = field(default=None, init=False)
     queue_position: int | None = field(default=None, init=False)
-    outcome: str | None = field(default=None, init=False)
+    outcome: Outcome | None = field(default=None, init=False)
+    #: Why the end failed, when ``outcome`` is ``Outcome.TERMINATE_FAILED``.
+    failure: str | None = field(default=None, init=False)
     timings: Timings = field(default_factory=Timings, init=False)
     details: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _connection: ssh.Connection | None = field(default=None, init=False, repr=False)
@@ -198,50 +262,79 @@ class Instance:
     _keepalive: threading.Thread | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
+    _up: bool = field(default=False, init=False, repr=False)
     _ending: bool = field(default=False, init=False, repr=False)
     _rented_mono: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.listeners = list(self.listeners)
+        if isinstance(self.options, Mapping):  # a plain dict of settings is welcome too
+            self.options = InstanceOptions().updated(**self.options)
         if is_deployment_id(self.target):
             self.deployment = self.target
-        else:
+        elif self.wtype is None:
             self.wtype = self.target
 
     def __repr__(self) -> str:
         return (f"Instance(id={self.id!r}, wtype={self.wtype!r}, deployment={self.deployment!r}, "
                 f"status={self.status!r})")
 
+    @property
+    def label(self) -> str:
+        """What to call it in messages: its workspace type, else what was asked for."""
+        return self.wtype or self.target
+
     # -- context manager ------------------------------------------------------
 
     def __enter__(self) -> Instance:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+    def start(self) -> Instance:
+        """Rent, wait for READY, open the firewall and connect; returns ``self``.
+
+        If any step fails (Ctrl-C included), whatever was rented is ended before
+        the error propagates. Calling it again on a started instance does nothing,
+        so ``with run.acquire(...) as robot`` does not start twice.
+        """
+        if self._up:
+            return self
         try:
-            self.start()
+            self._bring_up()
         except BaseException as exc:
-            # Half-started (even by Ctrl-C): whatever was rented is ended first; an
-            # instance attached to is someone else's, so it is only left.
+            # Half-started: what was rented is ended first; an instance attached to is
+            # someone else's, so it is only left.
             try:
-                if self.existing is not None:
-                    self.detach()
-                else:
-                    self.terminate()
+                self.end()
             except Exception as cleanup:
                 # The first error is the one the user needs; the second one is logged.
                 log.error("while cleaning up after %r: %s", exc, cleanup)
             raise
+        self._up = True
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def end(self) -> None:
+        """Terminate it, or leave it to its owner if it was attached to (``existing``)."""
         if self.existing is not None:
-            self.detach()  # attached to: someone else's to end
+            self.detach()
         else:
             self.terminate()
 
-    def start(self) -> Instance:
-        """Rent, wait for READY, open the firewall and connect. Call :meth:`terminate` after."""
+    @classmethod
+    def build(cls, client: RerobotsClient, target: str,
+              defaults: InstanceOptions | None = None, **settings: Any) -> Instance:
+        """An unstarted instance: ``settings`` name :class:`InstanceOptions` fields (over
+        ``defaults``) or this class's own keywords (``wtype``, ``existing``, ``sleep``...)."""
+        own = {k: settings.pop(k) for k in list(settings) if k in _OWN_KEYWORDS}
+        return cls(client, target, (defaults or InstanceOptions()).updated(**settings), **own)
+
+    def _bring_up(self) -> None:
         self._started = time.monotonic()
         if self.existing is not None:
-            return self._attach(self.existing)
+            self._attach(self.existing)
+            return
         if self.pkey is None:
             self.pkey, self.public_key = ssh.generate_client_key()
         elif self.public_key is None:
@@ -249,11 +342,10 @@ class Instance:
         self._rent()
         self._wait_ready()
         self._open_firewall()
-        if self.connect:
+        if self.options.connect:
             self._connect()
-        return self
 
-    def _attach(self, ident: str) -> Instance:
+    def _attach(self, ident: str) -> None:
         """Use an instance another process rented (``existing``): log in with the key
         the server generated for it (``GET /instance/:id/sshkey``, kept in memory)."""
         self.id = ident
@@ -262,11 +354,10 @@ class Instance:
         self._emit("rented")
         self._start_keepalive()
         self._wait_ready()
-        if self.connect:
+        if self.options.connect:
             if self.pkey is None:
                 self.pkey = _private_key(self.client.instance_sshkey(ident))
             self._connect()
-        return self
 
     # -- steps ----------------------------------------------------------------
 
@@ -274,7 +365,7 @@ class Instance:
         sent_at = self.client.clock()
         try:
             return self.client.new_instance(
-                target, sshkey=self.public_key, expire_d=self.lease, keepalive=True,
+                target, sshkey=self.public_key, expire_d=self.options.lease, keepalive=True,
                 reserve=reserve, known_ids=self._known_ids,
             )
         except KeyboardInterrupt:
@@ -305,7 +396,7 @@ class Instance:
         try:
             answer = self._new(self.target)
         except BusyWorkspaceDeployment:
-            if self.queue_timeout <= 0:
+            if self.options.queue_timeout <= 0:
                 raise
             answer = None
         if answer is not None and answer.success:
@@ -339,7 +430,7 @@ class Instance:
         begun = time.monotonic()
         served = False
         try:
-            while time.monotonic() - begun < self.queue_timeout:
+            while time.monotonic() - begun < self.options.queue_timeout:
                 if not any(r.get("id") == rid for r in self.client.reservations()):
                     served = True
                     break
@@ -347,7 +438,7 @@ class Instance:
                     self.queue_position = self.client.queue_length(self.deployment)
                 self.status = "QUEUED"
                 self._emit("progress")
-                self.sleep(min(2.0, max(0.1, self.queue_timeout / 20)))
+                self.sleep(min(2.0, max(0.1, self.options.queue_timeout / 20)))
         finally:
             if not served:
                 served = self._cancel_reservation(rid)
@@ -359,7 +450,7 @@ class Instance:
         if not served:
             # Cancelled in time: nothing was rented after all.
             raise BusyWorkspaceDeployment(
-                f"{self.target}: still queued after {self.queue_timeout:g} s "
+                f"{self.target}: still queued after {self.options.queue_timeout:g} s "
                 "(--rerobots-queue-timeout); reservation cancelled"
             )
 
@@ -381,11 +472,10 @@ class Instance:
             self.id = ident
             # terminate() from another thread before there was an id said "never rented":
             # what the server made since must be ended all the same.
-            raced = self.outcome == "never rented"
+            raced = self.outcome == Outcome.NEVER_RENTED
             if raced:
                 self.outcome = None
         self.status = "INIT"
-        self.timings.rented_at = time.time()
         self._rented_mono = time.monotonic()
         self._emit("rented")
         self._start_keepalive()
@@ -402,16 +492,16 @@ class Instance:
         self._keepalive.start()
 
     def _keepalive_loop(self) -> None:
-        wait = self.keepalive_interval
+        wait = self.options.keepalive_interval
         while not self._stop_keepalive.wait(wait):
             try:
                 self.client.keepalive(self.id or "")
-                wait = self.keepalive_interval
+                wait = self.options.keepalive_interval
             except RerobotsError as exc:
                 # One attempt per ping (a retried ping could outlast the server's
                 # window); a failed one is tried again soon.
                 log.warning("keepalive for %s failed: %s", self.id, exc)
-                wait = min(5.0, self.keepalive_interval)
+                wait = min(5.0, self.options.keepalive_interval)
 
     def _wait_ready(self) -> None:
         assert self.id is not None
@@ -422,7 +512,7 @@ class Instance:
                 info = self.client.instance(self.id or "")
             except InstanceNotFound:
                 # The real server inserts the row asynchronously after POST /new.
-                if time.monotonic() - begun > self.notfound_grace:
+                if time.monotonic() - begun > self.options.notfound_grace:
                     raise
                 return "PENDING"
             self.details = info
@@ -434,16 +524,18 @@ class Instance:
                 )
             return self.status
 
+        opts = self.options
+
         def interval(state: tenacity.RetryCallState | None = None) -> float:
             waited = time.monotonic() - begun
-            return poll_interval(waited, self.ready_timeout - waited, self.client.rate_limit,
-                                 self.client.clock(), self.fast_polling)
+            return poll_interval(waited, opts.ready_timeout - waited, self.client.rate_limit,
+                                 self.client.clock(), opts.fast_polling)
 
         def shown(state: tenacity.RetryCallState) -> None:
             self._emit("progress")
 
         policy = retry.polling(
-            deadline=self.ready_timeout, interval=interval, keep_going=lambda s: s != "READY",
+            deadline=opts.ready_timeout, interval=interval, keep_going=lambda s: s != "READY",
             sleep=self.sleep, before_sleep=shown,
         )
         try:
@@ -452,7 +544,7 @@ class Instance:
             policy(poll)
         except tenacity.RetryError as exc:
             raise InstanceTimeout(
-                f"instance {self.id} of {self.target} not READY after {self.ready_timeout:g} s "
+                f"instance {self.id} of {self.target} not READY after {opts.ready_timeout:g} s "
                 f"(last status: {self.status or 'unknown'})",
                 instance_id=self.id, status=self.status,
             ) from exc
@@ -477,16 +569,16 @@ class Instance:
 
     def _open_firewall(self) -> None:
         assert self.id is not None
-        if not self.allow:
+        if not self.options.allow:
             self.client.add_firewall_rule(self.id)
-        for cidr in self.allow:
+        for cidr in self.options.allow:
             self.client.add_firewall_rule(self.id, src=cidr)
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None and self.pkey is not None
         client = ssh.connect(
             self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
-            deadline=self.connect_timeout, sleep=self.sleep,
+            deadline=self.options.connect_timeout, sleep=self.sleep,
         )
         self._connection = ssh.Connection(client)
 
@@ -495,7 +587,7 @@ class Instance:
     def ensure_connected(self) -> None:
         """Reconnect if the SSH connection was lost (e.g. a test closed it or the host
         dropped it), so the next user of a shared instance gets a live one."""
-        if not self.connect or self.host is None or self.outcome is not None:
+        if not self.options.connect or self.host is None or self.outcome is not None:
             return
         conn = self._connection
         if conn is not None:
@@ -549,12 +641,12 @@ class Instance:
         try:
             self._close_connection()
             if self.id is None:
-                self.outcome = "never rented"
+                self.outcome = Outcome.NEVER_RENTED
                 return
             try:
                 self.outcome = self._terminate_remote()
             except Exception as exc:
-                self.outcome = f"terminate failed: {exc}"
+                self.outcome, self.failure = Outcome.TERMINATE_FAILED, str(exc)
                 raise
         finally:
             self._finish()
@@ -566,7 +658,7 @@ class Instance:
             return
         try:
             self._close_connection()
-            self.outcome = "handed over"
+            self.outcome = Outcome.HANDED_OVER
         finally:
             self._finish()
 
@@ -592,12 +684,13 @@ class Instance:
             self.timings.held = time.time() - self.timings.ready_at
         self._emit("ended")
 
-    def _terminate_remote(self) -> str:
+    def _terminate_remote(self) -> Outcome:
         assert self.id is not None
         # The server may not list it yet for a while after POST /new answered.
         since_rent = time.monotonic() - (self._rented_mono or self._started)
-        return end(self.client, self.id, deadline=self.terminate_timeout,
-                   notfound_grace=max(0.0, self.notfound_grace - since_rent), sleep=self.sleep)
+        opts = self.options
+        return end(self.client, self.id, deadline=opts.terminate_timeout,
+                   notfound_grace=max(0.0, opts.notfound_grace - since_rent), sleep=self.sleep)
 
     def _emit(self, event: str) -> None:
         for listener in self.listeners:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -23,8 +23,11 @@ from . import guard, report
 from .client import RerobotsClient
 from .errors import ConfigurationError, is_infrastructure
 from .instance import Instance
+from .run import Run
 from .settings import OPTIONS, Settings, resolve
-from .share import SharedPool
+
+if TYPE_CHECKING:
+    from .sim import Simulator
 
 PLUGIN_NAME = "rerobots-plugin"
 
@@ -53,8 +56,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             group.addoption(opt.flag, default=None, dest=f"rerobots_{opt.name}",
                             metavar=opt.name.upper().replace("_", "-"), help=opt.help + extra)
         if opt.ini:
-            parser.addini(opt.ini, help=opt.help,
-                          type="linelist" if opt.name == "allow" else "string", default=None)
+            if opt.name == "allow":
+                parser.addini(opt.ini, help=opt.help, type="linelist", default=None)
+            else:
+                parser.addini(opt.ini, help=opt.help, type="string", default=None)
     group.addoption("--rerobots-token-file", default=None, dest="rerobots_token_file",
                     metavar="PATH",
                     help="read the API token from this file (default: env REROBOTS_API_TOKEN)")
@@ -88,8 +93,6 @@ def load_settings(config: pytest.Config) -> Settings:
 def _with_default_ledger(config: pytest.Config, settings: Settings) -> Settings:
     """The ledger's stable default: ``d/rerobots/ledger.jsonl`` in pytest's cache dir
     (the ``cache_dir`` ini option, ``.pytest_cache`` under the rootdir by default)."""
-    from dataclasses import replace
-
     cache_dir = Path(str(_ini(config, "cache_dir") or ".pytest_cache"))
     if not cache_dir.is_absolute():
         cache_dir = config.rootpath / cache_dir
@@ -134,13 +137,13 @@ class XdistHooks:
         """Worker: send its instances and skips to the controller, for the summary."""
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
-            output["rerobots_rows"] = report.rows(self.plugin.records)
+            output["rerobots_rows"] = report.rows(self.plugin.run.records)
             output["rerobots_skipped_for_token"] = self.plugin.skipped_for_token
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """Controller: collect what a worker sent (nothing if it crashed)."""
         output = getattr(node, "workeroutput", None) or {}
-        self.plugin.records.remote_rows.extend(
+        self.plugin.run.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
         self.plugin.skipped_for_token += int(output.get("rerobots_skipped_for_token", 0))
 
@@ -148,7 +151,7 @@ class XdistHooks:
         """Hand the run id and the controller's simulator to each worker (through
         execnet, not argv)."""
         plugin = self.plugin
-        node.workerinput["rerobots_run_id"] = plugin.run_id
+        node.workerinput["rerobots_run_id"] = plugin.run.run_id
         if plugin.settings.xdist == "shared":
             if plugin.share_dir is None:
                 plugin.share_dir = Path(tempfile.mkdtemp(prefix="rerobots-share-"))
@@ -160,29 +163,19 @@ class XdistHooks:
 
 
 class RerobotsPlugin:
-    """The plugin's state for one pytest process: settings, client, simulator, instances."""
+    """The plugin's state for one pytest process: settings, the simulator, and the
+    :class:`.Run` that owns the client, the termination layers and the instances."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
         self.config = config
         self.settings = settings
         self.worker_input: dict[str, Any] | None = getattr(config, "workerinput", None)
-        self.simulator: Any = None
-        self.client: RerobotsClient | None = None
-        self.records = report.Records()
+        self.simulator: Simulator | None = None
         self.skipped_for_token = 0
-        self._pool: dict[tuple[str, str | None, str], Instance] = {}
-        self.signals = guard.SignalGuard()
-        self.ledger: guard.Ledger | None = None
-        self.watchdog: guard.Watchdog | None = None
-        self.run_id = str((self.worker_input or {}).get("rerobots_run_id") or uuid.uuid4())
         # Under xdist with --rerobots-xdist shared: the controller's directory for the
         # workers to share instances through (see share.py).
         self.share_dir: Path | None = None
-        self.shared: SharedPool | None = None
-        share_dir = (self.worker_input or {}).get("rerobots_share_dir")
-        if share_dir and settings.xdist == "shared":
-            self.shared = SharedPool(share_dir)
-        self._failed: dict[tuple[str, str | None, str], BaseException] = {}
+        self._run: Run | None = None
 
     # -- start and stop -------------------------------------------------------
 
@@ -190,37 +183,44 @@ class RerobotsPlugin:
     def is_worker(self) -> bool:
         return self.worker_input is not None
 
+    @property
+    def run(self) -> Run:
+        assert self._run is not None, "the rerobots plugin has not started"
+        return self._run
+
     def start(self) -> None:
         s = self.settings
+        worker = self.worker_input or {}
         url, token = s.api_url, s.token
-        if self.is_worker and "rerobots_sim_url" in (self.worker_input or {}):
-            url = self.worker_input["rerobots_sim_url"]  # type: ignore[index]
-            token = self.worker_input["rerobots_sim_token"]  # type: ignore[index]
+        if "rerobots_sim_url" in worker:
+            url, token = worker["rerobots_sim_url"], worker["rerobots_sim_token"]
         elif s.sim and not s.sweep:
             self.simulator = self._start_simulator()
             url, token = self.simulator.url, self.simulator.token
-        self.client = RerobotsClient(token=token, api_url=url, ignore_env=True)
-        if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
-            # The xdist controller rents nothing itself, but on SIGTERM it must still
-            # get to end what its workers hold.
-            self.signals.install()
-        if self.simulator is None and s.ledger is not None and not s.sweep:
-            # An embedded simulator dies with this process, and its instances with it;
-            # anything else (the real API, a simulator of its own) gets layers 3 and 5.
-            self.ledger = guard.Ledger(s.ledger, run_id=self.run_id, api_url=url)
+        embedded = self.mode == "embedded simulator"
+        # An embedded simulator dies with this process, and its instances with it;
+        # anything else (the real API, a simulator of its own) gets layers 3 and 5.
+        guarded = not embedded and s.ledger is not None and not s.sweep
+        if guarded:
             cache = getattr(self.config, "cache", None)
             if cache is not None:
                 # Let pytest make its cache dir first, with its .gitignore, before the
                 # ledger is written there (pytest adds those files only to a new dir).
                 cache.set("rerobots/ledger", str(s.ledger))
-            # REROBOTS_NO_WATCHDOG=1 is undocumented: it leaves layer 3 out so that the
-            # project's own tests can show layer 4 (keepalive) working alone.
-            if os.environ.get("REROBOTS_NO_WATCHDOG") != "1":
-                # Long enough to wait out an INIT that may last until the ready timeout.
-                self.watchdog = guard.Watchdog(url, token, ledger=self.ledger,
-                                               deadline=max(180.0, s.ready_timeout + 60.0))
+        share_dir = worker.get("rerobots_share_dir") if s.xdist == "shared" else None
+        self._run = Run(
+            url, token, ignore_env=True, ledger=s.ledger if guarded else None,
+            run_id=worker.get("rerobots_run_id"), watchdog=guarded, share_dir=share_dir,
+            listeners=[report.Progress(self.config)],
+            ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout, lease=s.lease,
+            allow=s.allow, fast_polling=embedded, keepalive_interval=s.keepalive_interval,
+        )
+        if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
+            # The xdist controller rents nothing itself, but on SIGTERM it must still
+            # get to end what its workers hold.
+            self.run.signals.install()
 
-    def _start_simulator(self) -> Any:
+    def _start_simulator(self) -> Simulator:
         try:
             from .sim import Simulator
         except ImportError as exc:
@@ -243,106 +243,39 @@ class RerobotsPlugin:
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         try:
-            self.release_all()
+            if self._run is not None:
+                self._run.close()
         finally:
-            if self.watchdog is not None:
-                self.watchdog.close()
-            if self.client is not None:
-                self.client.close()
             if self.simulator is not None:
                 self.simulator.stop()
                 self.simulator = None
             if self.share_dir is not None:
                 shutil.rmtree(self.share_dir, ignore_errors=True)
-            self.signals.uninstall()
-
-    def _end_run_leftovers(self) -> None:
-        """Controller: end every instance of this run the ledger still holds as live
-        (a worker that was killed or crashed before its teardown)."""
-        if self.ledger is None or self.client is None:
-            return
-        leftovers = [r["id"] for r in self.ledger.live(run_id=self.run_id)]
-        if leftovers:
-            results = guard.end_all(self.client, leftovers, ledger=self.ledger, by="controller")
-            for ident, outcome in results.items():
-                self.records.note_leftover(ident, outcome)
 
     # -- instances ------------------------------------------------------------
 
-    def can_rent(self) -> bool:
-        return bool(self.client and self.client.has_token)
-
-    def need_client(self) -> RerobotsClient:
-        """The client, or skip (or fail with --rerobots-require) when there is no token."""
-        if not self.can_rent():
+    def need_run(self) -> Run:
+        """The run, or skip (or fail with --rerobots-require) when there is no token."""
+        if not self.run.can_rent:
             if self.settings.require:
                 pytest.fail(f"{NO_CREDENTIALS} (--rerobots-require)", pytrace=False)
             self.skipped_for_token += 1
             pytest.skip(NO_CREDENTIALS)
-        assert self.client is not None
-        return self.client
-
-    def new_instance(self, target: str, **overrides: Any) -> Instance:
-        """An unstarted Instance with the run's settings (``overrides`` win)."""
-        s = self.settings
-        options: dict[str, Any] = dict(
-            ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout, lease=s.lease,
-            allow=s.allow, fast_polling=self.mode == "embedded simulator",
-            keepalive_interval=s.keepalive_interval,
-            # Everything this checkout holds (other workers, other runs) is not ours to
-            # adopt when a POST /new answer is lost.
-            known_ids=(lambda: [r["id"] for r in self.ledger.live()]) if self.ledger else None,
-            # The watchdog hears of a new instance before the ledger records it.
-            listeners=[self.records, report.Progress(self.config),
-                       *(x for x in (self.watchdog, self.ledger) if x is not None)],
-        )
-        options.update(overrides)
-        client = self.need_client()
-        # Only a run that rents anything changes how signals behave.
-        self.signals.install()
-        return Instance(client, target, **options)
+        return self.run
 
     def pooled(self, request: pytest.FixtureRequest) -> Instance:
         """The instance for this test's (type, deployment) within ``--rerobots-scope``."""
         wtype, deployment = self.target_for(request.node)
-        self.need_client()
+        run = self.need_run()
         scope_node = self._scope_node(request)
         key = (wtype, deployment, scope_node.nodeid)
-        if key in self._failed:
-            raise self._failed[key]
-        inst = self._pool.get(key)
-        if inst is None:
+        if not run.holds(key):
             # The finalizer comes first, so the scope's teardown ends the instance even
-            # if its start is interrupted half way (Instance.__enter__ also cleans up).
-            scope_node.addfinalizer(lambda: self._release(key))
-            try:
-                inst = self._start_pooled(key)
-            except BaseException as exc:
-                # Not left in the pool: Instance.__enter__ has ended it (on any exception,
-                # pytest's own outcomes such as a pytest-timeout failure included).
-                self._pool.pop(key, None)
-                if isinstance(exc, Exception):
-                    self._failed[key] = exc
-                raise
-        else:
-            inst.ensure_connected()
+            # if its start is interrupted half way (Instance.start also cleans up).
+            scope_node.addfinalizer(lambda: run.release(key))
+        inst = run.hold(key, wtype, deployment=deployment,
+                        shared=self.settings.scope == "session")
         report.record_properties(request.node, inst)
-        return inst
-
-    def _start_pooled(self, key: tuple[str, str | None, str]) -> Instance:
-        wtype, deployment, _ = key
-
-        def make(existing: str | None = None) -> Instance:
-            inst = self.new_instance(deployment or wtype, existing=existing)
-            inst.wtype = wtype
-            return inst
-
-        if self.shared is not None and self.settings.scope == "session":
-            inst = self.shared.acquire(f"{wtype}/{deployment}", make)
-            self._pool[key] = inst
-            return inst
-        inst = self._pool[key] = make()
-        inst.__enter__()
         return inst
 
     def _scope_node(self, request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
@@ -352,27 +285,6 @@ class RerobotsPlugin:
         if scope == "module":
             return request.node.getparent(pytest.Module) or request.node
         return request.session
-
-    def _release(self, key: tuple[str, str | None, str]) -> None:
-        self._failed.pop(key, None)
-        inst = self._pool.pop(key, None)
-        if inst is None:
-            return
-        if self.shared is not None and self.settings.scope == "session":
-            self.shared.release(f"{key[0]}/{key[1]}", inst)
-        else:
-            inst.terminate()
-
-    def release_all(self) -> None:
-        """Terminate every pooled instance still held (the end of the session)."""
-        errors = []
-        for key in list(self._pool):
-            try:
-                self._release(key)
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
 
     def target_for(self, item: pytest.Item) -> tuple[str, str | None]:
         """The (workspace type, deployment) a test runs on, or an error saying how to choose."""
@@ -403,10 +315,10 @@ class RerobotsPlugin:
         if self.config.pluginmanager.has_plugin("dsession"):
             # xdist's controller: end what the workers hold *before* xdist shuts them
             # down, which can take 10 s when the run was interrupted.
-            self._end_run_leftovers()
+            self.run.end_leftovers()
         yield  # (an old-style wrapper: the other impls' errors do not surface here)
         # After the session's fixtures are torn down: what is still live leaked.
-        self._end_run_leftovers()
+        self.run.end_leftovers()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -427,9 +339,9 @@ class RerobotsPlugin:
         return None
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        client = self.client
-        url = client.api_url if client else self.settings.api_url
-        token = "set" if client and client.has_token else "not set"
+        client = self.run.client
+        url = client.api_url
+        token = "set" if client.has_token else "not set"
         wtype = self.settings.wtype or "from markers"
         return [f"rerobots: {url} ({self.mode}), token {token}, wtype {wtype}, "
                 f"scope {self.settings.scope}"]
@@ -438,8 +350,8 @@ class RerobotsPlugin:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.is_worker:
             return
-        report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
-        report.github_step_summary(self.records)
+        report.terminal_summary(terminalreporter, self.run.records, self.skipped_for_token)
+        report.github_step_summary(self.run.records)
 
 
 def marker_args(marker: pytest.Mark | None) -> tuple[list[str], str | None]:
@@ -488,7 +400,16 @@ def _plugin(config: pytest.Config) -> RerobotsPlugin:
 def rerobots_client(pytestconfig: pytest.Config) -> RerobotsClient:
     """The configured ``RerobotsClient`` (API origin and token from the rerobots options);
     under ``--rerobots-sim``, pointed at the embedded simulator."""
-    return _plugin(pytestconfig).need_client()
+    return _plugin(pytestconfig).need_run().client
+
+
+@pytest.fixture(scope="session")
+def rerobots_run(pytestconfig: pytest.Config) -> Run:
+    """The run's ``Run``: ``with rerobots_run.acquire("basic_kobuki") as robot: yield robot``
+    in a fixture of any scope gets the ledger, watchdog, signal guard, queue and ready
+    settings, summary row and live progress, like ``rerobots_instance``. Skips (or fails
+    with ``--rerobots-require``) without a token."""
+    return _plugin(pytestconfig).need_run()
 
 
 @pytest.fixture
@@ -518,13 +439,11 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., I
     """A factory: ``rerobots_acquire("basic_kobuki")`` rents another READY instance
     (keywords as for ``Instance``, e.g. ``deployment=...``); every instance it made
     is terminated at this test's teardown."""
-    plugin = _plugin(request.config)
+    run = _plugin(request.config).need_run()
     with ExitStack() as stack:
 
         def acquire(wtype: str, deployment: str | None = None, **options: Any) -> Instance:
-            inst = plugin.new_instance(deployment or wtype, **options)
-            inst.wtype = wtype
-            stack.enter_context(inst)
+            inst = stack.enter_context(run.acquire(wtype, deployment=deployment, **options))
             report.record_properties(request.node, inst)
             return inst
 
@@ -532,7 +451,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., I
 
 
 @pytest.fixture(scope="session")
-def rerobots_sim(pytestconfig: pytest.Config) -> Any:
+def rerobots_sim(pytestconfig: pytest.Config) -> Simulator:
     """The running ``Simulator`` under ``--rerobots-sim`` (to inject faults); skips otherwise."""
     sim = _plugin(pytestconfig).simulator
     if sim is None:
@@ -547,6 +466,7 @@ __all__ = [
     "rerobots_acquire",
     "rerobots_client",
     "rerobots_instance",
+    "rerobots_run",
     "rerobots_sftp",
     "rerobots_sim",
     "rerobots_ssh",

@@ -8,12 +8,9 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .guard import ENDED_OUTCOMES
-
-if TYPE_CHECKING:
-    from .instance import Instance
+from .instance import ENDED_OUTCOMES, Instance, Outcome
 
 __all__ = ["Progress", "Records", "github_step_summary", "record_properties", "terminal_summary"]
 
@@ -136,7 +133,7 @@ def record_properties(item: Any, instance: Instance) -> None:
 
 
 #: Outcomes after which nothing is left running on our account (or someone else ends it).
-ENDED_OK = (*ENDED_OUTCOMES, "handed over", "never rented")
+ENDED_OK = (*ENDED_OUTCOMES, Outcome.HANDED_OVER, Outcome.NEVER_RENTED)
 
 HEADERS = ("instance", "type", "deployment", "region", "queued", "to READY", "held", "ended")
 
@@ -148,8 +145,16 @@ def rows(records: Records) -> list[tuple[str, ...]]:
         t = i.timings
         out.append((i.id or "-", i.wtype or i.target, (i.deployment or "-")[:8], i.region or "-",
                     f"{t.queued:.1f}s", f"{t.to_ready:.1f}s", f"{t.held:.1f}s",
-                    i.outcome or "NOT TERMINATED"))
+                    _ended(i)))
     return out
+
+
+def _ended(instance: Instance) -> str:
+    if instance.outcome is None:
+        return "NOT TERMINATED"
+    if instance.outcome == Outcome.TERMINATE_FAILED:
+        return f"{instance.outcome}: {instance.failure}"
+    return str(instance.outcome)
 
 
 def terminal_summary(reporter: Any, records: Records, skipped_for_token: int) -> None:

@@ -85,7 +85,7 @@ class SharedPool:
             inst = make(state["id"] if live else None)
             inst.shared_key = (str(self.directory), key)
             try:
-                inst.__enter__()
+                inst.start()
             except Exception as exc:
                 if not live:
                     state["error"] = f"{type(exc).__name__}: {exc}"

@@ -41,7 +41,7 @@ def test_ctrl_c_during_the_ready_wait_ends_the_instance(api: RerobotsClient,
     fast_sim.world.configure(ready_delay=0.5)
     robot = api.acquire("basic_kobuki", sleep=interrupt_once())
     with pytest.raises(KeyboardInterrupt):
-        robot.__enter__()
+        robot.start()
     assert robot.outcome == "terminated" and robot.id
     assert live(api) == []
 
@@ -55,7 +55,7 @@ def test_ctrl_c_as_the_new_answer_arrives_ends_what_the_server_made(api: Rerobot
     api.session.hooks["response"].append(ctrl_c)
     robot = api.acquire("basic_kobuki")
     with pytest.raises(KeyboardInterrupt):
-        robot.__enter__()
+        robot.start()
     api.session.hooks["response"].remove(ctrl_c)
     assert robot.id is not None and robot.outcome == "terminated"
     assert live(api) == []
@@ -67,7 +67,7 @@ def test_ctrl_c_while_queued_cancels_the_reservation(api: RerobotsClient):
     with holder:
         queued = api.acquire(misty, queue_timeout=30, sleep=interrupt_once())
         with pytest.raises(KeyboardInterrupt):
-            queued.__enter__()
+            queued.start()
         assert api.reservations() == []
         assert queued.id is None and queued.outcome == "never rented"
     assert live(api) == []

@@ -1,0 +1,261 @@
+"""``Run``: one API client and every termination layer, with or without pytest.
+
+::
+
+    from pytest_rerobots import Run
+
+    with Run(ready_timeout=900) as run:               # token from REROBOTS_API_TOKEN
+        with run.acquire("basic_kobuki") as robot:    # started: READY, firewall open, SSH
+            robot.run("uname -a", check=True)
+
+A :class:`Run` owns what :meth:`.RerobotsClient.acquire` leaves out: the ledger
+(layer 5), the watchdog process that ends what a killed run held (layer 3), the
+signal guard that turns SIGTERM and SIGHUP into ``KeyboardInterrupt`` (layer 2),
+the pool of instances held for a scope, the pool shared by xdist workers, and
+the listeners that feed reports. Every instance it gives out is registered with
+all of them; leaving the ``with`` block ends whatever it still holds. The pytest
+plugin builds one ``Run`` per process and gives it to fixtures as ``rerobots_run``.
+
+Without pytest the ledger is ``.rerobots/ledger.jsonl`` under the current
+directory (``ledger=`` sets another path, ``ledger=None`` keeps none), and the
+watchdog starts with the first rental, as in a pytest run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Hashable, Iterable
+from pathlib import Path
+from typing import Any
+
+from . import guard, report
+from .client import RerobotsClient
+from .instance import Instance, InstanceListener, InstanceOptions
+from .share import SharedPool
+
+__all__ = ["DEFAULT_LEDGER", "Run"]
+
+log = logging.getLogger("pytest_rerobots.run")
+
+#: The ledger of a ``Run`` made without pytest, relative to the current directory.
+DEFAULT_LEDGER = Path(".rerobots") / "ledger.jsonl"
+
+_DEFAULT: Any = object()  # "not given", where None has a meaning of its own
+
+
+class Run:
+    """One run: an API client, the termination layers, and the instances held.
+
+    ``api_url`` and ``token`` default to ``REROBOTS_API_URL`` and
+    ``REROBOTS_API_TOKEN`` (unless ``ignore_env``). ``ledger`` is a path, or None
+    for no ledger (then nothing is recorded for ``--rerobots-sweep``). ``watchdog``
+    False leaves layer 3 out (an embedded simulator dies with the process anyway).
+    ``signals`` False leaves SIGTERM and SIGHUP alone. ``share_dir`` is the
+    directory of an xdist run's shared pool. ``listeners`` see every instance's
+    life (the plugin's live progress line). Other keywords are the defaults of
+    every instance (:class:`.InstanceOptions` fields, e.g. ``ready_timeout``).
+    """
+
+    def __init__(
+        self,
+        api_url: str | None = None,
+        token: str | None = None,
+        *,
+        ledger: str | os.PathLike[str] | None = _DEFAULT,
+        run_id: str | None = None,
+        watchdog: bool = True,
+        signals: bool = True,
+        share_dir: str | os.PathLike[str] | None = None,
+        listeners: Iterable[InstanceListener] = (),
+        ignore_env: bool = False,
+        **defaults: Any,
+    ) -> None:
+        self.defaults = InstanceOptions().updated(**defaults)
+        if token is None and not ignore_env:
+            token = os.environ.get("REROBOTS_API_TOKEN") or None
+        self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
+        self.run_id = run_id or str(uuid.uuid4())
+        self.records = report.Records()
+        self.listeners: list[InstanceListener] = [self.records, *listeners]
+        if ledger is _DEFAULT:
+            ledger = DEFAULT_LEDGER
+            _ignored_by_git(DEFAULT_LEDGER.parent)
+        self.ledger = (guard.Ledger(ledger, run_id=self.run_id, api_url=self.client.api_url)
+                       if ledger is not None else None)
+        # REROBOTS_NO_WATCHDOG=1 is undocumented: it leaves layer 3 out so that the
+        # project's own tests can show layer 4 (keepalive) working alone.
+        self.watchdog: guard.Watchdog | None = None
+        if watchdog and os.environ.get("REROBOTS_NO_WATCHDOG") != "1":
+            # Spawned with the first rental. Long enough to wait out an INIT that may
+            # last until the ready timeout.
+            self.watchdog = guard.Watchdog(
+                self.client.api_url, token, ledger=self.ledger,
+                deadline=max(180.0, self.defaults.ready_timeout + 60.0))
+        self.signals = guard.SignalGuard()
+        self._signals = signals
+        self.shared = SharedPool(share_dir) if share_dir is not None else None
+        self._pool: dict[Hashable, Instance] = {}
+        self._failed: dict[Hashable, Exception] = {}
+        self._acquired: list[Instance] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return (f"Run(api_url={self.client.api_url!r}, run_id={self.run_id!r}, "
+                f"ledger={self.ledger!r})")
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- instances ------------------------------------------------------------
+
+    @property
+    def can_rent(self) -> bool:
+        """Whether the client has a token (without one, every rental is refused)."""
+        return self.client.has_token
+
+    def instance(self, target: str, *, deployment: str | None = None,
+                 **settings: Any) -> Instance:
+        """An unstarted :class:`.Instance` of ``target`` (a workspace type; or rent
+        ``deployment`` of it) with this run's defaults and every layer as listener.
+        ``settings`` as for :meth:`.Instance.build`."""
+        if self._signals:
+            # Only a run that rents anything changes how signals behave.
+            self.signals.install()
+        settings.setdefault("listeners", [*self.listeners, *self._layers()])
+        settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
+        if deployment is not None:
+            settings.setdefault("wtype", target)
+            target = deployment
+        return Instance.build(self.client, target, self.defaults, **settings)
+
+    def acquire(self, target: str, *, deployment: str | None = None,
+                **settings: Any) -> Instance:
+        """A started instance (READY, firewall open, SSH connected), a context manager
+        whose exit ends it; if the run ends first, the run ends it. A failed start
+        ends what was rented before the error propagates."""
+        inst = self.instance(target, deployment=deployment, **settings)
+        with self._lock:
+            self._acquired.append(inst)
+        return inst.start()
+
+    def known_ids(self) -> list[str]:
+        """Every instance this checkout's ledger holds as live (other workers' and other
+        runs' included): none of them may be adopted as the answer to a lost POST /new."""
+        return [r["id"] for r in self.ledger.live()] if self.ledger is not None else []
+
+    def _layers(self) -> list[InstanceListener]:
+        # The watchdog hears of a new instance before the ledger records it.
+        return [x for x in (self.watchdog, self.ledger) if x is not None]
+
+    # -- the pool: one instance per key, held until released ------------------
+
+    def hold(self, key: Hashable, target: str, *, deployment: str | None = None,
+             shared: bool = False) -> Instance:
+        """The instance held under ``key``, started on first use. ``shared`` takes it
+        from the xdist run's shared pool (if there is one). A start that failed fails
+        again at once for the same key, until :meth:`release`."""
+        if key in self._failed:
+            raise self._failed[key]
+        inst = self._pool.get(key)
+        if inst is not None:
+            inst.ensure_connected()
+            return inst
+        try:
+            if shared and self.shared is not None:
+                inst = self.shared.acquire(
+                    f"{target}/{deployment}",
+                    lambda existing: self.instance(target, deployment=deployment,
+                                                   existing=existing))
+            else:
+                inst = self.instance(target, deployment=deployment)
+                self._pool[key] = inst
+                inst.start()
+        except BaseException as exc:
+            # Not kept: start() has ended it (on any exception, pytest's own outcomes
+            # such as a pytest-timeout failure included).
+            self._pool.pop(key, None)
+            if isinstance(exc, Exception):
+                self._failed[key] = exc
+            raise
+        self._pool[key] = inst
+        return inst
+
+    def holds(self, key: Hashable) -> bool:
+        """Whether ``key`` has an instance held, or a failed start on record."""
+        return key in self._pool or key in self._failed
+
+    def release(self, key: Hashable) -> None:
+        """End the instance held under ``key`` (or leave it to the other users of a
+        shared one) and forget a failure recorded for it."""
+        self._failed.pop(key, None)
+        inst = self._pool.pop(key, None)
+        if inst is None:
+            return
+        if inst.shared_key is not None and self.shared is not None:
+            self.shared.release(inst.shared_key[1], inst)
+        else:
+            inst.terminate()
+
+    def release_all(self) -> None:
+        """End everything the run still holds, pooled and acquired; raises the first
+        error after trying them all."""
+        errors: list[Exception] = []
+        for key in list(self._pool):
+            try:
+                self.release(key)
+            except Exception as exc:
+                errors.append(exc)
+        with self._lock:
+            acquired, self._acquired = self._acquired, []
+        for inst in acquired:
+            try:
+                inst.end()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def end_leftovers(self, by: str = "controller") -> dict[str, str]:
+        """End every instance of this run that the ledger still holds as live (say, a
+        worker's that was killed before its teardown); ``{id: outcome}``."""
+        if self.ledger is None:
+            return {}
+        leftovers = [r["id"] for r in self.ledger.live(run_id=self.run_id)]
+        if not leftovers:
+            return {}
+        results = guard.end_all(self.client, leftovers, ledger=self.ledger, by=by)
+        for ident, outcome in results.items():
+            self.records.note_leftover(ident, outcome)
+        return results
+
+    def close(self) -> None:
+        """End what is still held, let the watchdog go, close the client; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.release_all()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.close()
+            self.client.close()
+            self.signals.uninstall()
+
+
+def _ignored_by_git(directory: Path) -> None:
+    """Make ``directory`` with a ``.gitignore`` of ``*`` in it (as pytest does for its
+    cache), so that a ledger under a checkout is never committed."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        ignore = directory / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("# made by pytest-rerobots: the ledger of this checkout\n*\n")
+    except OSError as exc:  # the ledger's own write reports a real problem
+        log.debug("cannot prepare %s: %s", directory, exc)

@@ -1,0 +1,150 @@
+"""``Run``: the termination layers without pytest, and under pytest as ``rerobots_run``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pytest_rerobots import InstanceOptions, Outcome, RerobotsClient, Run
+from pytest_rerobots.run import DEFAULT_LEDGER
+from pytest_rerobots.sim import Simulator
+
+pytest_plugins = ["pytester"]
+
+
+def wait_until(check: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pytest_rerobots import Run
+    with Run(sys.argv[1]) as run:             # token from REROBOTS_API_TOKEN, default ledger
+        robot = run.acquire("basic_kobuki")
+        print(robot.id, run.watchdog.pid, flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_sigkilled_script_holding_a_robot_from_run_leaves_nothing_live(
+        fast_sim: Simulator, tmp_path: Path):
+    env = {**os.environ, "REROBOTS_API_TOKEN": fast_sim.token}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, fast_sim.url], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None
+    try:
+        ident, watchdog_pid = holder.stdout.readline().split()
+        assert [i.id for i in fast_sim.live_instances()] == [ident]
+    finally:
+        holder.kill()
+        holder.wait(10)
+        holder.stdout.close()
+    assert wait_until(lambda: fast_sim.live_instances() == [], 15)
+    # The default ledger, under the script's working directory, holds the rental and the
+    # watchdog's end of it.
+    records = [json.loads(line) for line in (tmp_path / DEFAULT_LEDGER).read_text().splitlines()]
+    assert [(r["event"], r["id"]) for r in records] == [("rented", ident), ("ended", ident)]
+    assert records[1]["by"] == "watchdog"
+    assert (tmp_path / DEFAULT_LEDGER.parent / ".gitignore").read_text().endswith("*\n")
+    assert wait_until(lambda: not Path(f"/proc/{watchdog_pid}").exists(), 10)
+
+
+def test_leaving_a_run_ends_what_it_still_holds(fast_sim: Simulator, tmp_path: Path):
+    ledger = tmp_path / "ledger.jsonl"
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=ledger,
+             ready_timeout=30) as run:
+        first = run.acquire("basic_kobuki")
+        with run.acquire("fixed_misty2") as second:   # already started: not started twice
+            assert second.run("echo hi").stdout == "hi\n"
+        assert second.outcome == Outcome.TERMINATED and first.outcome is None
+        assert first.options.ready_timeout == 30
+        assert run.records.instances == [first, second]
+    assert first.outcome == "terminated"
+    assert run.ledger is not None and run.ledger.live() == []
+    assert fast_sim.live_instances() == []
+
+
+def test_a_failed_start_leaves_nothing_and_names_the_option(fast_sim: Simulator):
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+             fast_polling=True) as run:
+        with pytest.raises(TypeError, match="unknown instance option 'ready_timout'"):
+            run.acquire("basic_kobuki", ready_timout=5)
+        fast_sim.configure(stuck_init=1.0, init_timeout=1.0)  # then INIT_FAIL
+        with pytest.raises(Exception, match=r"not READY after 0\.3 s"):
+            run.acquire("basic_kobuki", ready_timeout=0.3)  # before INIT_FAIL
+        fast_sim.configure(stuck_init=0.0)
+    # Ended at once: the server refuses to end an INIT instance, so the start's cleanup
+    # waited out INIT (here until it failed).
+    assert [r.outcome for r in run.records.instances] == [Outcome.ALREADY_ENDED]
+
+
+def test_instance_options_are_frozen_and_checked():
+    options = InstanceOptions(allow=["10.0.0.0/8"])
+    assert options.allow == ("10.0.0.0/8",)
+    with pytest.raises(AttributeError):
+        options.ready_timeout = 1  # type: ignore[misc]
+    assert options.updated(ready_timeout=5).ready_timeout == 5
+    with pytest.raises(TypeError, match="known: allow, connect"):
+        options.updated(nope=1)
+
+
+def test_bare_client_acquire_keeps_the_wtype_of_a_deployment(fast_sim: Simulator):
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
+        deployment = api.deployments(types=["fixed_misty2"])["workspace_deployments"][0]
+        robot = api.acquire(deployment, wtype="fixed_misty2", connect=False)
+        assert (robot.wtype, robot.deployment, robot.target) == (
+            "fixed_misty2", deployment, deployment)
+        with robot:
+            assert robot.status == "READY"
+
+
+def test_a_module_fixture_on_rerobots_run_serves_two_tests_and_ends_with_its_module(
+        pytester: pytest.Pytester, sim_env: Simulator, tmp_path: Path):
+    pytester.makepyfile(
+        test_a="""
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def robot(rerobots_run):
+            with rerobots_run.acquire("fixed_misty2") as robot:
+                yield robot
+
+        def test_one(robot, record_property):
+            assert robot.run("echo one").stdout == "one\\n"
+            pytest.seen = robot.id
+
+        def test_two(robot):
+            assert robot.id == pytest.seen and robot.status == "READY"
+        """,
+        test_b="""
+        import pytest
+
+        def test_after_module_a(rerobots_client):
+            status = rerobots_client.instance(pytest.seen)["status"]
+            assert status in ("TERMINATING", "TERMINATED")
+        """,
+    )
+    ledger = tmp_path / "ledger.jsonl"
+    result = pytester.runpytest("-p", "no:randomly", f"--rerobots-ledger={ledger}")
+    result.assert_outcomes(passed=3)
+    out = result.stdout.str()
+    assert "rerobots instances" in out
+    live = [r for r in (json.loads(x) for x in ledger.read_text().splitlines())
+            if r["event"] == "rented"]
+    assert len(live) == 1
+    ident = live[0]["id"]
+    row = next(line for line in out.splitlines() if line.startswith(ident))
+    assert "fixed_misty2" in row and row.rstrip().endswith("terminated")
