@@ -55,9 +55,16 @@ def test_a_sigkilled_script_holding_a_robot_from_run_leaves_nothing_live(
     assert wait_until(lambda: fast_sim.live_instances() == [], 15)
     # The default ledger, under the script's working directory, holds the rental and the
     # watchdog's end of it.
-    records = [json.loads(line) for line in (tmp_path / DEFAULT_LEDGER).read_text().splitlines()]
-    assert [(r["event"], r["id"]) for r in records] == [("rented", ident), ("ended", ident)]
-    assert records[1]["by"] == "watchdog"
+    ledger = tmp_path / DEFAULT_LEDGER
+
+    def records() -> list[dict]:
+        return [json.loads(line) for line in ledger.read_text().splitlines()]
+
+    # (The watchdog records the end just after the API confirmed it.)
+    assert wait_until(lambda: len(records()) == 2, 10), records()
+    rows = records()
+    assert [(r["event"], r["id"]) for r in rows] == [("rented", ident), ("ended", ident)]
+    assert rows[1]["by"] == "watchdog"
     assert (tmp_path / DEFAULT_LEDGER.parent / ".gitignore").read_text().endswith("*\n")
     assert wait_until(lambda: not Path(f"/proc/{watchdog_pid}").exists(), 10)
 
