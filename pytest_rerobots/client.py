@@ -469,9 +469,11 @@ class RerobotsClient:
         expire_d: int | None = None,
         keepalive: bool | None = None,
         allow_noop: bool | None = None,
+        wds: Iterable[str] | None = None,
         known_ids: Callable[[], Iterable[str]] | None = None,
     ) -> NewInstance:
-        """``POST /new/:target`` (a workspace type or a deployment id).
+        """``POST /new/:target`` (a workspace type or a deployment id), or, with ``wds``,
+        ``POST /new`` choosing among those deployments (of type ``target``).
 
         Never retried blindly. It is sent again only when no connection was made
         at all. When the answer is lost after the request may have been acted on
@@ -491,6 +493,9 @@ class RerobotsClient:
             if value is not None:
                 body[key] = value
         path = f"/new/{target}"
+        if wds is not None:
+            body["wds"] = list(wds)
+            path = "/new"
         sent_at = self.clock()
         for attempt in range(2):
             try:

@@ -37,7 +37,7 @@ from .instance import ENDED_OUTCOMES, Outcome, end
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
-    from .instance import Instance
+    from .instance import FailedRental, Instance
 
 fcntl: ModuleType | None
 try:
@@ -97,10 +97,14 @@ class Ledger:
                       "api_url": self.api_url, "run": self.run_id, "pid": os.getpid(),
                       "time": time.time()})
 
-    def record_ended(self, instance_id: str, outcome: str, *, by: str = "teardown") -> None:
+    def record_ended(self, instance_id: str, outcome: str, *, by: str = "teardown",
+                     wtype: str | None = None, deployment: str | None = None) -> None:
         """``by`` names the layer: teardown, controller, watchdog or sweep."""
-        self._append({"event": "ended", "id": instance_id, "outcome": outcome, "by": by,
-                      "run": self.run_id, "pid": os.getpid(), "time": time.time()})
+        record = {"event": "ended", "id": instance_id, "outcome": str(outcome), "by": by,
+                  "run": self.run_id, "pid": os.getpid(), "time": time.time()}
+        # What it ran on: a later rental of that robot may find it still being released.
+        record.update({k: v for k, v in (("wtype", wtype), ("deployment", deployment)) if v})
+        self._append(record)
 
     # The instance-listener protocol.
     def rented(self, instance: Instance) -> None:
@@ -113,7 +117,13 @@ class Ledger:
     def ended(self, instance: Instance) -> None:
         # Only a confirmed end takes it off the ledger; a failed terminate stays live.
         if instance.id and instance.outcome in ENDED_OUTCOMES:
-            self.record_ended(instance.id, instance.outcome)
+            self.record_ended(instance.id, instance.outcome, wtype=instance.wtype,
+                              deployment=instance.deployment)
+
+    def replaced(self, instance: Instance, failed: FailedRental) -> None:
+        if failed.outcome in ENDED_OUTCOMES:
+            self.record_ended(failed.id, failed.outcome, wtype=instance.wtype,
+                              deployment=failed.deployment)
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable record, oldest first (a torn line is skipped)."""
@@ -395,6 +405,10 @@ class Watchdog:
         if instance.id and (instance.outcome in ENDED_OUTCOMES
                             or instance.outcome == Outcome.HANDED_OVER):
             self.release(instance.id)
+
+    def replaced(self, instance: Instance, failed: FailedRental) -> None:
+        if failed.outcome in ENDED_OUTCOMES:
+            self.release(failed.id)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pipe: the watchdog ends what is unreleased, then exits. Waits for

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,11 +38,12 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .client import RerobotsClient
+    from .client import NewInstance, RerobotsClient
     from .ssh import CommandResult
 
 __all__ = [
     "ENDED_OUTCOMES",
+    "FailedRental",
     "Instance",
     "InstanceListener",
     "InstanceOptions",
@@ -87,7 +88,12 @@ class InstanceOptions:
     """
 
     ready_timeout: float = 600.0
-    queue_timeout: float = 0.0
+    #: How long to wait for a busy robot (in a queue, or still being released); 0 fails
+    #: at once.
+    queue_timeout: float = 600.0
+    #: How many times an instance that failed to start (INIT_FAIL, or INIT past the
+    #: ready timeout) is replaced by a new rental.
+    init_retries: int = 2
     #: ``expire_d`` of ``POST /new``: the server ends the instance after this long.
     lease: int | None = 3600
     allow: tuple[str, ...] = ()
@@ -113,7 +119,7 @@ class InstanceOptions:
 _OPTION_NAMES = frozenset(f.name for f in fields(InstanceOptions))
 #: ``Instance`` keywords that are not options (see :meth:`Instance.build`).
 _OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing", "shared_key",
-                           "known_ids", "sleep"})
+                           "known_ids", "hint_busy", "sleep"})
 
 
 def end(
@@ -178,6 +184,21 @@ class InstanceListener(Protocol):
     def ended(self, instance: Instance) -> None:
         """The instance is terminated (or found already ended); ``instance.outcome`` says how."""
 
+    def replaced(self, instance: Instance, failed: FailedRental) -> None:
+        """A rental failed to start and was ended (``failed.outcome``); another follows."""
+
+
+@dataclass
+class FailedRental:
+    """An instance rented for an :class:`Instance` that never became READY, and ended."""
+
+    id: str
+    deployment: str | None
+    region: str | None
+    #: The last status seen: INIT_FAIL, or INIT (or unknown) past the ready timeout.
+    status: str
+    outcome: Outcome | None = None
+
 
 @dataclass
 class Timings:
@@ -187,6 +208,7 @@ class Timings:
     to_ready: float = 0.0
     held: float = 0.0
     ready_at: float | None = None
+    ended_at: float | None = None
 
 
 #: Seconds between status polls under ``fast_polling`` (a simulator, where calls are free).
@@ -241,6 +263,9 @@ class Instance:
     #: (directory, key) of a :class:`~.share.SharedPool` entry when shared by xdist workers.
     shared_key: tuple[str, str] | None = None
     known_ids: Callable[[], Iterable[str]] | None = field(default=None, repr=False)
+    #: Says why our robot may be busy (e.g. "this run is still releasing ..."), for the
+    #: progress line and the error after the queue timeout.
+    hint_busy: Callable[[Instance], str | None] | None = field(default=None, repr=False)
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
 
     id: str | None = field(default=None, init=False)
@@ -251,6 +276,10 @@ class Instance:
     hostkeys: list[str] = field(default_factory=list, init=False)
     status: str | None = field(default=None, init=False)
     queue_position: int | None = field(default=None, init=False)
+    #: Why we wait for a busy robot, when known.
+    busy_reason: str | None = field(default=None, init=False)
+    #: Rentals that failed to start and were replaced, oldest first.
+    failed_rentals: list[FailedRental] = field(default_factory=list, init=False)
     outcome: Outcome | None = field(default=None, init=False)
     #: Why the end failed, when ``outcome`` is ``Outcome.TERMINATE_FAILED``.
     failure: str | None = field(default=None, init=False)
@@ -339,8 +368,7 @@ class Instance:
             self.pkey, self.public_key = ssh.generate_client_key()
         elif self.public_key is None:
             self.public_key = f"{self.pkey.get_name()} {self.pkey.get_base64()}"
-        self._rent()
-        self._wait_ready()
+        self._rent_until_ready()
         self._open_firewall()
         if self.options.connect:
             self._connect()
@@ -361,12 +389,22 @@ class Instance:
 
     # -- steps ----------------------------------------------------------------
 
-    def _new(self, target: str, *, reserve: bool | None = None) -> Any:
+    def _new(self, target: str, *, reserve: bool | None = None,
+             wds: Sequence[str] | None = None) -> NewInstance:
+        """``POST /new``; a 5xx that reconciliation showed created nothing is sent again
+        a few times with backoff (never blindly: the client looked first)."""
+        for attempt in retry.renting(fast=self.options.fast_polling, sleep=self.sleep):
+            with attempt:
+                return self._new_once(target, reserve=reserve, wds=wds)
+        raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
+
+    def _new_once(self, target: str, *, reserve: bool | None,
+                  wds: Sequence[str] | None) -> NewInstance:
         sent_at = self.client.clock()
         try:
             return self.client.new_instance(
                 target, sshkey=self.public_key, expire_d=self.options.lease, keepalive=True,
-                reserve=reserve, known_ids=self._known_ids,
+                reserve=reserve, wds=wds, known_ids=self._known_ids,
             )
         except KeyboardInterrupt:
             # Ctrl-C while POST /new was in flight: the server may have acted. One quick
@@ -387,40 +425,170 @@ class Instance:
 
     def _known_ids(self) -> list[str]:
         """Instances that cannot be the answer to a lost POST /new of ours."""
-        known = [i for i in (self.id,) if i]
+        known = [i for i in (self.id, *(f.id for f in self.failed_rentals)) if i]
         if self.known_ids is not None:
             known.extend(self.known_ids())
         return known
 
-    def _rent(self) -> None:
-        try:
-            answer = self._new(self.target)
-        except BusyWorkspaceDeployment:
-            if self.options.queue_timeout <= 0:
-                raise
-            answer = None
-        if answer is not None and answer.success:
-            self._rented(answer.id)
-            return
-        if answer is None:
-            deployment = self.deployment or self._shortest_queue()
-            answer = self._new(deployment, reserve=True)
-            if answer.success:
-                self._rented(answer.id)
-                return
-        self._follow_reservation(answer.id)
+    # -- renting, and renting again after a failed start ----------------------
 
-    def _shortest_queue(self) -> str:
-        """The usable deployment of our type with the shortest queue (to reserve on)."""
+    def _rent_until_ready(self) -> None:
+        """Rent and wait for READY; an instance that ends INIT_FAIL (or stays INIT past
+        the ready timeout) is ended and replaced, up to ``init_retries`` times, avoiding
+        the deployments that just failed where the type has others."""
+        avoid: list[str] = []
+        for attempt in range(self.options.init_retries + 1):
+            self._rent(avoid)
+            try:
+                self._wait_ready()
+                return
+            except (InstanceFailed, InstanceTimeout) as exc:
+                if isinstance(exc, InstanceFailed) and self.status != "INIT_FAIL":
+                    raise  # ended by someone (TERMINATING/TERMINATED): not a failed start
+                if attempt == self.options.init_retries:
+                    # This one stays the instance's own: start() ends it.
+                    raise self._failed_to_start(exc) from exc
+                self._replace()
+                if self.failed_rentals[-1].deployment:
+                    avoid.append(self.failed_rentals[-1].deployment or "")
+                log.warning("instance %s of %s did not start (%s); renting again",
+                            self.failed_rentals[-1].id, self.label, self.failed_rentals[-1].status)
+
+    def _replace(self) -> None:
+        """End the instance that failed to start and forget it (listeners hear of it)."""
+        failed = FailedRental(id=self.id or "", deployment=self.details.get("deployment"),
+                              region=self.details.get("region"),
+                              status=self.status or "unknown")
+        try:
+            failed.outcome = self._terminate_remote()
+        except Exception as exc:
+            failed.outcome = Outcome.TERMINATE_FAILED
+            log.warning("could not end %s, which failed to start: %s", failed.id, exc)
+        self.failed_rentals.append(failed)
+        self._emit("replaced", failed)
+        with self._lock:
+            self.id, self.status, self.details = None, None, {}
+            self.deployment = self.target if is_deployment_id(self.target) else None
+
+    def _failed_to_start(self, cause: InstanceError) -> InstanceError:
+        if not self.failed_rentals:
+            return cause  # rented once, as asked (init_retries 0)
+        tried = ", ".join(f"{f.id} ({f.status})" for f in self.failed_rentals)
+        tried += f", {self.id} ({self.status or 'unknown'})"
+        n = len(self.failed_rentals) + 1
+        return InstanceFailed(
+            f"{self.label}: {n} rental{'s' if n > 1 else ''} failed to start: {tried}; "
+            f"rented again {self.options.init_retries} time(s) (init_retries, "
+            f"--rerobots-init-retries). The last: {cause}",
+            instance_id=self.id, status=self.status,
+        )
+
+    def _rent(self, avoid: Sequence[str] = ()) -> None:
+        wds = self._others_than(avoid) if avoid and self.deployment is None else None
+        try:
+            answer: NewInstance | None = self._new(self.target, wds=wds)
+        except BusyWorkspaceDeployment as busy:
+            if self.options.queue_timeout <= 0:
+                raise BusyWorkspaceDeployment(
+                    f"{busy}. {self.label} is in use, perhaps still being released (the "
+                    "service holds a robot for up to 2 minutes while it terminates); "
+                    "wait for it with queue_timeout (--rerobots-queue-timeout S, 0 fails "
+                    "at once)", status=busy.status) from None
+            answer = None
+        if answer is None:
+            self._wait_for_a_robot(wds)
+        elif answer.success:
+            self._rented(answer.id)
+        else:
+            self._follow_reservation(answer.id, self.deployment or "")
+
+    def _usable_deployments(self) -> list[str]:
+        """The deployments of our type that are not locked out (ids only: a listing
+        the server may have cached for minutes is not trusted for queue lengths)."""
         listing = self.client.deployments(types=[self.target], info=True)
         info = listing.get("info") or {}
-        ids = [d for d in listing["workspace_deployments"]
-               if isinstance(d, str) and not (info.get(d) or {}).get("lockout")]
-        if not ids:
-            raise BusyWorkspaceDeployment(f"no usable deployment of workspace type {self.target!r}")
-        return min(ids, key=lambda d: (info.get(d) or {}).get("queuelen", 0))
+        return [d for d in listing["workspace_deployments"]
+                if isinstance(d, str) and not (info.get(d) or {}).get("lockout")]
 
-    def _follow_reservation(self, rid: str) -> None:
+    def _others_than(self, avoid: Sequence[str]) -> list[str] | None:
+        """The type's usable deployments other than ``avoid``; None if there are none."""
+        others = [d for d in self._usable_deployments() if d not in avoid]
+        return others or None
+
+    def _wait_for_a_robot(self, wds: Sequence[str] | None) -> None:
+        """Every robot that could serve us is busy: wait, up to ``queue_timeout``.
+
+        A deployment (pinned, or the only one of the type) is reserved: the server
+        serves reservations in order when the robot is released. A type with several
+        is polled, so that whichever robot frees first is taken.
+        """
+        if self.deployment is not None:
+            candidates = [self.deployment]
+        else:
+            candidates = list(wds) if wds else self._usable_deployments()
+        if not candidates:
+            raise BusyWorkspaceDeployment(f"no usable deployment of workspace type {self.label}")
+        self._busy_hint()
+        if len(candidates) == 1:
+            answer = self._new(candidates[0], reserve=True)
+            if answer.success:
+                self._rented(answer.id)
+            else:
+                self._follow_reservation(answer.id, candidates[0])
+            return
+        self._poll_for_a_robot(candidates, wds)
+
+    def _queue_pace(self, waited: float) -> float:
+        """Seconds between looks at a queue: frugal against the real API (each look costs
+        calls from the shared hourly budget), quick on a local simulator."""
+        time_left = self.options.queue_timeout - waited
+        base = poll_interval(waited, time_left, self.client.rate_limit, self.client.clock(),
+                             self.options.fast_polling)
+        return max(base, 0.1 if self.options.fast_polling else 5.0)
+
+    def _poll_for_a_robot(self, candidates: Sequence[str], wds: Sequence[str] | None) -> None:
+        begun = time.monotonic()
+        self.status = "BUSY"
+        try:
+            while True:
+                waited = time.monotonic() - begun
+                if waited >= self.options.queue_timeout:
+                    raise BusyWorkspaceDeployment(self._still_busy(waited))
+                try:
+                    # A fresh count, not the cached /deployments one.
+                    lengths = self.client.queue_lengths(deployments=candidates)
+                    self.queue_position = min(
+                        (int((v or {}).get("qlen") or 0) for v in lengths.values()), default=None)
+                except RerobotsError as exc:
+                    log.debug("GET /qlen: %s", exc)
+                self._emit("progress")
+                self.sleep(min(self._queue_pace(waited),
+                               max(0.0, self.options.queue_timeout - waited)))
+                try:
+                    answer = self._new(self.target, wds=wds)
+                except BusyWorkspaceDeployment:
+                    continue
+                if answer.success:
+                    self._rented(answer.id)
+                    return
+                self._follow_reservation(answer.id, self.deployment or "")
+                return
+        finally:
+            self.timings.queued = time.monotonic() - begun
+            self.queue_position = None
+            self.busy_reason = None
+
+    def _busy_hint(self) -> None:
+        hint = self.hint_busy(self) if self.hint_busy is not None else None
+        self.busy_reason = hint
+
+    def _still_busy(self, waited: float) -> str:
+        why = f" ({self.busy_reason})" if self.busy_reason else ""
+        return (f"{self.label}: still busy after waiting {waited:.1f} s{why}; wait longer "
+                f"with queue_timeout (--rerobots-queue-timeout S, now "
+                f"{self.options.queue_timeout:g})")
+
+    def _follow_reservation(self, rid: str, deployment: str) -> None:
         """Wait in the queue until reservation ``rid`` becomes the instance (same id).
 
         On the deadline the reservation is cancelled and ``BusyWorkspaceDeployment``
@@ -429,16 +597,18 @@ class Instance:
         """
         begun = time.monotonic()
         served = False
+        self.status = "QUEUED"
         try:
             while time.monotonic() - begun < self.options.queue_timeout:
                 if not any(r.get("id") == rid for r in self.client.reservations()):
                     served = True
                     break
-                if self.deployment:
-                    self.queue_position = self.client.queue_length(self.deployment)
-                self.status = "QUEUED"
+                if deployment:
+                    self.queue_position = self.client.queue_length(deployment)
                 self._emit("progress")
-                self.sleep(min(2.0, max(0.1, self.options.queue_timeout / 20)))
+                waited = time.monotonic() - begun
+                self.sleep(min(self._queue_pace(waited),
+                               max(0.05, self.options.queue_timeout - waited)))
         finally:
             if not served:
                 served = self._cancel_reservation(rid)
@@ -450,9 +620,7 @@ class Instance:
         if not served:
             # Cancelled in time: nothing was rented after all.
             raise BusyWorkspaceDeployment(
-                f"{self.target}: still queued after {self.options.queue_timeout:g} s "
-                "(--rerobots-queue-timeout); reservation cancelled"
-            )
+                self._still_busy(time.monotonic() - begun) + "; reservation cancelled")
 
     def _cancel_reservation(self, rid: str) -> bool:
         """Cancel reservation ``rid``; True if it turned out to be served already."""
@@ -485,6 +653,8 @@ class Instance:
                                 instance_id=ident)
 
     def _start_keepalive(self) -> None:
+        if self._keepalive is not None:
+            return  # one thread pings whichever instance this is now (after a replacement)
         ident = self.id or ""
         self._keepalive = threading.Thread(
             target=self._keepalive_loop, name=f"rerobots-keepalive-{ident[:8]}", daemon=True
@@ -494,8 +664,11 @@ class Instance:
     def _keepalive_loop(self) -> None:
         wait = self.options.keepalive_interval
         while not self._stop_keepalive.wait(wait):
+            ident = self.id
+            if ident is None:
+                continue  # between a failed start and its replacement
             try:
-                self.client.keepalive(self.id or "")
+                self.client.keepalive(ident)
                 wait = self.options.keepalive_interval
             except RerobotsError as exc:
                 # One attempt per ping (a retried ping could outlast the server's
@@ -680,8 +853,9 @@ class Instance:
         if self.outcome is None:
             return  # interrupted: still ours, still kept alive
         self._stop_keepalive.set()
+        self.timings.ended_at = time.time()
         if self.timings.ready_at is not None:
-            self.timings.held = time.time() - self.timings.ready_at
+            self.timings.held = self.timings.ended_at - self.timings.ready_at
         self._emit("ended")
 
     def _terminate_remote(self) -> Outcome:
@@ -692,9 +866,12 @@ class Instance:
         return end(self.client, self.id, deadline=opts.terminate_timeout,
                    notfound_grace=max(0.0, opts.notfound_grace - since_rent), sleep=self.sleep)
 
-    def _emit(self, event: str) -> None:
+    def _emit(self, event: str, *args: Any) -> None:
         for listener in self.listeners:
+            handler = getattr(listener, event, None)
+            if handler is None:
+                continue  # a listener written before that event existed
             try:
-                getattr(listener, event)(self)
+                handler(self, *args)
             except Exception:  # a reporting bug must never stop a terminate
                 log.exception("listener %r failed on %s", listener, event)

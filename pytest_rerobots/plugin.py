@@ -212,7 +212,8 @@ class RerobotsPlugin:
             url, token, ignore_env=True, ledger=s.ledger if guarded else None,
             run_id=worker.get("rerobots_run_id"), watchdog=guarded, share_dir=share_dir,
             listeners=[report.Progress(self.config)],
-            ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout, lease=s.lease,
+            ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout,
+            init_retries=s.init_retries, lease=s.lease,
             allow=s.allow, fast_polling=embedded, keepalive_interval=s.keepalive_interval,
         )
         if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":

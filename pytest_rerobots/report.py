@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-from .instance import ENDED_OUTCOMES, Instance, Outcome
+from .instance import ENDED_OUTCOMES, FailedRental, Instance, Outcome
 
 __all__ = ["Progress", "Records", "github_step_summary", "record_properties", "terminal_summary"]
 
@@ -40,6 +40,9 @@ class Records:
         # An instance attached to (shared under xdist) was never "rented" here.
         self.rented(instance)
 
+    def replaced(self, instance: Instance, failed: FailedRental) -> None:
+        pass  # the summary reads ``instance.failed_rentals``
+
     def note_leftover(self, instance_id: str, outcome: str) -> None:
         """An instance a worker rented and never ended, ended (or not) by the controller."""
         self.leftovers[instance_id] = outcome
@@ -48,8 +51,9 @@ class Records:
 
 def _line(instance: Instance, waited: float) -> str:
     where = f" queue position {instance.queue_position}" if instance.queue_position else ""
-    return (f"rerobots: {instance.wtype or instance.target} {instance.id or '(requesting)'} "
-            f"{instance.status or '...'} {waited:.0f}s{where}")
+    why = f" ({instance.busy_reason})" if instance.busy_reason else ""
+    return (f"rerobots: {instance.label} {instance.id or '(requesting)'} "
+            f"{instance.status or '...'} {waited:.0f}s{where}{why}")
 
 
 class Progress:
@@ -113,6 +117,10 @@ class Progress:
             self._last_print[key] = now
             self._show(_line(instance, waited), in_place=False, first=first)
 
+    def replaced(self, instance: Instance, failed: FailedRental) -> None:
+        self._show(f"rerobots: {instance.label} {failed.id} {failed.status}: ended, "
+                   "renting another", in_place=False, first=True)
+
     def ended(self, instance: Instance) -> None:
         key = id(instance)
         if key in self._shown:  # ended while waiting (failed, interrupted)
@@ -135,13 +143,22 @@ def record_properties(item: Any, instance: Instance) -> None:
 #: Outcomes after which nothing is left running on our account (or someone else ends it).
 ENDED_OK = (*ENDED_OUTCOMES, Outcome.HANDED_OVER, Outcome.NEVER_RENTED)
 
+def ended_ok(cell: str) -> bool:
+    """Whether a summary row's "ended" cell means nothing is left running."""
+    return cell.partition(" (")[0] in ENDED_OK
+
+
 HEADERS = ("instance", "type", "deployment", "region", "queued", "to READY", "held", "ended")
 
 
 def rows(records: Records) -> list[tuple[str, ...]]:
-    """One row per instance of the run (``HEADERS``), workers' rows included."""
+    """One row per instance of the run (``HEADERS``), workers' rows included, and one
+    per rental that failed to start and was replaced."""
     out = list(records.remote_rows)
     for i in records.instances:
+        for f in i.failed_rentals:
+            out.append((f.id, i.wtype or i.target, (f.deployment or "-")[:8], f.region or "-",
+                        "-", "-", "-", f"{f.outcome or 'NOT TERMINATED'} ({f.status}, replaced)"))
         t = i.timings
         out.append((i.id or "-", i.wtype or i.target, (i.deployment or "-")[:8], i.region or "-",
                     f"{t.queued:.1f}s", f"{t.to_ready:.1f}s", f"{t.held:.1f}s",
@@ -176,7 +193,7 @@ def terminal_summary(reporter: Any, records: Records, skipped_for_token: int) ->
         line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
         reporter.write_line(line.rstrip())
     for row in table_rows:
-        if row[-1] not in ENDED_OK:
+        if not ended_ok(row[-1]):
             reporter.write_line(
                 f"LEAKED: instance {row[0]} ({row[1]}) was not terminated: {row[-1]}. "
                 "Run `pytest --rerobots-sweep`.", red=True, bold=True)

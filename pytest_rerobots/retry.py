@@ -7,8 +7,9 @@ are safe to retry is decided here, in one place:
 * idempotent API calls (GET, DELETE, terminate, keepalive, firewall) retry on
   :class:`~pytest_rerobots.errors.TransportError` and
   :class:`~pytest_rerobots.errors.ServerError`;
-* ``POST /new`` is never retried by these policies: the client reconciles a
-  lost answer through ``GET /instances`` instead (see ``client.py``);
+* ``POST /new`` is never retried blindly: the client reconciles a lost answer
+  through ``GET /instances`` (see ``client.py``), and only a 5xx after which that
+  look found nothing is sent again (:func:`renting`);
 * terminate also waits out ``BusyWorkspaceInstance`` (an instance in INIT
   cannot be terminated yet).
 """
@@ -80,6 +81,20 @@ def connecting(
         retry=retry_if_exception_type(retry_on),
         stop=stop_after_delay(deadline),
         wait=_backoff(0.05, 1.0),
+        sleep=sleep,
+        reraise=True,
+    )
+
+
+def renting(*, fast: bool = False, attempts: int = 3, sleep: Sleep = time.sleep) -> Retrying:
+    """Policy for ``POST /new`` after a 5xx that the client's reconciliation showed
+    created nothing (so sending it again cannot rent twice): ``attempts`` more tries
+    with backoff from 1 s (50 ms with ``fast``, a local simulator)."""
+    first = 0.05 if fast else 1.0
+    return Retrying(
+        retry=retry_if_exception_type(ServerError),
+        stop=stop_after_attempt(attempts + 1),
+        wait=_backoff(first, 16 * first),
         sleep=sleep,
         reraise=True,
     )

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Hashable, Iterable
 from pathlib import Path
@@ -33,12 +34,16 @@ from typing import Any
 
 from . import guard, report
 from .client import RerobotsClient
-from .instance import Instance, InstanceListener, InstanceOptions
+from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions
 from .share import SharedPool
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
 
 log = logging.getLogger("pytest_rerobots.run")
+
+#: How long after a terminate the service may still hold the robot (it waits up to
+#: 60 s for the workspace's acknowledgement, then up to 60 s more), in seconds.
+RELEASE_WINDOW = 150.0
 
 #: The ledger of a ``Run`` made without pytest, relative to the current directory.
 DEFAULT_LEDGER = Path(".rerobots") / "ledger.jsonl"
@@ -130,6 +135,7 @@ class Run:
             self.signals.install()
         settings.setdefault("listeners", [*self.listeners, *self._layers()])
         settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
+        settings.setdefault("hint_busy", self.why_busy)
         if deployment is not None:
             settings.setdefault("wtype", target)
             target = deployment
@@ -149,6 +155,33 @@ class Run:
         """Every instance this checkout's ledger holds as live (other workers' and other
         runs' included): none of them may be adopted as the answer to a lost POST /new."""
         return [r["id"] for r in self.ledger.live()] if self.ledger is not None else []
+
+    def why_busy(self, inst: Instance) -> str | None:
+        """If the robot ``inst`` waits for is busy because this run, or an earlier run of
+        this checkout, ended an instance of it moments ago, say so."""
+        now = time.time()
+
+        def same(wtype: str | None, deployment: str | None) -> bool:
+            if inst.deployment is not None:
+                return deployment == inst.deployment
+            return wtype == inst.wtype
+
+        for other in reversed(self.records.instances):
+            ended = other.timings.ended_at
+            if (other is not inst and other.id and ended and now - ended < RELEASE_WINDOW
+                    and other.outcome in ENDED_OUTCOMES and same(other.wtype, other.deployment)):
+                return (f"this run ended {other.id[:8]} {now - ended:.0f} s ago; the service "
+                        "keeps a robot busy while it terminates")
+        if self.ledger is not None:
+            for record in reversed(self.ledger.records()):
+                ended = float(record.get("time") or 0)
+                if now - ended > RELEASE_WINDOW:
+                    break
+                if record.get("event") == "ended" and same(record.get("wtype"),
+                                                            record.get("deployment")):
+                    return (f"this checkout ended {record['id'][:8]} {now - ended:.0f} s ago; "
+                            "the service keeps a robot busy while it terminates")
+        return None
 
     def _layers(self) -> list[InstanceListener]:
         # The watchdog hears of a new instance before the ledger records it.

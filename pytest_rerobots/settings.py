@@ -36,7 +36,8 @@ class Settings:
     sim: bool = False
     sim_config: Path | None = None
     ready_timeout: float = 600.0
-    queue_timeout: float = 0.0
+    queue_timeout: float = 600.0
+    init_retries: int = 2
     lease: int = 3600
     keepalive_interval: float = 40.0
     allow: tuple[str, ...] = ()
@@ -103,6 +104,16 @@ def _lease(value: Any) -> int:
     return number
 
 
+def _count(value: Any) -> int:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if not 0 <= number <= 10:
+        raise ValueError(f"expected 0 to 10, got {number}")
+    return number
+
+
 def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip()
@@ -153,8 +164,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("ready_timeout", "--rerobots-ready-timeout", None, "rerobots_ready_timeout",
            _seconds(0.001), "seconds to wait for an instance to become READY (default 600)"),
     Option("queue_timeout", "--rerobots-queue-timeout", None, "rerobots_queue_timeout",
-           _seconds(0), "seconds to wait in a deployment's queue when all are busy "
-           "(default 0: fail at once)"),
+           _seconds(0), "seconds to wait for a busy robot: in a deployment's queue, or "
+           "while the service still releases it after a terminate (default 600; 0 fails "
+           "at once)"),
+    Option("init_retries", "--rerobots-init-retries", None, "rerobots_init_retries",
+           _count, "times an instance that failed to start (INIT_FAIL, or INIT past the "
+           "ready timeout) is ended and rented again (default 2)"),
     Option("lease", "--rerobots-lease", None, "rerobots_lease", _lease,
            "expire_d sent with every instance request: the server ends it after this many "
            "seconds whatever happens (default 3600)"),

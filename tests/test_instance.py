@@ -76,7 +76,8 @@ def test_ctrl_c_while_queued_cancels_the_reservation(api: RerobotsClient):
 def test_queue_timeout_is_busy_and_cancels(api: RerobotsClient):
     (misty,) = api.deployments("fixed_misty2")["workspace_deployments"]
     with api.acquire(misty):
-        with pytest.raises(BusyWorkspaceDeployment, match=r"still queued after 0\.3 s"):
+        with pytest.raises(BusyWorkspaceDeployment,
+                           match=r"still busy after waiting 0\.3 s.*--rerobots-queue-timeout"):
             with api.acquire(misty, queue_timeout=0.3):
                 pass
         assert api.reservations() == []

@@ -233,18 +233,22 @@ def test_ready_timeout_names_the_last_status(pytester: pytest.Pytester, sim_env:
     # Stuck until init_timeout, when it becomes INIT_FAIL and teardown can end it.
     sim_env.world.configure(stuck_init=1.0, init_timeout=3.0)
     pytester.makepyfile("def test_x(rerobots_instance): pass")
-    result = pytester.runpytest("--rerobots-wtype=fixed_misty2", "--rerobots-ready-timeout=0.5")
+    result = pytester.runpytest("--rerobots-wtype=fixed_misty2", "--rerobots-ready-timeout=0.5",
+                                "--rerobots-init-retries=0")
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*InstanceTimeout*not READY after 0.5 s (last status: INIT)*"])
 
 
-def test_busy_without_queue_timeout_is_an_error(pytester: pytest.Pytester, sim_env: Simulator):
+def test_busy_with_a_zero_queue_timeout_is_an_error(pytester: pytest.Pytester,
+                                                     sim_env: Simulator):
     with RerobotsClient(sim_env.token, sim_env.url) as api:
         held = api.new_instance("fixed_misty2")
         pytester.makepyfile("def test_x(rerobots_instance): pass")
-        result = pytester.runpytest("--rerobots-wtype=fixed_misty2")
+        result = pytester.runpytest("--rerobots-wtype=fixed_misty2",
+                                    "--rerobots-queue-timeout=0")
         result.assert_outcomes(errors=1)
-        result.stdout.fnmatch_lines(["*BusyWorkspaceDeployment*"])
+        result.stdout.fnmatch_lines(["*BusyWorkspaceDeployment*fixed_misty2 is in use*"
+                                     "--rerobots-queue-timeout S*"])
         _end(api, held.id)
 
 
@@ -282,7 +286,8 @@ def test_queue_timeout_cancels_the_reservation(pytester: pytest.Pytester, sim_en
         result = pytester.runpytest("--rerobots-wtype=fixed_misty2",
                                     "--rerobots-queue-timeout=0.5")
         result.assert_outcomes(errors=1)
-        result.stdout.fnmatch_lines(["*still queued after 0.5 s*reservation cancelled*"])
+        result.stdout.fnmatch_lines(["*fixed_misty2: still busy after waiting 0.5 s*"
+                                     "--rerobots-queue-timeout S, now 0.5*reservation cancelled*"])
         assert api.reservations() == []
         _end(api, held.id)
 

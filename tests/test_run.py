@@ -7,13 +7,21 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from pytest_rerobots import InstanceOptions, Outcome, RerobotsClient, Run
+from pytest_rerobots import (
+    BusyWorkspaceDeployment,
+    InstanceFailed,
+    InstanceOptions,
+    Outcome,
+    RerobotsClient,
+    Run,
+)
 from pytest_rerobots.run import DEFAULT_LEDGER
 from pytest_rerobots.sim import Simulator
 
@@ -91,7 +99,7 @@ def test_a_failed_start_leaves_nothing_and_names_the_option(fast_sim: Simulator)
             run.acquire("basic_kobuki", ready_timout=5)
         fast_sim.configure(stuck_init=1.0, init_timeout=1.0)  # then INIT_FAIL
         with pytest.raises(Exception, match=r"not READY after 0\.3 s"):
-            run.acquire("basic_kobuki", ready_timeout=0.3)  # before INIT_FAIL
+            run.acquire("basic_kobuki", ready_timeout=0.3, init_retries=0)
         fast_sim.configure(stuck_init=0.0)
     # Ended at once: the server refuses to end an INIT instance, so the start's cleanup
     # waited out INIT (here until it failed).
@@ -155,3 +163,109 @@ def test_a_module_fixture_on_rerobots_run_serves_two_tests_and_ends_with_its_mod
     ident = live[0]["id"]
     row = next(line for line in out.splitlines() if line.startswith(ident))
     assert "fixed_misty2" in row and row.rstrip().endswith("terminated")
+
+
+# -- renting like the real service: busy robots, failed starts, 5xx ----------------------
+
+
+class Heard:
+    """A listener that keeps what the progress line would show."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.failures: list[str] = []
+
+    def rented(self, instance) -> None:
+        pass
+
+    def progress(self, instance) -> None:
+        if instance.busy_reason:
+            self.reasons.append(instance.busy_reason)
+
+    def ended(self, instance) -> None:
+        pass
+
+    def replaced(self, instance, failed) -> None:
+        self.failures.append(failed.status)
+
+
+def test_a_robot_this_run_is_still_releasing_is_waited_for_and_named(fast_sim: Simulator):
+    fast_sim.configure(terminate_delay=0.6)
+    heard = Heard()
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+             fast_polling=True, listeners=[heard]) as run:
+        with run.acquire("fixed_misty2") as first:
+            pass
+        with run.acquire("fixed_misty2") as second:   # TERMINATING still holds the robot
+            assert second.deployment == first.deployment
+        assert second.timings.queued > 0.2
+    assert heard.reasons and heard.reasons[0].startswith(f"this run ended {first.id[:8]}")
+
+
+def test_the_queue_timeout_error_says_what_was_busy_and_how_long(fast_sim: Simulator):
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
+        held = api.new_instance("fixed_misty2")
+        robot = api.acquire("fixed_misty2", queue_timeout=0.4, fast_polling=True)
+        with pytest.raises(BusyWorkspaceDeployment,
+                           match=r"fixed_misty2: still busy after waiting 0\.4 s; wait longer "
+                                 r"with queue_timeout \(--rerobots-queue-timeout S, now 0\.4\)"):
+            robot.start()
+        assert api.reservations() == []
+        wait_until(lambda: api.instance(held.id)["status"] == "READY", 5)
+        api.terminate(held.id)
+
+
+def test_a_type_with_several_busy_robots_is_polled_until_one_frees(fast_sim: Simulator):
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
+        held = [api.new_instance("basic_kobuki").id for _ in range(2)]
+        for ident in held:
+            wait_until(lambda ident=ident: api.instance(ident)["status"] == "READY", 5)
+        robot = api.acquire("basic_kobuki", queue_timeout=10, fast_polling=True)
+        freed = threading.Timer(0.5, api.terminate, args=(held[1],))
+        freed.start()
+        with robot:
+            assert robot.timings.queued > 0.3
+            assert robot.deployment == api.instance(held[1])["deployment"]
+        freed.join()
+        api.terminate(held[0])
+        assert api.reservations() == []
+
+
+def test_an_init_fail_is_ended_and_replaced_on_another_deployment(fast_sim: Simulator):
+    fast_sim.configure(init_fail_rate=1.0)
+    heard = Heard()
+
+    class Recover(Heard):
+        def replaced(self, instance, failed) -> None:
+            fast_sim.configure(init_fail_rate=0.0)
+
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+             fast_polling=True, listeners=[heard, Recover()]) as run:
+        with run.acquire("basic_kobuki") as robot:
+            assert robot.status == "READY"
+            (failed,) = robot.failed_rentals
+            assert failed.status == "INIT_FAIL" and failed.outcome == "already ended"
+            assert failed.deployment and robot.deployment != failed.deployment
+    assert heard.failures == ["INIT_FAIL"]
+
+
+def test_the_last_failed_start_lists_every_rental(fast_sim: Simulator):
+    fast_sim.configure(init_fail_rate=1.0)
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
+        robot = api.acquire("fixed_misty2", init_retries=1, fast_polling=True)
+        with pytest.raises(InstanceFailed) as raised:
+            robot.start()
+        ids = [*(f.id for f in robot.failed_rentals), robot.id]
+        assert len(ids) == 2
+        assert (f"fixed_misty2: 2 rentals failed to start: {ids[0]} (INIT_FAIL), {ids[1]} "
+                "(INIT_FAIL); rented again 1 time(s)") in str(raised.value)
+    assert fast_sim.live_instances() == []
+
+
+def test_a_5xx_on_post_new_that_created_nothing_is_sent_again(fast_sim: Simulator):
+    fast_sim.fail_next("new", 2, 503)  # answers 503 without acting
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True,
+                        sleep=lambda s: None) as api:
+        with api.acquire("basic_kobuki", fast_polling=True) as robot:
+            assert robot.status == "READY"
+            assert api.instances()["workspace_instances"] == [robot.id]

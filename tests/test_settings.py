@@ -14,7 +14,8 @@ from pytest_rerobots.settings import resolve
 def test_defaults_when_nothing_is_given():
     s = resolve({}, {}, {})
     assert s.wtype is None and s.api_url == DEFAULT_API_URL and s.token is None
-    assert (s.ready_timeout, s.queue_timeout, s.lease) == (600.0, 0.0, 3600)
+    assert (s.ready_timeout, s.queue_timeout, s.lease) == (600.0, 600.0, 3600)
+    assert s.init_retries == 2
     assert (s.scope, s.xdist, s.sim, s.require, s.allow) == ("session", "per-worker", False,
                                                              False, ())
 
