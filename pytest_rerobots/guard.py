@@ -444,7 +444,7 @@ def _watchdog_main(stream: IO[bytes]) -> int:
         if "rent" in message:
             rented[str(message["rent"])] = float(message.get("at") or time.time())
             if message.get("shared"):
-                shared[str(message["rent"])] = tuple(message["shared"])  # type: ignore[assignment]
+                shared[str(message["rent"])] = tuple(message["shared"])
         elif "release" in message:
             rented.pop(str(message["release"]), None)
     # A shared instance that other live workers still use is theirs to end.
