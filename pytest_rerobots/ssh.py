@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import paramiko
-import tenacity
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from paramiko.common import MSG_CHANNEL_REQUEST
@@ -153,10 +152,8 @@ def connect(
     out. Safe to retry: a failed call leaves nothing open.
     """
     pinned = _parse_hostkeys(hostkeys)
-    policy = retry.connecting(deadline=deadline, retry_on=(_Retryable,), sleep=sleep)
-    retrying = policy
-    if attempts is not None:
-        retrying = policy.copy(stop=policy.stop | tenacity.stop_after_attempt(max(1, attempts)))
+    retrying = retry.connecting(deadline=deadline, retry_on=(_Retryable,), attempts=attempts,
+                                sleep=sleep)
     try:
         for attempt in retrying:
             with attempt:
