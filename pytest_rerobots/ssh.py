@@ -28,7 +28,6 @@ import base64
 import binascii
 import io
 import os
-import signal
 import socket
 import threading
 import time
@@ -39,10 +38,9 @@ from typing import Any
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from paramiko.common import MSG_CHANNEL_REQUEST
 from paramiko.pkey import UnknownKeyType
 
-from . import retry
+from . import _paramiko_compat, retry
 from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHConnectError, SSHError
 
 __all__ = [
@@ -209,7 +207,8 @@ def _connect_once(
             channel_timeout=timeout,
             look_for_keys=False,
             allow_agent=False,
-            transport_factory=_Transport,
+            # Maps exit-signal to an exit status (paramiko alone leaves -1).
+            transport_factory=_paramiko_compat.transport_factory,
         )
     except paramiko.BadHostKeyException as exc:
         _close_quietly(client, sock)
@@ -242,35 +241,6 @@ def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)) and text == "timed out":
         return "timed out"
     return text
-
-
-def _channel_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
-    """Turn an ``exit-signal`` into exit status ``128 + n``; the rest as paramiko does.
-
-    OpenSSH reports a command that died of a signal with ``exit-signal`` and no
-    ``exit-status``, which paramiko ignores, leaving -1.
-    """
-    start = m.packet.tell()
-    if m.get_text() == "exit-signal":
-        m.get_boolean()  # want_reply: never set for exit-signal
-        name = m.get_text()
-        try:
-            chan.exit_status = 128 + signal.Signals["SIG" + name].value
-        except KeyError:
-            chan.exit_status = 128  # a signal this platform has no number for
-        chan.status_event.set()
-        return
-    m.packet.seek(start)
-    paramiko.Channel._handle_request(chan, m)
-
-
-class _Transport(paramiko.Transport):
-    """paramiko's Transport, plus ``exit-signal`` (see :func:`_channel_request`)."""
-
-    _channel_handler_table = {  # noqa: RUF012 (a class-level dispatch table, as in paramiko)
-        **paramiko.Transport._channel_handler_table,
-        MSG_CHANNEL_REQUEST: _channel_request,
-    }
 
 
 # -- run -------------------------------------------------------------------------------
@@ -361,8 +331,7 @@ def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, byt
     # closed by chan.close() while paramiko's thread may still write to it for
     # in-flight data, which can kill the whole transport (EBADF).
     ready = threading.Event()
-    chan.in_buffer.set_event(ready)
-    chan.in_stderr_buffer.set_event(ready)
+    _paramiko_compat.wake_on_output(chan, ready)
     out: list[bytes] = []
     err: list[bytes] = []
     while True:
@@ -390,7 +359,7 @@ def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, byt
         ready.wait(remaining)
         ready.clear()
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if not chan.status_event.wait(remaining):
+    if not _paramiko_compat.wait_for_exit_status(chan, remaining):
         return b"", b"", None
     return b"".join(out), b"".join(err), chan.exit_status
 
