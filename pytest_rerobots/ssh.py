@@ -12,8 +12,8 @@ The one place where paramiko and socket errors become pytest-rerobots errors
   (:class:`SSHConnectError`) is not retried, as retrying cannot help.
 * :func:`run` executes one command and returns a :class:`CommandResult`.
 * :class:`Connection` holds one logged-in client and its SFTP session; an
-  ``Instance`` delegates ``run``, ``put``, ``get``, ``ssh``, ``sftp`` and
-  ``close`` to it.
+  ``Instance`` delegates ``run``, ``put``, ``get``, ``sftp`` and ``close`` to
+  it, and its ``ssh`` is the connection's ``client``.
 
 Latency: every ``run`` costs a channel open, an exec request and the reply.
 Nagle's algorithm on a default paramiko socket makes small back-to-back
@@ -386,13 +386,8 @@ class Connection:
         return cls(connect(host, port, **kwargs))
 
     @property
-    def ssh(self) -> paramiko.SSHClient:
-        """The logged-in :class:`paramiko.SSHClient`."""
-        return self._client
-
-    @property
     def client(self) -> paramiko.SSHClient:
-        """The same as :attr:`ssh`."""
+        """The logged-in :class:`paramiko.SSHClient`."""
         return self._client
 
     @property

@@ -168,7 +168,7 @@ def test_run_on_a_closed_connection(robot: Robot) -> None:
 
 
 def test_tcp_nodelay_is_set(conn: ssh.Connection) -> None:
-    transport = conn.ssh.get_transport()
+    transport = conn.client.get_transport()
     assert transport is not None
     assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
