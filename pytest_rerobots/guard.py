@@ -19,6 +19,7 @@ Nothing here imports pytest.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,18 +31,11 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance
-
-fcntl: ModuleType | None
-try:
-    import fcntl
-except ImportError:  # Windows: appends of one small write are atomic enough there
-    fcntl = None
 
 __all__ = ["ENDED_OUTCOMES", "Ledger", "SignalGuard", "Watchdog", "end_all", "sweep"]
 
@@ -78,8 +72,7 @@ class Ledger:
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
             size = os.fstat(fd).st_size
             # A line torn by a crash (or a full disk) must not swallow ours too.
             # (O_APPEND writes at the end wherever this read leaves the offset.)
