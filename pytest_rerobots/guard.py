@@ -319,7 +319,6 @@ class Watchdog:
         self.notfound_grace = notfound_grace
         self.process: subprocess.Popen[bytes] | None = None
         self._rented: dict[str, dict[str, Any]] = {}
-        self._lingering: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -348,11 +347,10 @@ class Watchdog:
                 self._write({"release": instance_id})
 
     def _spawn(self) -> None:
-        if self.process is not None:  # it died (killed by someone): keep it for reaping
+        if self.process is not None:  # it died (killed by someone); poll() reaped it
             if self.process.stdin is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self.process.stdin.close()
-            self._lingering.append(self.process)
         package_root = Path(__file__).resolve().parent.parent
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
@@ -405,8 +403,11 @@ class Watchdog:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             # Still terminating something: it finishes on its own (it is detached).
+            # A thread waits for it so that it leaves no zombie, and so that this
+            # Popen is not dropped while its process runs (Popen warns about that).
             log.warning("rerobots watchdog %s is still ending instances", proc.pid)
-            self._lingering.append(proc)
+            threading.Thread(target=proc.wait, name="rerobots-watchdog-reaper",
+                             daemon=True).start()
 
 
 def _others_hold(directory: str, key: str, dead: int, instance_id: str) -> bool:
