@@ -54,7 +54,7 @@ RECONCILE_LOOKS = 3
 ACCEPT = "application/vnd.rerobots.v1+json"
 USER_AGENT = "pytest-rerobots"
 
-# Error strings of the API (rerobots-api.md section 2), matched by prefix.
+# Error strings of the API, matched by prefix (docs/contract.md, "Error strings").
 _AUTH_MESSAGES = ("wrong authorization token", "authentication failed")
 _BUSY_DEPLOYMENT = ("all matching workspace deployments are busy",
                     "all feasible workspace deployments are busy")
@@ -663,8 +663,9 @@ class RerobotsClient:
     def flush_firewall(self, instance_id: str) -> None:
         """``DELETE /firewall/:id``: remove every rule.
 
-        What an empty chain means differs by source (the seed: drop everything;
-        the official client: accept everything); add the rules you need after.
+        What an empty chain means differs by source (the API summary: drop
+        everything; the official client: accept everything; docs/contract.md,
+        "Firewall"); add the rules you need after.
         """
         self._request("DELETE", f"/firewall/{instance_id}")
 
@@ -672,7 +673,8 @@ class RerobotsClient:
 
     def vpn(self, instance_id: str) -> dict[str, Any]:
         """``GET /vpn/:id``: ``{"status", "clients"}``; ``{"status": "nil"}`` without a VPN
-        (both the seed's shape and the server's 400 are understood)."""
+        (both the API summary's shape and the server's 400 are understood; docs/contract.md,
+        "VPN, reservations, CI")."""
         try:
             payload = self._request("GET", f"/vpn/{instance_id}")
         except APIError as exc:

@@ -1,6 +1,6 @@
 """Termination layers that hold when the run itself is killed.
 
-The five layers (SPEC "Termination is guaranteed"), and where each lives:
+The five layers (docs/contract.md, "Termination"), and where each lives:
 
 1. ``try/finally`` from the moment ``POST /new`` answers: :class:`.instance.Instance`.
 2. SIGTERM and SIGHUP become ``KeyboardInterrupt``; repeats are ignored while

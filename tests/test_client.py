@@ -288,7 +288,7 @@ def test_vpn_without_vpn_reads_nil(api: RerobotsClient, sim: Simulator):
     wait_status(api, new.id, "READY")
     assert api.vpn(new.id) == {"status": "nil"}  # the server's 400
     sim.world.configure(vpn_nil_shape=True)
-    assert api.vpn(new.id) == {"status": "nil"}  # the seed's shape
+    assert api.vpn(new.id) == {"status": "nil"}  # the API summary's shape (docs/contract.md)
     api.terminate(new.id)
 
 
