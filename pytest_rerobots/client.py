@@ -313,9 +313,8 @@ class RerobotsClient:
             # "from None", against the usual rule: the chained frames of urllib3 carry
             # the request headers as arguments, and pytest prints them (token included).
             # str(exc) from requests names the URL, never the headers.
-            error = TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}")
-            error.not_sent = _surely_unsent(exc)  # type: ignore[attr-defined]
-            raise error from None
+            raise TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}",
+                                 not_sent=_surely_unsent(exc)) from None
         log.debug("%s %s -> %s", method, path, response.status_code)
         self._note_rate(response.headers)
         return response
@@ -496,7 +495,7 @@ class RerobotsClient:
             try:
                 payload = self._request("POST", path, body=body, idempotent=False)
             except TransportError as lost:
-                if getattr(lost, "not_sent", False):
+                if lost.not_sent:
                     if attempt == 0:
                         continue  # no connection was made: sending again cannot rent twice
                     raise  # twice unsent: nothing to look for
