@@ -54,7 +54,7 @@ RECONCILE_LOOKS = 3
 ACCEPT = "application/vnd.rerobots.v1+json"
 USER_AGENT = "pytest-rerobots"
 
-# Error strings of the API (rerobots-api.md section 2), matched by prefix.
+# Error strings of the API, matched by prefix (docs/contract.md, "Error strings").
 _AUTH_MESSAGES = ("wrong authorization token", "authentication failed")
 _BUSY_DEPLOYMENT = ("all matching workspace deployments are busy",
                     "all feasible workspace deployments are busy")
@@ -313,9 +313,8 @@ class RerobotsClient:
             # "from None", against the usual rule: the chained frames of urllib3 carry
             # the request headers as arguments, and pytest prints them (token included).
             # str(exc) from requests names the URL, never the headers.
-            error = TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}")
-            error.not_sent = _surely_unsent(exc)  # type: ignore[attr-defined]
-            raise error from None
+            raise TransportError(f"{method} {path}: no answer from {self.api_url}: {exc}",
+                                 not_sent=_surely_unsent(exc)) from None
         log.debug("%s %s -> %s", method, path, response.status_code)
         self._note_rate(response.headers)
         return response
@@ -501,7 +500,7 @@ class RerobotsClient:
             try:
                 payload = self._request("POST", path, body=body, idempotent=False)
             except TransportError as lost:
-                if getattr(lost, "not_sent", False):
+                if lost.not_sent:
                     if attempt == 0:
                         continue  # no connection was made: sending again cannot rent twice
                     raise  # twice unsent: nothing to look for
@@ -676,8 +675,9 @@ class RerobotsClient:
     def flush_firewall(self, instance_id: str) -> None:
         """``DELETE /firewall/:id``: remove every rule.
 
-        What an empty chain means differs by source (the seed: drop everything;
-        the official client: accept everything); add the rules you need after.
+        What an empty chain means differs by source (the API summary: drop
+        everything; the official client: accept everything; docs/contract.md,
+        "Firewall"); add the rules you need after.
         """
         self._request("DELETE", f"/firewall/{instance_id}")
 
@@ -685,7 +685,8 @@ class RerobotsClient:
 
     def vpn(self, instance_id: str) -> dict[str, Any]:
         """``GET /vpn/:id``: ``{"status", "clients"}``; ``{"status": "nil"}`` without a VPN
-        (both the seed's shape and the server's 400 are understood)."""
+        (both the API summary's shape and the server's 400 are understood; docs/contract.md,
+        "VPN, reservations, CI")."""
         try:
             payload = self._request("GET", f"/vpn/{instance_id}")
         except APIError as exc:

@@ -158,8 +158,13 @@ class TransportError(RerobotsError):
     """No answer came back: connection refused or reset, DNS, timeout.
 
     For ``POST /new`` the request may still have taken effect; the client
-    reconciles that through ``GET /instances`` instead of retrying.
+    reconciles that through ``GET /instances`` instead of retrying. ``not_sent``
+    is true when no connection was made at all, so sending again is safe.
     """
+
+    def __init__(self, message: str, *, not_sent: bool = False) -> None:
+        super().__init__(message)
+        self.not_sent = not_sent
 
 
 class MalformedResponse(RerobotsError):

@@ -1,6 +1,6 @@
 """Termination layers that hold when the run itself is killed.
 
-The five layers (SPEC "Termination is guaranteed"), and where each lives:
+The five layers (docs/contract.md, "Termination"), and where each lives:
 
 1. ``try/finally`` from the moment ``POST /new`` answers: :class:`.instance.Instance`.
 2. SIGTERM and SIGHUP become ``KeyboardInterrupt``; repeats are ignored while
@@ -19,6 +19,7 @@ Nothing here imports pytest.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 from typing import IO, TYPE_CHECKING, Any
 
 from .instance import ENDED_OUTCOMES, Outcome, end
@@ -38,12 +38,6 @@ from .instance import ENDED_OUTCOMES, Outcome, end
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import FailedRental, Instance
-
-fcntl: ModuleType | None
-try:
-    import fcntl
-except ImportError:  # Windows: appends of one small write are atomic enough there
-    fcntl = None
 
 __all__ = ["ENDED_OUTCOMES", "Ledger", "SignalGuard", "Watchdog", "end_all", "sweep"]
 
@@ -78,8 +72,7 @@ class Ledger:
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
             size = os.fstat(fd).st_size
             # A line torn by a crash (or a full disk) must not swallow ours too.
             # (O_APPEND writes at the end wherever this read leaves the offset.)
@@ -334,7 +327,6 @@ class Watchdog:
         self.notfound_grace = notfound_grace
         self.process: subprocess.Popen[bytes] | None = None
         self._rented: dict[str, dict[str, Any]] = {}
-        self._lingering: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -363,11 +355,10 @@ class Watchdog:
                 self._write({"release": instance_id})
 
     def _spawn(self) -> None:
-        if self.process is not None:  # it died (killed by someone): keep it for reaping
+        if self.process is not None:  # it died (killed by someone); poll() reaped it
             if self.process.stdin is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self.process.stdin.close()
-            self._lingering.append(self.process)
         package_root = Path(__file__).resolve().parent.parent
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
@@ -424,8 +415,11 @@ class Watchdog:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             # Still terminating something: it finishes on its own (it is detached).
+            # A thread waits for it so that it leaves no zombie, and so that this
+            # Popen is not dropped while its process runs (Popen warns about that).
             log.warning("rerobots watchdog %s is still ending instances", proc.pid)
-            self._lingering.append(proc)
+            threading.Thread(target=proc.wait, name="rerobots-watchdog-reaper",
+                             daemon=True).start()
 
 
 def _others_hold(directory: str, key: str, dead: int, instance_id: str) -> bool:
@@ -456,7 +450,7 @@ def _watchdog_main(stream: IO[bytes]) -> int:
         if "rent" in message:
             rented[str(message["rent"])] = float(message.get("at") or time.time())
             if message.get("shared"):
-                shared[str(message["rent"])] = tuple(message["shared"])  # type: ignore[assignment]
+                shared[str(message["rent"])] = tuple(message["shared"])
         elif "release" in message:
             rented.pop(str(message["release"]), None)
     # A shared instance that other live workers still use is theirs to end.

@@ -29,6 +29,7 @@ from tenacity import (
     wait_exponential,
     wait_random,
 )
+from tenacity.stop import stop_base
 
 from .errors import BusyWorkspaceInstance, RateLimited, ServerError, TransportError
 
@@ -74,12 +75,17 @@ def connecting(
     *,
     deadline: float,
     retry_on: tuple[type[BaseException], ...],
+    attempts: int | None = None,
     sleep: Sleep = time.sleep,
 ) -> Retrying:
-    """Policy for reaching a host that is still coming up: short steps until ``deadline`` s."""
+    """Policy for reaching a host that is still coming up: short steps until ``deadline`` s
+    have passed or, when given, ``attempts`` attempts were made."""
+    stop: stop_base = stop_after_delay(deadline)
+    if attempts is not None:
+        stop = stop | stop_after_attempt(max(1, attempts))
     return Retrying(
         retry=retry_if_exception_type(retry_on),
-        stop=stop_after_delay(deadline),
+        stop=stop,
         wait=_backoff(0.05, 1.0),
         sleep=sleep,
         reraise=True,

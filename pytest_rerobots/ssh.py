@@ -12,8 +12,8 @@ The one place where paramiko and socket errors become pytest-rerobots errors
   (:class:`SSHConnectError`) is not retried, as retrying cannot help.
 * :func:`run` executes one command and returns a :class:`CommandResult`.
 * :class:`Connection` holds one logged-in client and its SFTP session; an
-  ``Instance`` delegates ``run``, ``put``, ``get``, ``ssh``, ``sftp`` and
-  ``close`` to it.
+  ``Instance`` delegates ``run``, ``put``, ``get``, ``sftp`` and ``close`` to
+  it, and its ``ssh`` is the connection's ``client``.
 
 Latency: every ``run`` costs a channel open, an exec request and the reply.
 Nagle's algorithm on a default paramiko socket makes small back-to-back
@@ -28,7 +28,6 @@ import base64
 import binascii
 import io
 import os
-import signal
 import socket
 import threading
 import time
@@ -37,13 +36,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import paramiko
-import tenacity
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from paramiko.common import MSG_CHANNEL_REQUEST
 from paramiko.pkey import UnknownKeyType
 
-from . import retry
+from . import _paramiko_compat, retry
 from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHConnectError, SSHError
 
 __all__ = [
@@ -153,10 +150,8 @@ def connect(
     out. Safe to retry: a failed call leaves nothing open.
     """
     pinned = _parse_hostkeys(hostkeys)
-    policy = retry.connecting(deadline=deadline, retry_on=(_Retryable,), sleep=sleep)
-    retrying = policy
-    if attempts is not None:
-        retrying = policy.copy(stop=policy.stop | tenacity.stop_after_attempt(max(1, attempts)))
+    retrying = retry.connecting(deadline=deadline, retry_on=(_Retryable,), attempts=attempts,
+                                sleep=sleep)
     try:
         for attempt in retrying:
             with attempt:
@@ -212,7 +207,8 @@ def _connect_once(
             channel_timeout=timeout,
             look_for_keys=False,
             allow_agent=False,
-            transport_factory=_Transport,
+            # Maps exit-signal to an exit status (paramiko alone leaves -1).
+            transport_factory=_paramiko_compat.transport_factory,
         )
     except paramiko.BadHostKeyException as exc:
         _close_quietly(client, sock)
@@ -245,35 +241,6 @@ def _describe(exc: BaseException | None) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)) and text == "timed out":
         return "timed out"
     return text
-
-
-def _channel_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
-    """Turn an ``exit-signal`` into exit status ``128 + n``; the rest as paramiko does.
-
-    OpenSSH reports a command that died of a signal with ``exit-signal`` and no
-    ``exit-status``, which paramiko ignores, leaving -1.
-    """
-    start = m.packet.tell()
-    if m.get_text() == "exit-signal":
-        m.get_boolean()  # want_reply: never set for exit-signal
-        name = m.get_text()
-        try:
-            chan.exit_status = 128 + signal.Signals["SIG" + name].value
-        except KeyError:
-            chan.exit_status = 128  # a signal this platform has no number for
-        chan.status_event.set()
-        return
-    m.packet.seek(start)
-    paramiko.Channel._handle_request(chan, m)
-
-
-class _Transport(paramiko.Transport):
-    """paramiko's Transport, plus ``exit-signal`` (see :func:`_channel_request`)."""
-
-    _channel_handler_table = {  # noqa: RUF012 (a class-level dispatch table, as in paramiko)
-        **paramiko.Transport._channel_handler_table,
-        MSG_CHANNEL_REQUEST: _channel_request,
-    }
 
 
 # -- run -------------------------------------------------------------------------------
@@ -364,8 +331,7 @@ def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, byt
     # closed by chan.close() while paramiko's thread may still write to it for
     # in-flight data, which can kill the whole transport (EBADF).
     ready = threading.Event()
-    chan.in_buffer.set_event(ready)
-    chan.in_stderr_buffer.set_event(ready)
+    _paramiko_compat.wake_on_output(chan, ready)
     out: list[bytes] = []
     err: list[bytes] = []
     while True:
@@ -393,7 +359,7 @@ def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, byt
         ready.wait(remaining)
         ready.clear()
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if not chan.status_event.wait(remaining):
+    if not _paramiko_compat.wait_for_exit_status(chan, remaining):
         return b"", b"", None
     return b"".join(out), b"".join(err), chan.exit_status
 
@@ -420,13 +386,8 @@ class Connection:
         return cls(connect(host, port, **kwargs))
 
     @property
-    def ssh(self) -> paramiko.SSHClient:
-        """The logged-in :class:`paramiko.SSHClient`."""
-        return self._client
-
-    @property
     def client(self) -> paramiko.SSHClient:
-        """The same as :attr:`ssh`."""
+        """The logged-in :class:`paramiko.SSHClient`."""
         return self._client
 
     @property

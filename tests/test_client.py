@@ -288,7 +288,7 @@ def test_vpn_without_vpn_reads_nil(api: RerobotsClient, sim: Simulator):
     wait_status(api, new.id, "READY")
     assert api.vpn(new.id) == {"status": "nil"}  # the server's 400
     sim.world.configure(vpn_nil_shape=True)
-    assert api.vpn(new.id) == {"status": "nil"}  # the seed's shape
+    assert api.vpn(new.id) == {"status": "nil"}  # the API summary's shape (docs/contract.md)
     api.terminate(new.id)
 
 
@@ -450,7 +450,7 @@ def test_connection_refused_is_known_unsent():
     with RerobotsClient("t", "http://127.0.0.1:9", ignore_env=True, retries=0) as api:
         with pytest.raises(TransportError) as raised:
             api.new_instance("basic_kobuki")
-        assert raised.value.not_sent is True  # type: ignore[attr-defined]
+        assert raised.value.not_sent is True
         assert api.calls == 2  # sent once more, safely: it never reached a server
 
 

@@ -412,6 +412,19 @@ def test_watchdog_exits_at_once_when_everything_was_released(sim: Simulator,
     api.terminate(ident)
 
 
+def test_a_watchdog_that_outlasts_close_is_reaped_when_it_exits():
+    watchdog = Watchdog("http://127.0.0.1:9", None)
+    # Stands in for a watchdog still waiting out INIT when the run ends.
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"],
+                            stdin=subprocess.PIPE)
+    watchdog.process = slow
+    watchdog.close(timeout=0.05)
+    assert slow.returncode is None  # close() did not wait for it ...
+    del slow  # ... and dropping our reference must not warn that it still runs
+    assert wait_until(lambda: all(t.name != "rerobots-watchdog-reaper"
+                                  for t in threading.enumerate()), 10)
+
+
 # -- the signal guard -------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import paramiko
 import pytest
 
-from pytest_rerobots import ssh
+from pytest_rerobots import _paramiko_compat, ssh
 from pytest_rerobots.errors import (
     CommandFailed,
     CommandTimeout,
@@ -168,7 +168,7 @@ def test_run_on_a_closed_connection(robot: Robot) -> None:
 
 
 def test_tcp_nodelay_is_set(conn: ssh.Connection) -> None:
-    transport = conn.ssh.get_transport()
+    transport = conn.client.get_transport()
     assert transport is not None
     assert transport.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
@@ -184,7 +184,7 @@ def test_exit_signal_becomes_128_plus_n() -> None:
     ]:
         add(value)
     message.rewind()
-    ssh._channel_request(chan, message)
+    _paramiko_compat.handle_channel_request(chan, message)
     assert chan.exit_status == 139
     assert chan.status_event.is_set()
 
