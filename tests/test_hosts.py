@@ -370,7 +370,7 @@ def test_close_leaves_no_process_or_thread(
 def test_openssh_backend_without_sshd_is_a_configuration_error(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pytest_rerobots.sim.hosts as hosts_module
+    import pytest_rerobots.sim.hosts.openssh_backend as hosts_module
 
     monkeypatch.setattr(hosts_module, "SSHD", str(tmp_path / "no-sshd"))
     with pytest.raises(ConfigurationError, match="openssh-server"):

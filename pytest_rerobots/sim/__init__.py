@@ -10,9 +10,12 @@
         ...
         assert sim.live_instances() == []
 
-The parts: :mod:`.catalog` (the TOML catalog), :mod:`.state` (the world and its clock),
-:mod:`.api` (the WSGI routes), :mod:`.hosts` (SSH servers per instance) and
-:mod:`.__main__` (the ``rerobots-sim`` command). Nothing here imports pytest.
+The parts: :mod:`.catalog` (the TOML catalog), :mod:`.endpoints` (the one table of
+endpoints), :mod:`.model` (statuses, deployments, instances), :mod:`.state` (the world and
+its clock), :mod:`.accounts` (tokens and rate limits), :mod:`.faults` (fault injection),
+:mod:`.eurl` (status events), :mod:`.api` (the WSGI routes and every body),
+:mod:`.hostapi` (what the world needs from hosts), :mod:`.hosts` (SSH servers per instance)
+and :mod:`.__main__` (the ``rerobots-sim`` command). Nothing here imports pytest.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from ..errors import ConfigurationError
 from .api import RequestHandler, SimApp
 from .catalog import Catalog, apply_overrides, default_catalog, load_catalog
-from .state import HostBackend, InstanceSnapshot, ManualClock, NullHostManager, World
+from .hostapi import HostBackend, NullHostManager
+from .model import InstanceSnapshot
+from .state import ManualClock, World
 
 __all__ = ["SSH_BACKENDS", "Catalog", "ManualClock", "Simulator", "World"]
 
@@ -107,7 +112,7 @@ class Simulator:
         self.ssh_backend = ssh_backend
         self.user = user
         self.world = World(catalog, clock=clock, tick_interval=tick_interval)
-        self.token = self.world.add_user(user, token or secrets.token_urlsafe(32))
+        self.token = self.world.accounts.add_token(user, token or secrets.token_urlsafe(32))
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -192,9 +197,7 @@ class Simulator:
         if self._errors:
             raise self._errors[0]
         self.world.check()
-        check_hosts = getattr(self.world.hosts, "check", None)
-        if callable(check_hosts):
-            check_hosts()
+        self.world.hosts.check()
 
     def __enter__(self) -> Simulator:
         try:
@@ -215,7 +218,7 @@ class Simulator:
 
     def add_user(self, name: str) -> str:
         """Register another user; returns a fresh token of theirs."""
-        return self.world.add_user(name)
+        return self.world.accounts.add_token(name)
 
     def live_instances(self) -> list[InstanceSnapshot]:
         """Instances not TERMINATING, TERMINATED or INIT_FAIL (i.e. INIT or READY)."""
@@ -227,29 +230,29 @@ class Simulator:
 
     def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,
                            error_status: int = 500, latency: float = 0.0) -> None:
-        """Make an endpoint fail or lag (see :meth:`.state.World.set_endpoint_fault`)."""
-        self.world.set_endpoint_fault(endpoint, error_rate=error_rate,
-                                      error_status=error_status, latency=latency)
+        """Make an endpoint fail or lag (see :meth:`.faults.FaultInjector.set_endpoint_fault`)."""
+        self.world.injector.set_endpoint_fault(endpoint, error_rate=error_rate,
+                                               error_status=error_status, latency=latency)
 
     def fail_next(self, endpoint: str, count: int = 1, status: int = 503) -> None:
         """The next ``count`` calls of ``endpoint`` answer ``status`` without acting."""
-        self.world.fail_next(endpoint, count, status)
+        self.world.injector.fail_next(endpoint, count, status)
 
     def set_not_found_window(self, seconds: float) -> None:
         """GET /instance answers 404 this long after POST /new."""
-        self.world.set_not_found_window(seconds)
+        self.world.configure(not_found_window=seconds)
 
     def set_stuck_init(self, share: bool | float = True) -> None:
         """New instances (or this share of them) never leave INIT."""
-        self.world.set_stuck_init(share)
+        self.world.configure(stuck_init=share)
 
     def set_init_fail_rate(self, rate: float) -> None:
         """This share of new instances ends INIT_FAIL."""
-        self.world.set_init_fail_rate(rate)
+        self.world.configure(init_fail_rate=rate)
 
     def lose_new_responses(self, count: int = 1) -> None:
         """The next ``count`` successful POST /new act but drop the connection unanswered."""
-        self.world.lose_new_responses(count)
+        self.world.injector.lose_new_responses(count)
 
     def clear_faults(self) -> None:
         """Turn every injected fault off."""

@@ -1,8 +1,9 @@
 """The simulator's HTTP API: a WSGI application over a :class:`~.state.World`.
 
-Routing is a werkzeug :class:`~werkzeug.routing.Map`; converters carry the server's route
-patterns (UUIDs, 64-hex digests, workspace type names), so a malformed id fails to match and
-gets the catch-all answer, 400 ``{"error_message": "unrecognized command"}``, as on the real
+Routing is a werkzeug :class:`~werkzeug.routing.Map` built from the one endpoint table,
+:data:`~.endpoints.ENDPOINTS`; converters carry the server's route patterns (UUIDs, 64-hex
+digests, workspace type names), so a malformed id fails to match and gets the catch-all
+answer, 400 ``{"error_message": "unrecognized command"}``, as on the real
 server. Each request, in order:
 
 1. ticks the world, so time-driven transitions are never stale;
@@ -11,11 +12,12 @@ server. Each request, in order:
 4. charges the rate-limit window (per token, else per address; 403 with an empty body
    when spent);
 5. applies the endpoint's injected latency, pending forced failures and error rate;
-6. runs the handler; a :class:`~.state.Refusal` becomes its status and body;
+6. runs the handler; a :class:`~.model.Refusal` becomes its status and body;
 7. for a successful ``POST /new`` with a lost-response fault: closes the connection without
    answering (the instance exists all the same).
 
-Every answer carries ``X-RateLimit-Limit/Remaining/Reset``, the CORS headers and, through
+Every body is shaped here, from the model objects and plain data the world returns. Every
+answer carries ``X-RateLimit-Limit/Remaining/Reset``, the CORS headers and, through
 :class:`RequestHandler`, ``Server: rerobots.net``.
 """
 
@@ -36,31 +38,31 @@ from werkzeug.routing import BaseConverter, Map, Rule
 from werkzeug.serving import WSGIRequestHandler
 from werkzeug.wrappers import Request, Response
 
-from .state import (
+from .accounts import RateState
+from .endpoints import ENDPOINTS
+from .model import (
     ACTIVE,
+    ENDED,
     INIT_FAIL,
+    READY,
     TERMINATED,
     TERMINATING,
+    Deployment,
     InstanceOptions,
-    RateState,
     Refusal,
-    World,
     format_iso_z,
+    format_time,
+    utc,
 )
+from .state import World
 
-__all__ = ["AUTH_ENDPOINTS", "RequestHandler", "SimApp"]
+__all__ = ["RequestHandler", "SimApp"]
 
 log = logging.getLogger(__name__)
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
-#: Endpoints that need a valid token (the others are public).
-AUTH_ENDPOINTS = frozenset({
-    "qlen", "revoke", "purge", "new", "terminate", "instances", "instance", "sshkey", "ka",
-    "firewall_get", "firewall_post", "firewall_delete", "vpn_get", "vpn_post", "reservations",
-    "reservation_delete", "ci_new", "ci_projects", "ci_job",
-})
-
+_BY_NAME = {endpoint.name: endpoint for endpoint in ENDPOINTS}
 _CORS = {
     "Access-Control-Allow-Credentials": "true",
     "Access-Control-Allow-Methods": "GET,POST,DELETE",
@@ -112,37 +114,7 @@ class _PidConverter(BaseConverter):
 
 
 def _rules() -> list[Rule]:
-    return [
-        Rule("/", endpoint="index", methods=["GET"]),
-        Rule("/workspaces", endpoint="workspaces", methods=["GET"]),
-        Rule("/deployments", endpoint="deployments", methods=["GET"]),
-        Rule("/deployments/<wtype:wtype>", endpoint="deployments", methods=["GET"]),
-        Rule("/deployment/<uuid:deployment_id>", endpoint="deployment", methods=["GET"]),
-        Rule("/queuelen/<uuid:deployment_id>", endpoint="queuelen", methods=["GET"]),
-        Rule("/qlen", endpoint="qlen", methods=["GET"]),
-        Rule("/qlen/<wtype:wtype>", endpoint="qlen", methods=["GET"]),
-        Rule("/revoke/<digest:digest>", endpoint="revoke", methods=["POST"]),
-        Rule("/purge", endpoint="purge", methods=["POST"]),
-        Rule("/new", endpoint="new", methods=["POST"]),
-        Rule("/new/<target:target>", endpoint="new", methods=["POST"]),
-        Rule("/terminate/<uuid:instance_id>", endpoint="terminate", methods=["POST"]),
-        Rule("/instances", endpoint="instances", methods=["GET"]),
-        Rule("/instances/<wtype:wtype>", endpoint="instances", methods=["GET"]),
-        Rule("/instance/<uuid:instance_id>", endpoint="instance", methods=["GET"]),
-        Rule("/instance/<uuid:instance_id>/sshkey", endpoint="sshkey", methods=["GET"]),
-        Rule("/instance/<uuid:instance_id>/ka", endpoint="ka", methods=["POST"]),
-        Rule("/firewall/<uuid:instance_id>", endpoint="firewall_get", methods=["GET"]),
-        Rule("/firewall/<uuid:instance_id>", endpoint="firewall_post", methods=["POST"]),
-        Rule("/firewall/<uuid:instance_id>", endpoint="firewall_delete", methods=["DELETE"]),
-        Rule("/vpn/<uuid:instance_id>", endpoint="vpn_get", methods=["GET"]),
-        Rule("/vpn/<uuid:instance_id>", endpoint="vpn_post", methods=["POST"]),
-        Rule("/reservations", endpoint="reservations", methods=["GET"]),
-        Rule("/reservation/<uuid:reservation_id>", endpoint="reservation_delete",
-             methods=["DELETE"]),
-        Rule("/ci/new", endpoint="ci_new", methods=["POST"]),
-        Rule("/ci/projects", endpoint="ci_projects", methods=["GET"]),
-        Rule("/ci/project/<pid:pid>/job", endpoint="ci_job", methods=["POST"]),
-    ]
+    return [Rule(path, endpoint=e.name, methods=[e.method]) for e in ENDPOINTS for path in e.paths]
 
 
 class _DropConnection(Exception):
@@ -153,6 +125,12 @@ def _json(status: int, body: Any) -> Response:
     if body is None:
         return Response(b"", status=status)
     return Response(json.dumps(body), status=status, content_type="application/json; charset=utf-8")
+
+
+def _refused(refusal: Refusal) -> Response:
+    """The answer to a :class:`~.model.Refusal`: its status, and its message as JSON."""
+    body = None if refusal.message is None else {refusal.key: refusal.message}
+    return _json(refusal.status, body)
 
 
 def _server_error(status: int) -> Response:
@@ -217,14 +195,14 @@ def _body(request: Request) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError:
-        raise Refusal(400, {"error_message": "request body is not valid JSON"}) from None
+        raise Refusal(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):
-        raise Refusal(400, {"error_message": "request body must be a JSON object"})
+        raise Refusal(400, "request body must be a JSON object")
     return data
 
 
 def _wrong_type(name: str) -> Refusal:
-    return Refusal(400, {"error_message": f"value for option `{name}` has wrong type"})
+    return Refusal(400, f"value for option `{name}` has wrong type")
 
 
 def _new_options(body: dict[str, Any]) -> InstanceOptions:
@@ -239,21 +217,26 @@ def _new_options(body: dict[str, Any]) -> InstanceOptions:
             raise _wrong_type(name)
         values[name] = value
     if "expire_d" in values and values["expire_d"] < 1:
-        raise Refusal(400, {"error_message": "value for option `expire_d` must be positive"})
+        raise Refusal(400, "value for option `expire_d` must be positive")
     if "eurl" in values and not values["eurl"]:
-        raise Refusal(400, {"error_message": "value for option `eurl` must be nonempty"})
+        raise Refusal(400, "value for option `eurl` must be nonempty")
     if "repo" in body:
         repo = body["repo"]
         if not isinstance(repo, dict):
             raise _wrong_type("repo")
         if not isinstance(repo.get("url"), str):
-            raise Refusal(400, {"error_message": "value for option `repo` missing url"})
+            raise Refusal(400, "value for option `repo` missing url")
         values["repo"] = dict(repo)
     return InstanceOptions(**values)
 
 
 class SimApp:
-    """The WSGI application of one simulated API over ``world``."""
+    """The WSGI application of one simulated API over ``world``.
+
+    One handler method per endpoint of :data:`~.endpoints.ENDPOINTS`, named as the endpoint;
+    each returns the :class:`~werkzeug.wrappers.Response` and builds its body here, from
+    the model objects the world hands out.
+    """
 
     def __init__(self, world: World) -> None:
         self.world = world
@@ -272,30 +255,7 @@ class SimApp:
             },
         )
         self._handlers: dict[str, Callable[..., Response]] = {
-            "index": self.index,
-            "workspaces": self.workspaces,
-            "deployments": self.deployments,
-            "deployment": self.deployment,
-            "queuelen": self.queuelen,
-            "qlen": self.qlen,
-            "revoke": self.revoke,
-            "purge": self.purge,
-            "new": self.new,
-            "terminate": self.terminate,
-            "instances": self.instances,
-            "instance": self.instance,
-            "sshkey": self.sshkey,
-            "ka": self.ka,
-            "firewall_get": self.firewall_get,
-            "firewall_post": self.firewall_post,
-            "firewall_delete": self.firewall_delete,
-            "vpn_get": self.vpn_get,
-            "vpn_post": self.vpn_post,
-            "reservations": self.reservations,
-            "reservation_delete": self.reservation_delete,
-            "ci_new": self.ci_new,
-            "ci_projects": self.ci_projects,
-            "ci_job": self.ci_job,
+            e.name: getattr(self, e.name) for e in ENDPOINTS
         }
 
     # ------------------------------------------------------------------ WSGI plumbing
@@ -321,46 +281,44 @@ class SimApp:
     def dispatch(self, request: Request) -> Response:
         """Answer one request (see the module docstring for the order of the steps)."""
         world = self.world
+        accounts = world.accounts
         world.tick()
         token = _bearer(request)
-        user = world.authenticate(token)
-        if user is not None and token is not None:
-            key, budget = f"token:{token}", world.rate_limits.token_budget
-        else:
-            key, budget = f"ip:{_caller_ip(request)}", world.rate_limits.ip_budget
+        user = accounts.authenticate(token)
+        key, budget = accounts.window_for(user, token, _caller_ip(request))
         if request.method == "OPTIONS":
-            rate = world.charge(key, budget, count=False)
+            rate = accounts.charge(key, budget, count=False)
             response = Response(b"", status=200)
             response.headers["Access-Control-Allow-Headers"] = "Authorization,Content-Type"
             return self._finish(response, rate)
-        rate = world.charge(key, budget)
+        rate = accounts.charge(key, budget)
         adapter = self.url_map.bind_to_environ(request.environ)
         try:
-            endpoint, args = adapter.match()
+            name, args = adapter.match()
         except HTTPException:
             # Unknown route, malformed id and wrong method alike hit the catch-all route.
             return self._finish(_json(400, {"error_message": "unrecognized command"}), rate)
-        if endpoint in AUTH_ENDPOINTS and user is None:
-            message = ("authentication failed" if endpoint in ("revoke", "purge")
-                       else "wrong authorization token")
-            return self._finish(_json(400, {"error_message": message}), rate)
+        endpoint = _BY_NAME[name]
+        if endpoint.auth and user is None:
+            return self._finish(_json(400, {"error_message": endpoint.auth_error}), rate)
         if not rate.allowed:
             return self._finish(Response(b"", status=403), rate)
-        fault = world.endpoint_fault(endpoint)
-        failure = world.take_forced_failure(endpoint)
+        injector = world.injector
+        fault = injector.endpoint_fault(name)
+        failure = injector.take_forced_failure(name)
         if fault is not None:
             if fault.latency > 0:
                 # Latency is real time even under a manual clock: it is about the wire.
                 time.sleep(fault.latency)
-            if failure is None and world.draw(fault.error_rate):
+            if failure is None and injector.draw(fault.error_rate):
                 failure = fault.error_status
         if failure is not None:
             return self._finish(_server_error(failure), rate)
         try:
-            response = self._handlers[endpoint](request, user, **args)
+            response = self._handlers[name](request, user, **args)
         except Refusal as refusal:
-            response = _json(refusal.status, refusal.body)
-        if endpoint == "new" and response.status_code == 200 and world.take_lost_response():
+            response = _refused(refusal)
+        if name == "new" and response.status_code == 200 and injector.take_lost_response():
             log.info("simulated fault: losing the answer to POST %s", request.path)
             raise _DropConnection
         return self._finish(response, rate)
@@ -373,6 +331,35 @@ class SimApp:
         for name, value in _CORS.items():
             response.headers[name] = value
         return response
+
+    # ------------------------------------------------------------------ bodies
+
+    def _deployment_summary(self, deployment: Deployment) -> dict[str, Any]:
+        """The per-deployment object of ``GET /deployments?info``."""
+        return {
+            "type": deployment.type,
+            "type_version": deployment.spec.type_version,
+            "supported_addons": list(deployment.spec.supported_addons),
+            "desc": deployment.spec.desc,
+            "region": deployment.region,
+            "icounter": deployment.icounter,
+            "created": str(deployment.created),
+            "queuelen": self.world.queuelen(deployment),
+        }
+
+    def _deployment_info(self, deployment: Deployment, user: str | None) -> dict[str, Any]:
+        """The body of ``GET /deployment/:id`` (also ``wdinfo`` in GET /instance)."""
+        with self.world.lock:
+            info = {"id": deployment.id, **self._deployment_summary(deployment)}
+            info["online"] = deployment.dissolved is None and not deployment.offline
+            if deployment.lockout:
+                info["lockout"] = True
+            if deployment.dissolved is not None:
+                info["dissolved"] = str(deployment.dissolved)
+            instance = self.world.users_instance(deployment, user)
+            if instance is not None:
+                info["instance"] = instance
+            return info
 
     # ------------------------------------------------------------------ public endpoints
 
@@ -434,7 +421,7 @@ class SimApp:
         if sort_by not in _SORT_KEYS:
             sort_by = "inc_wtype"
         field = sort_by[4:]
-        keys: dict[str, Callable[[Any], Any]] = {
+        keys: dict[str, Callable[[Deployment], Any]] = {
             "wtype": lambda d: (d.type, d.created, d.id),
             "created": lambda d: (d.created, d.type, d.id),
             "count": lambda d: (d.icounter, d.type, d.id),
@@ -445,12 +432,13 @@ class SimApp:
         body: dict[str, Any] = {"workspace_deployments": [d.id for d in page],
                                 "page_count": page_count}
         if _flag(request, "info"):
-            body["info"] = {d.id: world.deployment_summary(d) for d in page}
+            with world.lock:
+                body["info"] = {d.id: self._deployment_summary(d) for d in page}
         return _json(200, body)
 
     def deployment(self, request: Request, user: str | None, deployment_id: str) -> Response:
         """``GET /deployment/:id``."""
-        return _json(200, self.world.deployment_info(deployment_id, user))
+        return _json(200, self._deployment_info(self.world.deployment(deployment_id), user))
 
     def queuelen(self, request: Request, user: str | None, deployment_id: str) -> Response:
         """``GET /queuelen/:id``: 200 with len 0 for an unknown id, unless switched to 404."""
@@ -466,12 +454,12 @@ class SimApp:
 
     def revoke(self, request: Request, user: str, digest: str) -> Response:
         """``POST /revoke/:sha256``."""
-        self.world.revoke(user, digest)
+        self.world.accounts.revoke(user, digest)
         return _bare()
 
     def purge(self, request: Request, user: str) -> Response:
         """``POST /purge``: revoke every token of the caller."""
-        self.world.purge(user)
+        self.world.accounts.purge(user)
         return _bare()
 
     # ------------------------------------------------------------------ instances
@@ -493,7 +481,11 @@ class SimApp:
             result = world.request_instance(user, deployment=target.lower(), options=options)
         else:
             result = world.request_instance(user, wtype=target, options=options)
-        return _json(200, result)
+        answer: dict[str, Any] = {"success": result.success, "id": result.id}
+        if (result.private_key is not None and not options.sshkey
+                and world.switches.sshkey_in_new_response):
+            answer["sshkey"] = result.private_key
+        return _json(200, answer)
 
     def terminate(self, request: Request, user: str, instance_id: str) -> Response:
         """``POST /terminate/:id``."""
@@ -532,7 +524,32 @@ class SimApp:
 
     def instance(self, request: Request, user: str, instance_id: str) -> Response:
         """``GET /instance/:id``."""
-        return _json(200, self.world.instance_view(user, instance_id))
+        with self.world.lock:
+            inst = self.world.find(user, instance_id)
+            body: dict[str, Any] = {
+                "id": inst.id,
+                "deployment": inst.deployment.id,
+                "type": inst.wtype,
+                "region": inst.region,
+                "starttime": format_time(inst.created),
+                "rootuser": inst.user,
+                "status": inst.status,
+                "wdinfo": self._deployment_info(inst.deployment, user),
+            }
+            if inst.options.expire_d is not None:
+                body["expires"] = format_time(inst.created + inst.options.expire_d)
+            if inst.ended_at is not None:
+                body["endtime"] = format_time(inst.ended_at)
+            if inst.status not in ENDED:
+                if inst.status == READY and inst.host is not None:
+                    body["fwd"] = {"ipv4": "127.0.0.1", "port": inst.host.port}
+                    body["hostkeys"] = [inst.host.hostkey]
+                else:
+                    body["fwd"] = {}
+                    body["hostkeys"] = []
+                if inst.options.vpn:
+                    body["vpn"] = {"status": "ready", "clients": list(inst.vpn_clients)}
+        return _json(200, body)
 
     def sshkey(self, request: Request, user: str, instance_id: str) -> Response:
         """``GET /instance/:id/sshkey``: the generated private key."""
@@ -559,11 +576,11 @@ class SimApp:
         try:
             ipaddress.IPv4Network(src, strict=False)
         except ValueError:
-            raise Refusal(400, {"error_message": "value for option `src` must be an IPv4 "
-                                                 "address or subnet in CIDR notation"}) from None
+            raise Refusal(400, "value for option `src` must be an IPv4 address or subnet "
+                               "in CIDR notation") from None
         action = body.get("action", "ACCEPT")
         if action not in _FIREWALL_ACTIONS:
-            raise Refusal(400, {"error_message": "value for option `action` not recognized"})
+            raise Refusal(400, "value for option `action` not recognized")
         self.world.add_firewall_rule(user, instance_id, src, action)
         return _bare()
 
@@ -573,18 +590,29 @@ class SimApp:
         return _bare()
 
     def vpn_get(self, request: Request, user: str, instance_id: str) -> Response:
-        """``GET /vpn/:id``."""
-        return _json(200, self.world.vpn_info(user, instance_id))
+        """``GET /vpn/:id``; without a VPN, 400 (or DOC's ``{"status": "nil"}``, a switch)."""
+        clients = self.world.vpn_clients(user, instance_id)
+        if clients is None:
+            if self.world.switches.vpn_nil_shape:
+                return _json(200, {"status": "nil"})
+            raise Refusal(400, "instance does not have VPN")
+        return _json(200, {"status": "ready", "clients": clients})
 
     def vpn_post(self, request: Request, user: str, instance_id: str) -> Response:
         """``POST /vpn/:id``: new client credentials."""
-        return _json(200, self.world.vpn_new_client(user, instance_id))
+        client_id, ovpn = self.world.vpn_new_client(user, instance_id)
+        return _json(200, {"client_id": client_id, "ovpn": ovpn})
 
     # ------------------------------------------------------------------ reservations, CI
 
     def reservations(self, request: Request, user: str) -> Response:
         """``GET /reservations``."""
-        return _json(200, {"reservations": self.world.list_reservations(user)})
+        listed = [{"id": r.id,
+                   "created": utc(r.created).strftime("%Y-%m-%d %H:%M UTC"),
+                   "desc": f"wd:{r.deployment.id}",
+                   "user": r.user}
+                  for r in self.world.list_reservations(user)]
+        return _json(200, {"reservations": listed})
 
     def reservation_delete(self, request: Request, user: str, reservation_id: str) -> Response:
         """``DELETE /reservation/:id``."""
@@ -596,7 +624,8 @@ class SimApp:
         wds = None
         if "wds" in request.args:
             wds = [w.strip().lower() for w in request.args.get("wds", "").split(",") if w.strip()]
-        return _json(200, self.world.qlen(wtype, wds))
+        return _json(200, {q.deployment: {"qlen": q.qlen, "rem": q.rem}
+                           for q in self.world.qlen(wtype, wds)})
 
     def ci_new(self, request: Request, user: str) -> Response:
         """``POST /ci/new`` with ``{"repo_url": ...}``."""
@@ -604,25 +633,27 @@ class SimApp:
             return _json(403, None)
         repo_url = _body(request).get("repo_url")
         if not isinstance(repo_url, str) or not repo_url:
-            raise Refusal(400, {"error_message":
-                                "request is missing required parameter: repo_url"})
+            raise Refusal(400, "request is missing required parameter: repo_url")
         return _json(200, {"pid": self.world.ci_new(user, repo_url)})
 
     def ci_projects(self, request: Request, user: str) -> Response:
         """``GET /ci/projects``."""
-        return _json(200, self.world.ci_projects(user))
+        return _json(200, {p.pid: {"created": format_time(p.created), "repo_url": p.repo_url}
+                           for p in self.world.ci_projects(user)})
 
     def ci_job(self, request: Request, user: str, pid: str) -> Response:
         """``POST /ci/project/:pid/job`` with ``{"branch", "commit"}``."""
         body = _body(request)
-        branch, commit = body.get("branch"), body.get("commit")
-        if not isinstance(branch, str) or not isinstance(commit, str):
-            raise Refusal(400, {"error_message": "request is missing required parameters"})
-        return _json(200, {"jid": self.world.ci_job(user, pid, branch, commit)})
+        if not isinstance(body.get("branch"), str) or not isinstance(body.get("commit"), str):
+            raise Refusal(400, "request is missing required parameters")
+        return _json(200, {"jid": self.world.ci_job(user, pid)})
 
 
 class RequestHandler(WSGIRequestHandler):
     """werkzeug's handler, answering as ``Server: rerobots.net`` and logging quietly."""
+
+    #: Set once a request line is read; an error before that logs it empty.
+    requestline = ""
 
     def version_string(self) -> str:
         """The ``Server`` header."""
@@ -630,7 +661,7 @@ class RequestHandler(WSGIRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """One debug line per request instead of werkzeug's coloured INFO line."""
-        log.debug('"%s" %s %s', getattr(self, "requestline", ""), code, size)
+        log.debug('"%s" %s %s', self.requestline, code, size)
 
     def log_error(self, format: str, *args: Any) -> None:
         """Server-side errors go to this module's logger."""

@@ -29,7 +29,7 @@ module). Every section is optional; an omitted key keeps its default::
     stuck_init = 0.0          # share (or true/false) of new instances that never become READY
     lose_new_response = 0.0   # share of successful POST /new whose answer is lost
     seed = 1                  # makes the random draws repeatable
-    [faults.endpoints.new]    # endpoint names: see ENDPOINT_NAMES; "*" is every endpoint
+    [faults.endpoints.new]    # endpoint names: see endpoints.ENDPOINT_NAMES; "*" is every one
     error_rate = 0.1
     error_status = 503
     latency = 0.2
@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
+from .endpoints import ENDPOINT_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,36 +94,6 @@ __all__ = [
     "load_catalog",
     "parse_catalog",
 ]
-
-#: Names by which faults address endpoints (the werkzeug rule endpoints of :mod:`.api`).
-ENDPOINT_NAMES: frozenset[str] = frozenset(
-    {
-        "index",
-        "workspaces",
-        "deployments",
-        "deployment",
-        "queuelen",
-        "qlen",
-        "revoke",
-        "purge",
-        "new",
-        "terminate",
-        "instances",
-        "instance",
-        "sshkey",
-        "ka",
-        "firewall_get",
-        "firewall_post",
-        "firewall_delete",
-        "vpn_get",
-        "vpn_post",
-        "reservations",
-        "reservation_delete",
-        "ci_new",
-        "ci_projects",
-        "ci_job",
-    }
-)
 
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -210,7 +181,7 @@ class Faults:
 
 @dataclass(frozen=True)
 class Catalog:
-    """A parsed, validated catalog. ``source`` names where it came from, for messages."""
+    """A parsed, validated catalog."""
 
     types: Mapping[str, WorkspaceTypeSpec]
     deployments: tuple[DeploymentSpec, ...]
@@ -219,7 +190,6 @@ class Catalog:
     switches: Switches = field(default_factory=Switches)
     faults: Faults = field(default_factory=Faults)
     tokens: Mapping[str, str] = field(default_factory=dict)
-    source: str = "<catalog>"
 
 
 # The flat names accepted by ``Simulator(**overrides)`` and ``World.configure``: every scalar
@@ -473,7 +443,6 @@ def parse_catalog(data: Mapping[str, Any], source: str = "<catalog>") -> Catalog
         switches=_section(check, data, "switches", Switches),
         faults=faults,
         tokens=_tokens(check, data),
-        source=source,
     )
 
 

@@ -1,0 +1,15 @@
+"""The simulated robot hosts: real SSH servers on loopback, one per instance (the 'sim' extra).
+
+:class:`HostManager` (:mod:`.manager`) starts and stops them; each host (:mod:`.host`) is
+served by one of two backends, :mod:`.asyncssh_backend` (in-process, the default) or
+:mod:`.openssh_backend` (a private ``/usr/sbin/sshd`` per host); :mod:`.processes` holds the
+process utilities both use to leave nothing running.
+"""
+
+from __future__ import annotations
+
+from ..hostapi import HostInfo
+from .manager import BACKENDS, HostManager
+from .openssh_backend import SSHD
+
+__all__ = ["BACKENDS", "SSHD", "HostInfo", "HostManager"]

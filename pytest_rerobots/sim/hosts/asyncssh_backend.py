@@ -1,0 +1,230 @@
+"""The asyncssh backend: an in-process SSH server on each host's accepted sockets.
+
+Logins are user ``root``, public key only, with exactly the host's keys. Commands run as
+``/bin/sh -c CMD`` in the host's directory with ``HOME`` set to it, in a process group of
+their own; a command killed by signal ``n`` exits with status ``128 + n``, as a shell reports
+it. SFTP resolves relative paths against the same directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pathlib
+import posixpath
+import signal
+import socket
+import subprocess
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncssh
+
+from .host import Host, HostContext
+from .processes import CHUNK, killpg, reap, subprocess_exec
+
+__all__ = ["AsyncsshHost"]
+
+
+class AsyncsshHost(Host):
+    """An in-process asyncssh server on this host's sockets."""
+
+    def __init__(
+        self,
+        context: HostContext,
+        instance_id: str,
+        directory: pathlib.Path,
+        authorized: list[str],
+        firewall: Callable[[str], str],
+    ) -> None:
+        super().__init__(context, instance_id, directory, authorized, firewall)
+        self._options: asyncssh.SSHServerConnectionOptions | None = None
+        self._allowed = {asyncssh.import_public_key(line).public_data for line in self.authorized}
+        self._conns: set[asyncssh.SSHServerConnection] = set()
+        self._procs: set[asyncio.subprocess.Process] = set()
+
+    async def _start_server(self) -> None:
+        home = os.fsencode(self.directory)
+        self._options = await asyncssh.SSHServerConnectionOptions.construct(
+            server_factory=lambda: _SSHServer(self),
+            server_host_keys=[asyncssh.import_private_key(self.key_pem)],
+            process_factory=self._handle_process,
+            sftp_factory=lambda chan: _HomeSFTPServer(chan, home),
+            encoding=None,
+            allow_scp=False,
+            agent_forwarding=False,
+            x11_forwarding=False,
+            allow_pty=False,
+            line_editor=False,
+            login_timeout=30,
+        )
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            await asyncssh.run_server(sock, options=self._options)
+        except (asyncssh.Error, OSError, asyncio.TimeoutError):
+            pass  # a client that fails to log in or goes away is the client's business
+
+    def allows(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return username == "root" and key.public_data in self._allowed
+
+    async def _close_connections(self) -> None:
+        for conn in list(self._conns):
+            conn.abort()
+        self._conns.clear()
+        for proc in list(self._procs):
+            killpg(proc.pid)
+
+    async def _stop_server(self) -> None:
+        procs = list(self._procs)
+        if procs:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in procs], timeout=5)
+
+    async def _handle_process(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        try:
+            await self._exec(process)
+        except Exception as exc:  # our bug, not the client's: surface it
+            self.context.record_error(exc)
+            with contextlib.suppress(Exception):
+                process.exit(255)
+
+    async def _exec(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
+        argv = ["/bin/sh"] if process.command is None else ["/bin/sh", "-c", process.command]
+        try:
+            transport, proc = await subprocess_exec(
+                *argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=self.directory,
+                env=self.env(),
+                # Its own process group, so that a timeout or stop_host kills
+                # the command and everything it started, and nothing else.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            process.stderr.write(f"sh: {exc}\n".encode())
+            process.exit(127)
+            return
+        self._procs.add(proc)
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        loop = asyncio.get_running_loop()
+        feeder = loop.create_task(_feed(process, proc))
+        closed = loop.create_task(process.channel.wait_closed())
+        outputs = loop.create_task(
+            _all_true(_pump(proc.stdout, process.stdout), _pump(proc.stderr, process.stderr))
+        )
+        try:
+            # The client may close the channel (a timeout on its side) at any
+            # moment: then the command is killed, as nobody can read its output.
+            if await _unless_closed(outputs, closed):
+                waiter = loop.create_task(proc.wait())
+                if await _unless_closed(waiter, closed):
+                    rc = waiter.result()
+                    with contextlib.suppress(OSError):
+                        process.exit(rc if rc >= 0 else 128 - rc)
+        finally:
+            if proc.returncode is None:
+                killpg(proc.pid)
+            for task in (feeder, closed, outputs):
+                task.cancel()
+            try:
+                await reap(transport, proc)
+            finally:
+                self._procs.discard(proc)
+
+
+class _SSHServer(asyncssh.SSHServer):
+    """Per-connection policy: user root, public key only, the host's keys only."""
+
+    def __init__(self, host: AsyncsshHost) -> None:
+        self._host = host
+        self._conn: asyncssh.SSHServerConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        self._host._conns.add(conn)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._conn is not None:
+            self._host._conns.discard(self._conn)
+
+    def begin_auth(self, username: str) -> bool:
+        return True  # authentication is always required
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return self._host.allows(username, key)
+
+
+class _HomeSFTPServer(asyncssh.SFTPServer):
+    """SFTP with relative paths resolved against the host's directory, like sftp-server."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], home: bytes) -> None:
+        super().__init__(chan)
+        self._home = home
+
+    def map_path(self, path: bytes) -> bytes:
+        # posixpath.join keeps absolute paths as they are, as OpenSSH does.
+        return posixpath.join(self._home, path)
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> bool:
+    """Copy a command's output to the channel with flow control; True at EOF."""
+    try:
+        while data := await src.read(CHUNK):
+            dst.write(data)
+            await dst.drain()
+    except (OSError, asyncssh.Error):
+        return False
+    return True
+
+
+async def _feed(
+    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process
+) -> None:
+    """Copy the channel's data to the command's stdin; forward signals; close at EOF."""
+    assert proc.stdin is not None
+    try:
+        while True:
+            try:
+                data = await process.stdin.read(CHUNK)
+            except asyncssh.SignalReceived as exc:
+                signum = signal.Signals.__members__.get("SIG" + exc.signal)
+                if signum is not None:
+                    killpg(proc.pid, signum)
+                continue
+            except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged):
+                continue
+            if not data:
+                break
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+    except (OSError, asyncssh.Error):
+        pass  # the command stopped reading, or the channel went away
+    finally:
+        proc.stdin.close()
+
+
+async def _all_true(*aws: Awaitable[bool]) -> bool:
+    return all(await asyncio.gather(*aws))
+
+
+async def _unless_closed(task: asyncio.Task[Any], closed: asyncio.Task[Any]) -> bool:
+    """Wait for ``task``; False if the channel closes first (``task`` is then
+    cancelled), if ``task`` failed, or if it returned False."""
+    await asyncio.wait({task, closed}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+    return not task.cancelled() and task.exception() is None and task.result() is not False
