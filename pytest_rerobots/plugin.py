@@ -27,6 +27,9 @@ from .run import Run
 from .settings import OPTIONS, Settings, resolve
 
 if TYPE_CHECKING:
+    import paramiko
+    from _pytest.terminal import TerminalReporter
+
     from .sim import Simulator
 
 PLUGIN_NAME = "rerobots-plugin"
@@ -348,7 +351,7 @@ class RerobotsPlugin:
                 f"scope {self.settings.scope}"]
 
     @pytest.hookimpl(trylast=True)
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         if self.is_worker:
             return
         report.terminal_summary(terminalreporter, self.run.records, self.skipped_for_token)
@@ -424,13 +427,13 @@ def rerobots_instance(request: pytest.FixtureRequest) -> Instance:
 
 
 @pytest.fixture
-def rerobots_ssh(rerobots_instance: Instance) -> Any:
+def rerobots_ssh(rerobots_instance: Instance) -> paramiko.SSHClient:
     """The instance's ``paramiko.SSHClient``, logged in as ``root``."""
     return rerobots_instance.ssh
 
 
 @pytest.fixture
-def rerobots_sftp(rerobots_instance: Instance) -> Any:
+def rerobots_sftp(rerobots_instance: Instance) -> paramiko.SFTPClient:
     """A ``paramiko.SFTPClient`` on the instance's SSH connection."""
     return rerobots_instance.sftp
 

@@ -8,9 +8,13 @@ import os
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .instance import ENDED_OUTCOMES, FailedRental, Instance, Outcome
+
+if TYPE_CHECKING:  # the plugin's objects; this module does not import pytest
+    import pytest
+    from _pytest.terminal import TerminalReporter
 
 __all__ = ["Progress", "Records", "github_step_summary", "record_properties", "terminal_summary"]
 
@@ -61,13 +65,13 @@ class Progress:
     one line rewritten in place on a terminal, a plain line every 10 s in CI logs, and
     a last line when the wait ends."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self._begun: dict[int, float] = {}
         self._last_print: dict[int, float] = {}
         self._shown: set[int] = set()
 
-    def _reporter(self) -> Any:
+    def _reporter(self) -> TerminalReporter | None:
         reporter = self.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is None or self.config.option.verbose < 0:
             return None
@@ -131,7 +135,7 @@ class Progress:
         self._last_print.pop(key, None)
 
 
-def record_properties(item: Any, instance: Instance) -> None:
+def record_properties(item: pytest.Item, instance: Instance) -> None:
     """Add the instance's identity to a test's JUnit XML properties."""
     for name, value in (("rerobots_instance", instance.id), ("rerobots_wtype", instance.wtype),
                         ("rerobots_deployment", instance.deployment),
@@ -174,7 +178,8 @@ def _ended(instance: Instance) -> str:
     return str(instance.outcome)
 
 
-def terminal_summary(reporter: Any, records: Records, skipped_for_token: int) -> None:
+def terminal_summary(reporter: TerminalReporter, records: Records,
+                     skipped_for_token: int) -> None:
     """The rerobots section of pytest's terminal summary (controller only)."""
     if skipped_for_token:
         reporter.write_line(
