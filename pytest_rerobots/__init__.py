@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .client import RerobotsClient
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     APIError,
     BusyWorkspaceDeployment,
@@ -27,9 +29,34 @@ from .errors import (
     TransportError,
     WrongAuthToken,
 )
-from .instance import Instance, InstanceOptions, Outcome
-from .run import Run
-from .ssh import CommandResult
+
+if TYPE_CHECKING:
+    from .client import RerobotsClient
+    from .instance import Instance, InstanceOptions
+    from .outcome import Outcome
+    from .run import Run
+    from .ssh import CommandResult
+
+# The rest loads on first use: requests, paramiko and tenacity are not imported by
+# every pytest run that merely has the plugin installed (see docs/architecture.md).
+_LAZY = {
+    "CommandResult": "ssh",
+    "Instance": "instance",
+    "InstanceOptions": "instance",
+    "Outcome": "outcome",
+    "RerobotsClient": "client",
+    "Run": "run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -40,6 +40,7 @@ from .errors import (
     TransportError,
     WrongAuthToken,
 )
+from .settings import DEFAULT_API_URL
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -48,7 +49,6 @@ __all__ = ["DEFAULT_API_URL", "NewInstance", "RateLimit", "RerobotsClient"]
 
 log = logging.getLogger("pytest_rerobots.client")
 
-DEFAULT_API_URL = "https://api.rerobots.net"
 #: How many times (1 s apart) a lost POST /new is looked for in GET /instances.
 RECONCILE_LOOKS = 3
 ACCEPT = "application/vnd.rerobots.v1+json"

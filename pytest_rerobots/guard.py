@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from .instance import ENDED_OUTCOMES, Outcome, end
+from .outcome import ENDED_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
@@ -163,6 +163,10 @@ def end_all(
     with ``"failed:"``. Each success is recorded in ``ledger`` as ended ``by`` that
     layer. Never raises for one instance's trouble.
     """
+    # (Loaded here, not at the top: the signal guard and the ledger are needed by runs
+    # that never load the SSH and HTTP machinery.)
+    from .instance import end
+
     def one(ident: str) -> tuple[str, str]:
         try:
             outcome: str = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 import paramiko
@@ -36,6 +35,7 @@ from .errors import (
     RerobotsError,
     ReservationNotFound,
 )
+from .outcome import ENDED_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from .client import NewInstance, RerobotsClient
@@ -56,27 +56,6 @@ __all__ = [
 log = logging.getLogger("pytest_rerobots.instance")
 
 ENDED = ("INIT_FAIL", "TERMINATING", "TERMINATED")
-
-
-class Outcome(str, Enum):
-    """How an instance's use ended (``Instance.outcome``); equal to its text."""
-
-    TERMINATED = "terminated"
-    ALREADY_ENDED = "already ended"
-    NOT_FOUND = "not found"
-    #: Left running for another process that uses it (xdist shared mode).
-    HANDED_OVER = "handed over"
-    #: ``POST /new`` never answered with an id: there is nothing to end.
-    NEVER_RENTED = "never rented"
-    #: The API did not confirm the end; ``Instance.failure`` says why.
-    TERMINATE_FAILED = "terminate failed"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-#: Outcomes that mean the instance is over (anything else may still run).
-ENDED_OUTCOMES = (Outcome.TERMINATED, Outcome.ALREADY_ENDED, Outcome.NOT_FOUND)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import replace
@@ -19,17 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+# Only light modules here: a pytest run that rents nothing must not pay for requests,
+# paramiko or tenacity. The client, instances and the Run load with the first rental.
 from . import guard, report
-from .client import RerobotsClient
 from .errors import ConfigurationError, is_infrastructure
-from .instance import Instance
-from .run import Run
 from .settings import OPTIONS, Settings, resolve
 
 if TYPE_CHECKING:
     import paramiko
     from _pytest.terminal import TerminalReporter
 
+    from .client import RerobotsClient
+    from .instance import Instance
+    from .run import Run
     from .sim import Simulator
 
 PLUGIN_NAME = "rerobots-plugin"
@@ -110,6 +113,8 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = load_settings(config)
     assert settings.ledger is not None
     ledger = guard.Ledger(settings.ledger)
+    from .client import RerobotsClient
+
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
         failed = guard.sweep(api, ledger, print)
     return 1 if failed else 0
@@ -140,13 +145,13 @@ class XdistHooks:
         """Worker: send its instances and skips to the controller, for the summary."""
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
-            output["rerobots_rows"] = report.rows(self.plugin.run.records)
+            output["rerobots_rows"] = report.rows(self.plugin.records)
             output["rerobots_skipped_for_token"] = self.plugin.skipped_for_token
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """Controller: collect what a worker sent (nothing if it crashed)."""
         output = getattr(node, "workeroutput", None) or {}
-        self.plugin.run.records.remote_rows.extend(
+        self.plugin.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
         self.plugin.skipped_for_token += int(output.get("rerobots_skipped_for_token", 0))
 
@@ -154,7 +159,7 @@ class XdistHooks:
         """Hand the run id and the controller's simulator to each worker (through
         execnet, not argv)."""
         plugin = self.plugin
-        node.workerinput["rerobots_run_id"] = plugin.run.run_id
+        node.workerinput["rerobots_run_id"] = plugin.run_id
         if plugin.settings.xdist == "shared":
             if plugin.share_dir is None:
                 plugin.share_dir = Path(tempfile.mkdtemp(prefix="rerobots-share-"))
@@ -175,9 +180,13 @@ class RerobotsPlugin:
         self.worker_input: dict[str, Any] | None = getattr(config, "workerinput", None)
         self.simulator: Simulator | None = None
         self.skipped_for_token = 0
+        self.records = report.Records()
+        self.run_id = str((self.worker_input or {}).get("rerobots_run_id") or uuid.uuid4())
         # Under xdist with --rerobots-xdist shared: the controller's directory for the
         # workers to share instances through (see share.py).
         self.share_dir: Path | None = None
+        self.api_url, self._token = settings.api_url, settings.token
+        self.signals = guard.SignalGuard()
         self._run: Run | None = None
 
     # -- start and stop -------------------------------------------------------
@@ -186,43 +195,56 @@ class RerobotsPlugin:
     def is_worker(self) -> bool:
         return self.worker_input is not None
 
-    @property
-    def run(self) -> Run:
-        assert self._run is not None, "the rerobots plugin has not started"
-        return self._run
-
     def start(self) -> None:
         s = self.settings
         worker = self.worker_input or {}
-        url, token = s.api_url, s.token
         if "rerobots_sim_url" in worker:
-            url, token = worker["rerobots_sim_url"], worker["rerobots_sim_token"]
+            self.api_url, self._token = worker["rerobots_sim_url"], worker["rerobots_sim_token"]
         elif s.sim and not s.sweep:
             self.simulator = self._start_simulator()
-            url, token = self.simulator.url, self.simulator.token
-        embedded = self.mode == "embedded simulator"
-        # An embedded simulator dies with this process, and its instances with it;
-        # anything else (the real API, a simulator of its own) gets layers 3 and 5.
-        guarded = not embedded and s.ledger is not None and not s.sweep
-        if guarded:
+            self.api_url, self._token = self.simulator.url, self.simulator.token
+        if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
+            # The xdist controller rents nothing itself, but on SIGTERM it must still
+            # get to end what its workers hold.
+            self.signals.install()
+
+    @property
+    def guarded(self) -> bool:
+        """Whether this run gets layers 3 and 5 (watchdog, ledger). An embedded simulator
+        dies with this process, and its instances with it; the real API, or a simulator of
+        its own, does not."""
+        s = self.settings
+        return self.mode != "embedded simulator" and s.ledger is not None and not s.sweep
+
+    @property
+    def run(self) -> Run:
+        """The run, made on first need (the first rental, not the plugin's loading)."""
+        if self._run is None:
+            self._run = self._make_run()
+        return self._run
+
+    def _make_run(self) -> Run:
+        from .run import Run
+
+        s = self.settings
+        if self.guarded:
             cache = getattr(self.config, "cache", None)
             if cache is not None:
                 # Let pytest make its cache dir first, with its .gitignore, before the
                 # ledger is written there (pytest adds those files only to a new dir).
                 cache.set("rerobots/ledger", str(s.ledger))
+        worker = self.worker_input or {}
         share_dir = worker.get("rerobots_share_dir") if s.xdist == "shared" else None
-        self._run = Run(
-            url, token, ignore_env=True, ledger=s.ledger if guarded else None,
-            run_id=worker.get("rerobots_run_id"), watchdog=guarded, share_dir=share_dir,
-            listeners=[report.Progress(self.config)],
+        return Run(
+            self.api_url, self._token, ignore_env=True,
+            ledger=s.ledger if self.guarded else None, run_id=self.run_id,
+            watchdog=self.guarded, share_dir=share_dir, records=self.records,
+            signals=self.signals, listeners=[report.Progress(self.config)],
             ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout,
-            init_retries=s.init_retries, lease=s.lease,
-            allow=s.allow, fast_polling=embedded, keepalive_interval=s.keepalive_interval,
+            init_retries=s.init_retries, lease=s.lease, allow=s.allow,
+            fast_polling=self.mode == "embedded simulator",
+            keepalive_interval=s.keepalive_interval,
         )
-        if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
-            # The xdist controller rents nothing itself, but on SIGTERM it must still
-            # get to end what its workers hold.
-            self.run.signals.install()
 
     def _start_simulator(self) -> Simulator:
         try:
@@ -250,6 +272,7 @@ class RerobotsPlugin:
             if self._run is not None:
                 self._run.close()
         finally:
+            self.signals.uninstall()
             if self.simulator is not None:
                 self.simulator.stop()
                 self.simulator = None
@@ -260,7 +283,7 @@ class RerobotsPlugin:
 
     def need_run(self) -> Run:
         """The run, or skip (or fail with --rerobots-require) when there is no token."""
-        if not self.run.can_rent:
+        if not self._token:
             if self.settings.require:
                 pytest.fail(f"{NO_CREDENTIALS} (--rerobots-require)", pytrace=False)
             self.skipped_for_token += 1
@@ -319,10 +342,18 @@ class RerobotsPlugin:
         if self.config.pluginmanager.has_plugin("dsession"):
             # xdist's controller: end what the workers hold *before* xdist shuts them
             # down, which can take 10 s when the run was interrupted.
-            self.run.end_leftovers()
+            self._end_leftovers()
         yield  # (an old-style wrapper: the other impls' errors do not surface here)
         # After the session's fixtures are torn down: what is still live leaked.
-        self.run.end_leftovers()
+        self._end_leftovers()
+
+    def _end_leftovers(self) -> None:
+        """End what the ledger holds as live for this run (a worker killed before its
+        teardown). Reading the ledger is cheap; the client loads only if there is any."""
+        ledger = self.settings.ledger
+        if self.guarded and ledger is not None and (
+                self._run is not None or guard.Ledger(ledger).live(run_id=self.run_id)):
+            self.run.end_leftovers()
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
@@ -343,9 +374,8 @@ class RerobotsPlugin:
         return None
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
-        client = self.run.client
-        url = client.api_url
-        token = "set" if client.has_token else "not set"
+        url = self.api_url
+        token = "set" if self._token else "not set"
         wtype = self.settings.wtype or "from markers"
         return [f"rerobots: {url} ({self.mode}), token {token}, wtype {wtype}, "
                 f"scope {self.settings.scope}"]
@@ -354,8 +384,8 @@ class RerobotsPlugin:
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         if self.is_worker:
             return
-        report.terminal_summary(terminalreporter, self.run.records, self.skipped_for_token)
-        report.github_step_summary(self.run.records)
+        report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
+        report.github_step_summary(self.records)
 
 
 def marker_args(marker: pytest.Mark | None) -> tuple[list[str], str | None]:

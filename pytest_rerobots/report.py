@@ -10,11 +10,13 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from .instance import ENDED_OUTCOMES, FailedRental, Instance, Outcome
+from .outcome import ENDED_OUTCOMES, Outcome
 
-if TYPE_CHECKING:  # the plugin's objects; this module does not import pytest
+if TYPE_CHECKING:  # pytest's objects (this module does not import pytest), and ours
     import pytest
     from _pytest.terminal import TerminalReporter
+
+    from .instance import FailedRental, Instance
 
 __all__ = ["Progress", "Records", "github_step_summary", "record_properties", "terminal_summary"]
 

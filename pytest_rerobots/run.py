@@ -60,8 +60,10 @@ class Run:
     False leaves layer 3 out (an embedded simulator dies with the process anyway).
     ``signals`` False leaves SIGTERM and SIGHUP alone. ``share_dir`` is the
     directory of an xdist run's shared pool. ``listeners`` see every instance's
-    life (the plugin's live progress line). Other keywords are the defaults of
-    every instance (:class:`.InstanceOptions` fields, e.g. ``ready_timeout``).
+    life (the plugin's live progress line); ``records`` keeps them for the summary.
+    ``signals`` may also be a :class:`.guard.SignalGuard` to use (the plugin's).
+    Other keywords are the defaults of every instance (:class:`.InstanceOptions`
+    fields, e.g. ``ready_timeout``).
     """
 
     def __init__(
@@ -72,9 +74,10 @@ class Run:
         ledger: str | os.PathLike[str] | None = _DEFAULT,
         run_id: str | None = None,
         watchdog: bool = True,
-        signals: bool = True,
+        signals: bool | guard.SignalGuard = True,
         share_dir: str | os.PathLike[str] | None = None,
         listeners: Iterable[InstanceListener] = (),
+        records: report.Records | None = None,
         ignore_env: bool = False,
         **defaults: Any,
     ) -> None:
@@ -83,7 +86,7 @@ class Run:
             token = os.environ.get("REROBOTS_API_TOKEN") or None
         self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
         self.run_id = run_id or str(uuid.uuid4())
-        self.records = report.Records()
+        self.records = records if records is not None else report.Records()
         self.listeners: list[InstanceListener] = [self.records, *listeners]
         if ledger is _DEFAULT:
             ledger = DEFAULT_LEDGER
@@ -99,8 +102,8 @@ class Run:
             self.watchdog = guard.Watchdog(
                 self.client.api_url, token, ledger=self.ledger,
                 deadline=max(180.0, self.defaults.ready_timeout + 60.0))
-        self.signals = guard.SignalGuard()
-        self._signals = signals
+        self.signals = signals if isinstance(signals, guard.SignalGuard) else guard.SignalGuard()
+        self._signals = signals is not False
         self.shared = SharedPool(share_dir) if share_dir is not None else None
         self._pool: dict[Hashable, Instance] = {}
         self._failed: dict[Hashable, Exception] = {}

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from .client import DEFAULT_API_URL
 from .errors import ConfigurationError
+
+#: The rerobots API's origin.
+DEFAULT_API_URL = "https://api.rerobots.net"
 
 __all__ = ["OPTIONS", "Option", "Settings", "resolve"]
 

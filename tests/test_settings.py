@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rerobots.client import DEFAULT_API_URL
+from pytest_rerobots.settings import DEFAULT_API_URL
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.settings import resolve
 
