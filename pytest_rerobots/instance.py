@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENDED_OUTCOMES",
+    "Aborted",
     "FailedRental",
     "Instance",
     "InstanceListener",
@@ -50,7 +51,9 @@ __all__ = [
     "Outcome",
     "Timings",
     "end",
+    "end_all",
     "is_deployment_id",
+    "start_all",
 ]
 
 log = logging.getLogger("pytest_rerobots.instance")
@@ -167,6 +170,13 @@ class InstanceListener(Protocol):
         """A rental failed to start and was ended (``failed.outcome``); another follows."""
 
 
+class Aborted(BaseException):
+    """A start called off from another thread (a sibling's failure, or Ctrl-C in the
+    thread that started them). A BaseException, like KeyboardInterrupt, so that nothing
+    on the way mistakes it for an error to retry; :meth:`Instance.start` ends what was
+    rented before it propagates."""
+
+
 @dataclass
 class FailedRental:
     """An instance rented for an :class:`Instance` that never became READY, and ended."""
@@ -273,6 +283,8 @@ class Instance:
     _up: bool = field(default=False, init=False, repr=False)
     _ending: bool = field(default=False, init=False, repr=False)
     _rented_mono: float = field(default=0.0, init=False, repr=False)
+    #: Set by whoever starts several instances at once, to stop this one's start.
+    _abort: threading.Event | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.listeners = list(self.listeners)
@@ -300,15 +312,19 @@ class Instance:
     def __exit__(self, *exc: object) -> None:
         self.end()
 
-    def start(self) -> Instance:
+    def start(self, *, abort: threading.Event | None = None) -> Instance:
         """Rent, wait for READY, open the firewall and connect; returns ``self``.
 
         If any step fails (Ctrl-C included), whatever was rented is ended before
         the error propagates. Calling it again on a started instance does nothing,
-        so ``with run.acquire(...) as robot`` does not start twice.
+        so ``with run.acquire(...) as robot`` does not start twice. Setting ``abort``
+        (from another thread) calls the start off: it ends what it rented and raises
+        :class:`Aborted`.
         """
         if self._up:
             return self
+        if abort is not None:
+            self._abort = abort
         try:
             self._bring_up()
         except BaseException as exc:
@@ -372,7 +388,7 @@ class Instance:
              wds: Sequence[str] | None = None) -> NewInstance:
         """``POST /new``; a 5xx that reconciliation showed created nothing is sent again
         a few times with backoff (never blindly: the client looked first)."""
-        for attempt in retry.renting(fast=self.options.fast_polling, sleep=self.sleep):
+        for attempt in retry.renting(fast=self.options.fast_polling, sleep=self._nap):
             with attempt:
                 return self._new_once(target, reserve=reserve, wds=wds)
         raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
@@ -541,7 +557,7 @@ class Instance:
                 except RerobotsError as exc:
                     log.debug("GET /qlen: %s", exc)
                 self._emit("progress")
-                self.sleep(min(self._queue_pace(waited),
+                self._nap(min(self._queue_pace(waited),
                                max(0.0, self.options.queue_timeout - waited)))
                 try:
                     answer = self._new(self.target, wds=wds)
@@ -586,7 +602,7 @@ class Instance:
                     self.queue_position = self.client.queue_length(deployment)
                 self._emit("progress")
                 waited = time.monotonic() - begun
-                self.sleep(min(self._queue_pace(waited),
+                self._nap(min(self._queue_pace(waited),
                                max(0.05, self.options.queue_timeout - waited)))
         finally:
             if not served:
@@ -688,11 +704,11 @@ class Instance:
 
         policy = retry.polling(
             deadline=opts.ready_timeout, interval=interval, keep_going=lambda s: s != "READY",
-            sleep=self.sleep, before_sleep=shown,
+            sleep=self._nap, before_sleep=shown,
         )
         try:
             # Nothing is READY the instant POST /new answers: sleep before the first poll.
-            self.sleep(interval())
+            self._nap(interval())
             policy(poll)
         except tenacity.RetryError as exc:
             raise InstanceTimeout(
@@ -730,7 +746,7 @@ class Instance:
         assert self.host is not None and self.port is not None and self.pkey is not None
         client = ssh.connect(
             self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
-            deadline=self.options.connect_timeout, sleep=self.sleep,
+            deadline=self.options.connect_timeout, sleep=self._nap,
         )
         self._connection = ssh.Connection(client)
 
@@ -845,6 +861,14 @@ class Instance:
         return end(self.client, self.id, deadline=opts.terminate_timeout,
                    notfound_grace=max(0.0, opts.notfound_grace - since_rent), sleep=self.sleep)
 
+    def _nap(self, seconds: float) -> None:
+        """Sleep during the start, or stop it (:class:`Aborted`) when it is called off."""
+        abort = self._abort
+        if abort is None:
+            self.sleep(seconds)
+        elif abort.wait(seconds):
+            raise Aborted(f"start of {self.label} called off")
+
     def _emit(self, event: str, *args: Any) -> None:
         for listener in self.listeners:
             handler = getattr(listener, event, None)
@@ -854,3 +878,81 @@ class Instance:
                 handler(self, *args)
             except Exception:  # a reporting bug must never stop a terminate
                 log.exception("listener %r failed on %s", listener, event)
+
+
+def start_all(instances: Sequence[Instance]) -> list[Instance]:
+    """Start several instances concurrently (rent, READY, firewall, SSH), in order.
+
+    If one fails, the others are called off and everything rented is ended before
+    an :class:`~.errors.InstanceError` naming the one that failed propagates (the
+    failure itself is its ``__cause__``). Ctrl-C (in the calling thread) calls them
+    all off and ends what they rented, then propagates.
+    """
+    if len(instances) == 1:
+        return [instances[0].start()]
+    abort = threading.Event()
+    failures: dict[int, BaseException] = {}
+
+    def start(k: int, inst: Instance) -> None:
+        try:
+            inst.start()
+        except BaseException as exc:  # recorded; the calling thread decides
+            failures[k] = exc
+            abort.set()
+
+    threads = []
+    for k, inst in enumerate(instances):
+        inst._abort = abort  # (before the thread starts: a Ctrl-C may come at once)
+        thread = threading.Thread(target=start, args=(k, inst), daemon=True,
+                                  name=f"rerobots-start-{k}")
+        thread.start()
+        threads.append(thread)
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:
+        abort.set()  # Ctrl-C: each start ends what it rented
+        for thread in threads:
+            thread.join()
+        end_all(instances)
+        raise
+    finally:
+        for inst in instances:
+            inst._abort = None
+    real = {k: e for k, e in failures.items() if not isinstance(e, Aborted)}
+    if real:
+        end_all(instances)
+        k, exc = min(real.items())
+        others = len(instances) - 1
+        raise InstanceError(
+            f"{instances[k].label} (robot {k + 1} of {len(instances)}) failed: "
+            f"{type(exc).__name__}: {exc}; the other {others} "
+            f"{'was' if others == 1 else 'were'} ended", instance_id=instances[k].id,
+        ) from exc
+    return list(instances)
+
+
+def end_all(instances: Iterable[Instance]) -> None:
+    """End several instances concurrently (:meth:`Instance.end`); raises the first error
+    after trying them all."""
+    pending = [i for i in instances if i.outcome is None]
+    if len(pending) <= 1:
+        for inst in pending:
+            inst.end()
+        return
+    errors: list[Exception] = []
+
+    def end_one(inst: Instance) -> None:
+        try:
+            inst.end()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=end_one, args=(i,), name="rerobots-end", daemon=True)
+               for i in pending]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,6 +187,9 @@ class RerobotsPlugin:
         self.api_url, self._token = settings.api_url, settings.token
         self.signals = guard.SignalGuard()
         self._run: Run | None = None
+        # The pool's keys of each scope node (by node id), ended together at its end.
+        self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
+        self._prefetched = False
 
     # -- start and stop -------------------------------------------------------
 
@@ -296,14 +298,49 @@ class RerobotsPlugin:
         run = self.need_run()
         scope_node = self._scope_node(request)
         key = (wtype, deployment, scope_node.nodeid)
-        if not run.holds(key):
-            # The finalizer comes first, so the scope's teardown ends the instance even
-            # if its start is interrupted half way (Instance.start also cleans up).
-            scope_node.addfinalizer(lambda: run.release(key))
-        inst = run.hold(key, wtype, deployment=deployment,
-                        shared=self.settings.scope == "session")
+        keys = self._scope_keys.get(scope_node.nodeid)
+        if keys is None:
+            keys = self._scope_keys[scope_node.nodeid] = []
+            # The finalizer comes first, so the scope's teardown ends the instances even
+            # if a start is interrupted half way (Instance.start also cleans up). One per
+            # scope, so that its instances end concurrently.
+            scope_node.addfinalizer(lambda: run.release_many(
+                self._scope_keys.pop(scope_node.nodeid, [])))
+        if key not in keys:
+            keys.append(key)
+        if self._prefetching(scope_node):
+            self._prefetch_scope(request.session, scope_node.nodeid)
+        inst = run.hold(key, wtype, deployment=deployment, shared=self._shared)
         report.record_properties(request.node, inst)
         return inst
+
+    @property
+    def _shared(self) -> bool:
+        return self.settings.scope == "session" and self.settings.xdist == "shared"
+
+    def _prefetching(self, scope_node: pytest.Item | pytest.Collector) -> bool:
+        # Session scope only, once, and not under xdist, whose workers each run only
+        # some of the tests.
+        return (self.settings.prefetch and self.settings.scope == "session"
+                and not self._prefetched and not self.is_worker
+                and isinstance(scope_node, pytest.Session))
+
+    def _prefetch_scope(self, session: pytest.Session, scope_id: str) -> None:
+        """Start renting every (type, deployment) the selected tests will need, at once."""
+        self._prefetched = True
+        keys = self._scope_keys[scope_id]
+        for item in session.items:
+            if not _NEEDS_INSTANCE.intersection(getattr(item, "fixturenames", ())) \
+                    or item.get_closest_marker("skip"):
+                continue
+            try:
+                wtype, deployment = self.target_for(item)
+            except pytest.fail.Exception:
+                continue  # that test will say so itself
+            key = (wtype, deployment, scope_id)
+            if key not in keys:
+                keys.append(key)
+            self.run.prefetch(key, wtype, deployment=deployment)
 
     def _scope_node(self, request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
         scope = self.settings.scope
@@ -388,6 +425,10 @@ class RerobotsPlugin:
         report.github_step_summary(self.records)
 
 
+#: The fixtures that hand a test the pooled instance.
+_NEEDS_INSTANCE = frozenset({"rerobots_instance", "rerobots_ssh", "rerobots_sftp"})
+
+
 def marker_args(marker: pytest.Mark | None) -> tuple[list[str], str | None]:
     """The workspace types and deployment a ``rerobots`` marker names (validated)."""
     if marker is None:
@@ -469,19 +510,29 @@ def rerobots_sftp(rerobots_instance: Instance) -> paramiko.SFTPClient:
 
 
 @pytest.fixture
-def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., Instance]]:
+def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     """A factory: ``rerobots_acquire("basic_kobuki")`` rents another READY instance
-    (keywords as for ``Instance``, e.g. ``deployment=...``); every instance it made
-    is terminated at this test's teardown."""
+    (keywords as for ``Instance``, e.g. ``deployment=...``);
+    ``a, b = rerobots_acquire("basic_kobuki", "fixed_misty2")`` rents several at once
+    and returns them in order. Every instance it made is terminated at this test's
+    teardown."""
+    from .instance import end_all
+
     run = _plugin(request.config).need_run()
-    with ExitStack() as stack:
+    made: list[Instance] = []
 
-        def acquire(wtype: str, deployment: str | None = None, **options: Any) -> Instance:
-            inst = stack.enter_context(run.acquire(wtype, deployment=deployment, **options))
+    def acquire(wtype: str, *more: str, deployment: str | None = None,
+                **options: Any) -> Instance | list[Instance]:
+        insts = run.acquire(wtype, *more, deployment=deployment, **options)
+        for inst in insts if isinstance(insts, list) else [insts]:
+            made.append(inst)
             report.record_properties(request.node, inst)
-            return inst
+        return insts
 
+    try:
         yield acquire
+    finally:
+        end_all(made)
 
 
 @pytest.fixture(scope="session")

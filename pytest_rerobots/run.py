@@ -30,11 +30,18 @@ import time
 import uuid
 from collections.abc import Hashable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from . import guard, report
 from .client import RerobotsClient
-from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions
+from .instance import (
+    ENDED_OUTCOMES,
+    Instance,
+    InstanceListener,
+    InstanceOptions,
+    end_all,
+    start_all,
+)
 from .share import SharedPool
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
@@ -108,6 +115,7 @@ class Run:
         self._pool: dict[Hashable, Instance] = {}
         self._failed: dict[Hashable, Exception] = {}
         self._acquired: list[Instance] = []
+        self._pending: dict[Hashable, tuple[threading.Thread, threading.Event]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -144,15 +152,32 @@ class Run:
             target = deployment
         return Instance.build(self.client, target, self.defaults, **settings)
 
+    @overload
     def acquire(self, target: str, *, deployment: str | None = None,
-                **settings: Any) -> Instance:
+                **settings: Any) -> Instance: ...
+
+    @overload
+    def acquire(self, target: str, second: str, *more: str,
+                **settings: Any) -> list[Instance]: ...
+
+    def acquire(self, target: str, *more: str, deployment: str | None = None,
+                **settings: Any) -> Instance | list[Instance]:
         """A started instance (READY, firewall open, SSH connected), a context manager
         whose exit ends it; if the run ends first, the run ends it. A failed start
-        ends what was rented before the error propagates."""
-        inst = self.instance(target, deployment=deployment, **settings)
+        ends what was rented before the error propagates.
+
+        With several targets, they are rented, readied, firewalled and connected
+        concurrently and returned in order; if one fails, the others are ended and
+        the error names the one that failed (:func:`.instance.start_all`).
+        """
+        if more and deployment is not None:
+            raise TypeError("deployment= pins one target: with several, name deployment ids")
+        insts = [self.instance(t, deployment=deployment, **dict(settings))
+                 for t in (target, *more)]
         with self._lock:
-            self._acquired.append(inst)
-        return inst.start()
+            self._acquired.extend(insts)
+        started = start_all(insts)
+        return started if more else started[0]
 
     def known_ids(self) -> list[str]:
         """Every instance this checkout's ledger holds as live (other workers' and other
@@ -194,9 +219,14 @@ class Run:
 
     def hold(self, key: Hashable, target: str, *, deployment: str | None = None,
              shared: bool = False) -> Instance:
-        """The instance held under ``key``, started on first use. ``shared`` takes it
-        from the xdist run's shared pool (if there is one). A start that failed fails
-        again at once for the same key, until :meth:`release`."""
+        """The instance held under ``key``, started on first use (or by
+        :meth:`prefetch`). ``shared`` takes it from the xdist run's shared pool (if
+        there is one). A start that failed fails again at once for the same key,
+        until :meth:`release`."""
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending[0].join()  # started in the background: wait for it (Ctrl-C may stop us)
+            self._pending.pop(key, None)
         if key in self._failed:
             raise self._failed[key]
         inst = self._pool.get(key)
@@ -223,38 +253,82 @@ class Run:
         self._pool[key] = inst
         return inst
 
+    def prefetch(self, key: Hashable, target: str, *, deployment: str | None = None) -> None:
+        """Start renting the instance for ``key`` in the background, so that several
+        keys wait for READY at the same time; :meth:`hold` then waits for it, and
+        :meth:`release` calls it off. Does nothing for a key already held."""
+        if self.holds(key) or key in self._pending:
+            return
+        inst = self._pool[key] = self.instance(target, deployment=deployment)
+        abort = threading.Event()
+
+        def bring_up() -> None:
+            try:
+                inst.start(abort=abort)
+            except BaseException as exc:  # kept for hold() to raise in the test's thread
+                self._pool.pop(key, None)
+                if isinstance(exc, Exception):
+                    self._failed[key] = exc
+
+        thread = threading.Thread(target=bring_up, name=f"rerobots-prefetch-{target}",
+                                  daemon=True)
+        self._pending[key] = (thread, abort)
+        thread.start()
+
     def holds(self, key: Hashable) -> bool:
-        """Whether ``key`` has an instance held, or a failed start on record."""
-        return key in self._pool or key in self._failed
+        """Whether ``key`` has an instance held (or on its way), or a failed start on
+        record."""
+        return key in self._pool or key in self._failed or key in self._pending
 
     def release(self, key: Hashable) -> None:
         """End the instance held under ``key`` (or leave it to the other users of a
         shared one) and forget a failure recorded for it."""
-        self._failed.pop(key, None)
-        inst = self._pool.pop(key, None)
-        if inst is None:
-            return
-        if inst.shared_key is not None and self.shared is not None:
-            self.shared.release(inst.shared_key[1], inst)
-        else:
-            inst.terminate()
+        self.release_many([key])
+
+    def release_many(self, keys: Iterable[Hashable]) -> None:
+        """:meth:`release` several keys, ending their instances concurrently; raises the
+        first error after trying them all."""
+        keys = list(keys)
+        for key in keys:  # call off what is still starting in the background
+            pending = self._pending.pop(key, None)
+            if pending is not None:
+                pending[1].set()
+                pending[0].join()
+        ending: list[Instance] = []
+        errors: list[Exception] = []
+        for key in keys:
+            self._failed.pop(key, None)
+            inst = self._pool.pop(key, None)
+            if inst is None:
+                continue
+            if inst.shared_key is not None and self.shared is not None:
+                try:
+                    self.shared.release(inst.shared_key[1], inst)
+                except Exception as exc:
+                    errors.append(exc)
+            else:
+                ending.append(inst)
+        try:
+            end_all(ending)
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def release_all(self) -> None:
-        """End everything the run still holds, pooled and acquired; raises the first
-        error after trying them all."""
-        errors: list[Exception] = []
-        for key in list(self._pool):
-            try:
-                self.release(key)
-            except Exception as exc:
-                errors.append(exc)
+        """End everything the run still holds, pooled and acquired, concurrently; raises
+        the first error after trying them all."""
         with self._lock:
             acquired, self._acquired = self._acquired, []
-        for inst in acquired:
-            try:
-                inst.end()
-            except Exception as exc:
-                errors.append(exc)
+        errors: list[Exception] = []
+        try:
+            self.release_many([*self._pool, *self._pending])
+        except Exception as exc:
+            errors.append(exc)
+        try:
+            end_all(acquired)
+        except Exception as exc:
+            errors.append(exc)
         if errors:
             raise errors[0]
 

@@ -40,6 +40,7 @@ class Settings:
     ready_timeout: float = 600.0
     queue_timeout: float = 600.0
     init_retries: int = 2
+    prefetch: bool = True
     lease: int = 3600
     keepalive_interval: float = 40.0
     allow: tuple[str, ...] = ()
@@ -172,6 +173,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("init_retries", "--rerobots-init-retries", None, "rerobots_init_retries",
            _count, "times an instance that failed to start (INIT_FAIL, or INIT past the "
            "ready timeout) is ended and rented again (default 2)"),
+    Option("prefetch", "--rerobots-prefetch", None, "rerobots_prefetch", _bool,
+           "on (default) or off: when the first test needs a session-scoped instance, "
+           "start renting every workspace type the selected tests need, at once"),
     Option("lease", "--rerobots-lease", None, "rerobots_lease", _lease,
            "expire_d sent with every instance request: the server ends it after this many "
            "seconds whatever happens (default 3600)"),

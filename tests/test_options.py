@@ -18,6 +18,7 @@ VALUES = {
     "ready_timeout": ("42.5", 42.5),
     "queue_timeout": ("7", 7.0),
     "init_retries": ("5", 5),
+    "prefetch": ("off", False),
     "lease": ("120", 120),
     "keepalive_interval": ("12", 12.0),
     "allow": ("192.0.2.0/24", ["192.0.2.0/24"]),

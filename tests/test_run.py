@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import json
 import os
 import subprocess
@@ -269,3 +270,105 @@ def test_a_5xx_on_post_new_that_created_nothing_is_sent_again(fast_sim: Simulato
         with api.acquire("basic_kobuki", fast_polling=True) as robot:
             assert robot.status == "READY"
             assert api.instances()["workspace_instances"] == [robot.id]
+
+
+# -- several robots at once ---------------------------------------------------------------
+
+
+def test_several_targets_are_started_together_and_returned_in_order(fast_sim: Simulator):
+    fast_sim.configure(ready_delay=0.5)
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+             fast_polling=True) as run:
+        robots = run.acquire("fixed_misty2", "basic_kobuki", "basic_kobuki")
+        assert [r.wtype for r in robots] == ["fixed_misty2", "basic_kobuki", "basic_kobuki"]
+        assert all(r.run("true").exit_status == 0 for r in robots)
+        # Concurrently: every one was rented before any became READY.
+        rented = sorted(r.timings.ready_at - r.timings.to_ready for r in robots)
+        ready = sorted(r.timings.ready_at for r in robots)
+        assert rented[-1] < ready[0]
+    assert fast_sim.live_instances() == []
+
+
+def test_one_failed_start_ends_the_others_and_is_named(fast_sim: Simulator):
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
+        held = api.new_instance("fixed_misty2")   # the only misty is busy
+        with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+                 fast_polling=True, queue_timeout=0) as run:
+            with pytest.raises(Exception, match=r"fixed_misty2 \(robot 2 of 3\) failed: "
+                               r"BusyWorkspaceDeployment.*the other 2 were ended"):
+                run.acquire("basic_kobuki", "fixed_misty2", "basic_kobuki")
+            outcomes = [i.outcome for i in run.records.instances]
+        assert outcomes and all(o in ("terminated", "never rented") for o in outcomes)
+        assert [i.id for i in fast_sim.live_instances()] == [held.id]
+        wait_until(lambda: api.instance(held.id)["status"] == "READY", 5)
+        api.terminate(held.id)
+
+
+def test_ctrl_c_while_several_start_ends_what_they_rented(fast_sim: Simulator):
+    fast_sim.configure(ready_delay=2.0)
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+             fast_polling=True) as run:
+        timer = threading.Timer(0.5, lambda: _thread.interrupt_main())
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            run.acquire("basic_kobuki", "basic_kobuki", "fixed_misty2")
+        timer.join()
+        rented = [i for i in run.records.instances if i.id]
+        assert len(rented) == 3
+        assert all(i.outcome == "terminated" for i in rented)
+    assert fast_sim.live_instances() == []
+
+
+def test_the_run_ends_what_it_holds_concurrently(fast_sim: Simulator):
+    fast_sim.configure(terminate_delay=0.05)
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
+             fast_polling=True) as run:
+        robots = run.acquire("basic_kobuki", "basic_kobuki", "fixed_misty2")
+    ended = [r.timings.ended_at for r in robots]
+    assert all(r.outcome == "terminated" for r in robots)
+    # Each end is one API call or a few; one after another they would take at least the
+    # sum of the others' times: here they overlap.
+    assert max(ended) - min(ended) < min(r.timings.held for r in robots)
+
+
+def test_rerobots_acquire_with_several_targets(pytester: pytest.Pytester, sim_env: Simulator):
+    pytester.makepyfile(
+        """
+        def test_two(rerobots_acquire):
+            a, b = rerobots_acquire("basic_kobuki", "fixed_misty2")
+            assert (a.wtype, b.wtype) == ("basic_kobuki", "fixed_misty2")
+            assert a.run("echo a").stdout == "a\\n" and b.run("echo b").stdout == "b\\n"
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+    assert sim_env.live_instances() == []
+
+
+def test_a_session_readies_every_type_its_tests_need_together(pytester: pytest.Pytester,
+                                                               sim_env: Simulator):
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.rerobots("basic_kobuki")
+        def test_first(rerobots_instance, rerobots_client):
+            # The session's other type was rented when this test's was.
+            live = rerobots_client.instances(details=True)["workspace_instances"]
+            assert sorted(i["type"] for i in live) == ["basic_kobuki", "fixed_misty2"]
+
+        @pytest.mark.rerobots("fixed_misty2")
+        def test_second(rerobots_ssh):
+            pass
+
+        @pytest.mark.rerobots("fixed_misty2")
+        def test_not_selected(rerobots_ssh):
+            pass
+        """
+    )
+    pytester.runpytest("-p", "no:randomly", "-k", "not not_selected"
+                       ).assert_outcomes(passed=2)
+    assert sim_env.live_instances() == []
+    # Turned off: the first test's type alone.
+    pytester.runpytest("-p", "no:randomly", "-k", "first", "--rerobots-prefetch=off"
+                       ).assert_outcomes(failed=1)
+    assert sim_env.live_instances() == []

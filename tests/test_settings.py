@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rerobots.settings import DEFAULT_API_URL
 from pytest_rerobots.errors import ConfigurationError
-from pytest_rerobots.settings import resolve
+from pytest_rerobots.settings import DEFAULT_API_URL, resolve
 
 
 def test_defaults_when_nothing_is_given():
