@@ -1125,7 +1125,7 @@ def test_catalog_missing_file(tmp_path: Path) -> None:
 
 def test_custom_catalog(tmp_path: Path) -> None:
     path = tmp_path / "mine.toml"
-    path.write_text(_MINIMAL + """
+    path.write_text("replace_builtin = true\n" + _MINIMAL + """
 [timings]
 ready_delay = 0.0
 [tokens]

@@ -70,9 +70,11 @@ def _resolve_catalog(config: str | Path | Catalog | None) -> Catalog:
 class Simulator:
     """The simulated rerobots API, served on loopback in a background thread.
 
-    ``config`` is a catalog file, a :class:`~.catalog.Catalog` or ``None`` (the built-in
-    catalog). ``port=0`` picks a free port. ``token`` is the default user's token (made
-    with :mod:`secrets` unless given). ``ssh_backend`` is one of :data:`SSH_BACKENDS`.
+    ``config`` is a catalog file (which adds to the built-in catalog unless it says
+    ``replace_builtin = true``), a :class:`~.catalog.Catalog` or ``None`` (the built-in
+    catalog); the format is in ``docs/simulator-catalog.md``. ``port=0`` picks a free port.
+    ``token`` is the default user's token (made with :mod:`secrets` unless given).
+    ``ssh_backend`` is one of :data:`SSH_BACKENDS`.
     ``clock`` replaces :func:`time.time` (see :class:`~.state.ManualClock`). ``overrides``
     replace catalog settings by their flat names (``ready_delay=0.05``, ``token_budget=5``,
     ``stuck_init=True``, ...; see :data:`~.catalog.OVERRIDE_KEYS`).

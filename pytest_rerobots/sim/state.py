@@ -34,6 +34,7 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import random
 import secrets
 import threading
 import time
@@ -48,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigurationError
 from .accounts import Accounts
-from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting
+from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
 from .hostapi import HostBackend, NullHostManager
@@ -170,6 +171,9 @@ class World:
         self.switches = dataclasses.replace(catalog.switches)
         self.accounts = Accounts(catalog.tokens, catalog.rate_limits, self.clock)
         self.injector = FaultInjector(catalog.faults)
+        # Durations drawn per instance come from a generator of their own, so that the
+        # draws of faults (which a seed makes repeatable) stay the same with or without.
+        self._durations = random.Random(catalog.faults.seed)
         self.events = EventSender()
         self.lock = threading.RLock()
         self.deployments: dict[str, Deployment] = {
@@ -274,14 +278,15 @@ class World:
         for inst in list(self.instances.values()):
             if inst.status == INIT:
                 age = now - inst.created
+                ready_delay = duration_at(timings.ready_delay, inst.ready_draw)
                 if inst.host_state == "failed":
                     self._end(inst, INIT_FAIL, now)
-                elif inst.will_fail and age >= timings.ready_delay:
+                elif inst.will_fail and age >= ready_delay:
                     self._end(inst, INIT_FAIL, now)
                 elif timings.init_timeout > 0 and age >= timings.init_timeout:
                     # The server gives up on a workspace that never acknowledged.
                     self._end(inst, INIT_FAIL, now)
-                elif not inst.stuck and age >= timings.ready_delay and inst.host_state == "up":
+                elif not inst.stuck and age >= ready_delay and inst.host_state == "up":
                     inst.status = READY
                     if self.switches.eurl_on_ready:
                         self._notify(inst, READY)
@@ -292,7 +297,8 @@ class World:
                 elif inst.options.keepalive and now >= inst.last_ka + timings.keepalive_timeout:
                     self._begin_termination(inst, now)
             if (inst.status == TERMINATING and inst.terminating_at is not None
-                    and now >= inst.terminating_at + timings.terminate_delay):
+                    and now >= inst.terminating_at + duration_at(timings.terminate_delay,
+                                                                 inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
         self._serve_reservations(now)
 
@@ -427,6 +433,7 @@ class World:
                 setattr(sections[OVERRIDE_KEYS[name]], name, value)
                 if name == "seed":
                     self.injector.reseed(value)
+                    self._durations.seed(value)
 
     def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,
                            error_status: int = 500, latency: float = 0.0) -> None:
@@ -651,17 +658,23 @@ class World:
         instance_id: str | None = None,
     ) -> Instance:
         injector = self.injector
-        stuck = injector.draw(injector.settings.stuck_init)
-        will_fail = not stuck and injector.draw(self.timings.init_fail_rate)
+        stuck_share = deployment.stuck_init
+        fail_share = deployment.init_fail_rate
+        stuck = injector.draw(injector.settings.stuck_init if stuck_share is None else stuck_share)
+        will_fail = not stuck and injector.draw(
+            self.timings.init_fail_rate if fail_share is None else fail_share)
+        window = duration_at(injector.settings.not_found_window, self._durations.random())
         inst = Instance(
             id=instance_id or str(uuid.uuid4()),
             user=user,
             deployment=deployment,
             options=options,
             created=now,
-            visible_at=now + injector.settings.not_found_window,
+            visible_at=now + window,
             private_key=keys[0],
             public_key=keys[1],
+            ready_draw=self._durations.random(),
+            terminate_draw=self._durations.random(),
             stuck=stuck,
             will_fail=will_fail,
             last_ka=now,
