@@ -195,6 +195,8 @@ not_found_window = [0.0, 0.5]
         ("[timings]\nready_delay = [1]\n", "timings.ready_delay: expected seconds"),
         ("[timings]\nterminate_delay = ['a', 1]\n", "timings.terminate_delay[0]"),
         ("[faults]\nnot_found_window = [0, -1]\n", "faults.not_found_window[1]"),
+        ("[timings]\ndeployments_cache = -1\n", "timings.deployments_cache"),
+        ("[switches]\nbusy_race = 'yes'\n", "switches.busy_race"),
     ],
 )
 def test_bad_durations(tmp_path: Path, text: str, key: str) -> None:

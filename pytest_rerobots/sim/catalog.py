@@ -105,14 +105,19 @@ def duration_at(value: Duration, fraction: float) -> float:
 
 @dataclass
 class Timings:
-    """Durations (seconds) and rates that drive the instance lifecycle."""
+    """Durations (seconds) and rates that drive the instance lifecycle.
+
+    The defaults are the built-in catalog's: the real service's behaviour, much faster.
+    """
 
     ready_delay: Duration = 1.0
     #: TERMINATING -> TERMINATED; the deployment stays busy all that time.
-    terminate_delay: Duration = 0.5
+    terminate_delay: Duration = 0.3
     init_fail_rate: float = 0.0
     keepalive_timeout: float = 60.0
     init_timeout: float = 60.0
+    #: Seconds a ``GET /deployments`` answer is served from cache (0: never cached).
+    deployments_cache: float = 0.0
 
 
 @dataclass
@@ -126,12 +131,16 @@ class RateLimits:
 
 @dataclass
 class Switches:
-    """Choices between variants where the seed, the docs and the real server disagree."""
+    """Choices between variants where the seed, the docs and the real server disagree, and
+    the real server's races; the defaults are the real server's shapes, without the races."""
 
-    sshkey_in_new_response: bool = True
+    sshkey_in_new_response: bool = False
     queuelen_404_unknown: bool = False
     vpn_nil_shape: bool = False
     eurl_on_ready: bool = False
+    #: Two POST /new on one free deployment inside the 404 window both succeed; the later
+    #: instance then ends INIT_FAIL.
+    busy_race: bool = False
 
 
 @dataclass
@@ -145,10 +154,10 @@ class EndpointFault:
 
 @dataclass
 class Faults:
-    """Fault injection settings (all off by default)."""
+    """Fault injection settings (off by default, except the real server's 404 window)."""
 
     #: Lookups of a new instance answer 404 this long after POST /new.
-    not_found_window: Duration = 0.0
+    not_found_window: Duration = 0.2
     stuck_init: float = 0.0
     lose_new_response: float = 0.0
     seed: int | None = None
