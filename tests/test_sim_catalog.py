@@ -1,4 +1,4 @@
-"""Catalog files add to the built-in catalog; per-deployment faults; duration ranges.
+"""Catalog files add to the built-in catalog; per-deployment faults; duration ranges; profiles.
 
 The format is docs/simulator-catalog.md; these tests pin what it promises.
 """
@@ -13,7 +13,7 @@ import requests
 
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.sim import Simulator
-from pytest_rerobots.sim.catalog import default_catalog, load_catalog
+from pytest_rerobots.sim.catalog import default_catalog, load_catalog, profile_catalog
 from pytest_rerobots.sim.state import ManualClock
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
@@ -211,3 +211,12 @@ def test_overrides_take_ranges_too() -> None:
     with pytest.raises(ConfigurationError, match="ready_delay"):
         Simulator(ssh_backend="none", ready_delay=(3, 1))
 
+
+def test_profiles() -> None:
+    assert profile_catalog("realistic").switches.busy_race is True
+    with pytest.raises(ConfigurationError, match="no built-in simulator profile 'nope'"):
+        profile_catalog("nope")
+    # A name that is no profile is a file name.
+    with pytest.raises(ConfigurationError, match="cannot read the catalog"):
+        Simulator("nope", ssh_backend="none")
+    assert Simulator(Path("realistic"), ssh_backend="none").world.switches.busy_race is True

@@ -7,14 +7,17 @@ machine is. ``ssh_backend="none"``: these are shapes, races and timings of the H
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
 from pytest_rerobots.sim import Simulator
-from pytest_rerobots.sim.catalog import default_catalog
+from pytest_rerobots.sim.catalog import default_catalog, profile_catalog
 from pytest_rerobots.sim.state import ManualClock
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
@@ -597,3 +600,69 @@ def test_index_names_deployment_details_literally(api: Api, sim: Simulator) -> N
     body = api.get("/").json()
     assert body["deployment_details"] == "https://api.rerobots.net/deployment/:deploymentID"
     assert body["workspace_types"] == f"{sim.url}/workspaces"
+
+
+# ---------------------------------------------------------------------- the realistic profile
+
+
+def test_realistic_profile_settings() -> None:
+    catalog = profile_catalog("realistic")
+    assert catalog.timings.ready_delay == (2.0, 9.0)
+    assert catalog.timings.terminate_delay == (1.0, 12.0)
+    window = catalog.faults.not_found_window
+    assert isinstance(window, tuple) and 0 < window[1] <= 1.0
+    assert catalog.timings.deployments_cache == 30.0
+    assert catalog.switches.busy_race is True
+    # Everything else is the built-in catalog's.
+    assert catalog.deployments == default_catalog().deployments
+
+
+def test_realistic_profile_runs_the_real_timings_at_a_tenth(clock: ManualClock) -> None:
+    with Simulator("realistic", ssh_backend="none", clock=clock) as sim:
+        api = Api(sim.url, sim.token)
+        ids = [api.new(target) for target in (KOBUKI_US, KOBUKI_EU, MISTY)]
+        clock.advance(1.0)  # past any 404 window
+        clock.advance(0.9)  # not yet 2 s after POST /new: nothing is READY
+        assert {api.status(i) for i in ids} == {"INIT"}
+        clock.advance(7.5)  # past 9 s: all are
+        assert {api.status(i) for i in ids} == {"READY"}
+        for iid in ids:
+            api.post(f"/terminate/{iid}")
+        clock.advance(0.9)
+        assert {api.status(i) for i in ids} == {"TERMINATING"}
+        clock.advance(11.5)
+        assert {api.status(i) for i in ids} == {"TERMINATED"}
+        api.session.close()
+
+
+def test_realistic_profile_by_name_on_the_command_line(tmp_path: Path) -> None:
+    # --help names the profiles; a bare profile name is never read as a file.
+    done = subprocess.run([sys.executable, "-m", "pytest_rerobots.sim", "--help"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert "realistic" in done.stdout
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
+         "--config", "realistic", "--token", "t0k3n"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip().split("=", 1)[1]
+        assert proc.stdout.readline().strip() == "REROBOTS_API_TOKEN=t0k3n"
+        res = requests.get(f"{url}/workspaces", timeout=5)
+        assert "basic_kobuki" in res.json()["workspace_types"]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+def test_plugin_passes_the_realistic_profile(pytester: pytest.Pytester) -> None:
+    """``--rerobots-sim-config realistic`` reaches ``Simulator(...)`` as the profile."""
+    pytester.makepyfile("""
+        def test_profile(rerobots_sim):
+            assert rerobots_sim.world.timings.ready_delay == (2.0, 9.0)
+            assert rerobots_sim.world.switches.busy_race is True
+    """)
+    result = pytester.runpytest("--rerobots-sim", "--rerobots-sim-config", "realistic")
+    result.assert_outcomes(passed=1)
+

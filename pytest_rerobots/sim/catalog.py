@@ -1,10 +1,11 @@
 """The simulator's catalog: workspace types, deployments, timings, limits, tokens and faults.
 
 A catalog is a TOML file; the format is documented for users in ``docs/simulator-catalog.md``.
-The built-in catalog is ``default_catalog.toml`` next to this module. A file adds to the
-built-in catalog: its types and deployments join the built-in ones (a type or deployment id
-it names again replaces the built-in one) and its sections override them key by key; with a
-top-level ``replace_builtin = true`` it starts from nothing instead.
+The built-in catalog is ``default_catalog.toml`` next to this module, and the built-in
+profiles (:data:`PROFILES`, e.g. ``realistic``) are files beside it that add to it. A file
+adds to the built-in catalog too: its types and deployments join the built-in ones (a type
+or deployment id it names again replaces the built-in one) and its sections override them
+key by key; with a top-level ``replace_builtin = true`` it starts from nothing instead.
 
 Durations of the lifecycle (``ready_delay``, ``terminate_delay``, ``not_found_window``) are a
 number of seconds or ``[low, high]``: each instance then draws its own, uniformly.
@@ -38,6 +39,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 __all__ = [
     "ENDPOINT_NAMES",
     "OVERRIDE_KEYS",
+    "PROFILES",
     "Catalog",
     "DeploymentSpec",
     "Duration",
@@ -52,10 +54,15 @@ __all__ = [
     "duration_at",
     "load_catalog",
     "parse_catalog",
+    "profile_catalog",
 ]
 
 #: A duration in seconds: a number, or ``(low, high)`` for one drawn uniformly per instance.
 Duration: TypeAlias = "float | tuple[float, float]"
+
+#: The built-in profiles, by name: each a file beside this module that adds to the built-in
+#: catalog. ``Simulator("realistic")``, ``rerobots-sim --config realistic``.
+PROFILES: dict[str, str] = {"realistic": "realistic.toml"}
 
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -497,6 +504,16 @@ def default_catalog() -> Catalog:
     """The built-in catalog shipped as ``default_catalog.toml``."""
     return parse_catalog(_read_toml(_packaged("default_catalog.toml"), "<built-in catalog>"),
                          "<built-in catalog>")
+
+
+def profile_catalog(name: str) -> Catalog:
+    """The built-in profile ``name`` (a key of :data:`PROFILES`) over the built-in catalog."""
+    if name not in PROFILES:
+        raise ConfigurationError(f"no built-in simulator profile {name!r} "
+                                 f"(there are: {', '.join(sorted(PROFILES))})")
+    source = f"<{name} profile>"
+    return parse_catalog(_read_toml(_packaged(PROFILES[name]), source), source,
+                         base=default_catalog())
 
 
 def apply_overrides(catalog: Catalog, overrides: Mapping[str, Any],
