@@ -510,7 +510,8 @@ def wait_in_init(run: Run) -> str:
     watchdog heard of it first) and the simulator still says INIT."""
     ids = run.wait_for("an instance rented", run.rented)
     assert isinstance(ids, list)
-    assert run.statuses()[ids[0]] == "INIT"
+    # The simulator lists it once the 404 window after POST /new is over, as the server does.
+    assert run.wait_for("the instance listed", lambda: run.statuses().get(ids[0])) == "INIT"
     return ids[0]
 
 

@@ -24,7 +24,8 @@ from pytest_rerobots import (
 from pytest_rerobots.client import RerobotsClient, _epoch, classify
 from pytest_rerobots.sim import Simulator
 
-FAST = dict(ready_delay=0.05, terminate_delay=0.05, ssh_backend="none")
+# No 404 window after POST /new: these tests look at an instance right after renting it.
+FAST = dict(ready_delay=0.05, terminate_delay=0.05, not_found_window=0.0, ssh_backend="none")
 
 
 @pytest.fixture
@@ -160,6 +161,7 @@ def test_unknown_deployment_is_not_found(api: RerobotsClient):
 
 
 def test_instance_lifecycle(api: RerobotsClient, sim: Simulator):
+    sim.configure(sshkey_in_new_response=True)  # the seed's shape, which the client reads
     new = api.new_instance("basic_kobuki", expire_d=600, keepalive=True)
     assert new.success and new.sshkey and "PRIVATE KEY" in new.sshkey
     assert "PRIVATE KEY" not in repr(new)
@@ -187,7 +189,7 @@ def test_public_key_means_no_private_key_in_the_answer(api: RerobotsClient):
 
 
 def test_terminate_during_init_is_busy_instance(sim: Simulator):
-    with Simulator(ready_delay=5.0, ssh_backend="none") as slow, \
+    with Simulator(ready_delay=5.0, not_found_window=0.0, ssh_backend="none") as slow, \
             RerobotsClient(slow.token, slow.url, ignore_env=True) as api:
         new = api.new_instance("basic_kobuki")
         with pytest.raises(BusyWorkspaceInstance, match="init"):

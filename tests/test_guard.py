@@ -58,9 +58,11 @@ def status(api: RerobotsClient, ident: str) -> str:
 
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    """A simulator without SSH hosts (the layers only talk to the API), READY at once;
-    :func:`rent_in_init` rents one that stays in INIT for a second."""
-    with Simulator(ssh_backend="none", ready_delay=0.1, terminate_delay=0.05) as sim:
+    """A simulator without SSH hosts (the layers only talk to the API), READY at once and
+    visible at once (no 404 window); :func:`rent_in_init` rents one that stays in INIT for
+    a second."""
+    with Simulator(ssh_backend="none", ready_delay=0.1, terminate_delay=0.05,
+                   not_found_window=0.0) as sim:
         yield sim
 
 

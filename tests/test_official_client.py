@@ -25,9 +25,15 @@ MISTY = "38496d28-386c-4cad-8daf-ef8a86616687"
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
 
 
+# rerobots 0.11 reads the private key from the POST /new answer, as the seed describes, and
+# does not retry the 404s right after it: the seed's variant, and no 404 window.
+SEED_SHAPES = dict(sshkey_in_new_response=True, not_found_window=0.0)
+
+
 @pytest.fixture
 def sim() -> Iterator[Simulator]:
-    with Simulator(ssh_backend="none", ready_delay=0.05, terminate_delay=0.05) as running:
+    with Simulator(ssh_backend="none", ready_delay=0.05, terminate_delay=0.05,
+                   **SEED_SHAPES) as running:
         yield running
         running.check()
 
@@ -160,7 +166,7 @@ def test_instance_class(client: APIClient) -> None:
                     reason="pytest_rerobots.sim.hosts is not there yet")
 def test_instance_class_over_ssh() -> None:
     """The whole official flow: rent, wait, open the firewall, ssh with the returned key."""
-    with Simulator(ready_delay=0.05, terminate_delay=0.05) as sim:
+    with Simulator(ready_delay=0.05, terminate_delay=0.05, **SEED_SHAPES) as sim:
         client = APIClient(api_token=sim.token, base_uri=sim.url)
         robot = Instance(workspace_types=["basic_kobuki"], apic=client)
         try:

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from pytest_rerobots import BusyWorkspaceInstance, RerobotsClient
+from pytest_rerobots import BusyWorkspaceInstance, InstanceNotFound, RerobotsClient
 from pytest_rerobots.sim import Simulator
 
 pytest_plugins = ["pytester"]
@@ -314,7 +314,8 @@ def _end(api, ident: str) -> None:
         try:
             api.terminate(ident)
             return
-        except BusyWorkspaceInstance:
+        # Still in INIT, or not visible yet: right after POST /new the server answers 404.
+        except (BusyWorkspaceInstance, InstanceNotFound):
             time.sleep(0.05)
 
 

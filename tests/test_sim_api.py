@@ -40,7 +40,9 @@ KOBUKI_EU = "df013a45-f40f-451e-a911-2465a8c24f1a"
 MISTY = "38496d28-386c-4cad-8daf-ef8a86616687"
 CRAZYFLIE = "f9fc8622-4085-42c4-ada5-6eee7de23139"
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
-FAST = {"ready_delay": 0.05, "terminate_delay": 0.05}
+# Tests of other behaviours start without the 404 window after POST /new; the tests of
+# the defaults (tests/test_sim_defaults.py) keep it.
+FAST = {"ready_delay": 0.05, "terminate_delay": 0.05, "not_found_window": 0.0}
 
 
 class Api:
@@ -104,7 +106,7 @@ def clock() -> ManualClock:
 def csim(clock: ManualClock) -> Iterator[Simulator]:
     """A simulator on a manual clock: ready_delay 1 s, terminate_delay 0.5 s of fake time."""
     with Simulator(ssh_backend="none", clock=clock, ready_delay=1.0,
-                   terminate_delay=0.5) as running:
+                   terminate_delay=0.5, not_found_window=0.0) as running:
         yield running
         running.check()
 
@@ -161,7 +163,8 @@ def test_options_preflight(anon: Api) -> None:
     assert res.status_code == 200
     assert res.content == b""
     assert res.headers["Access-Control-Allow-Headers"] == "Authorization,Content-Type"
-    assert "X-RateLimit-Remaining" in res.headers
+    # rerobots-api.md section 8, item 17: no rate-limit headers on OPTIONS.
+    assert "X-RateLimit-Remaining" not in res.headers
 
 
 @pytest.mark.parametrize(
@@ -298,12 +301,14 @@ def test_deployment_info(api: Api, anon: Api, sim: Simulator) -> None:
         "id": KOBUKI_EU, "type": "basic_kobuki", "type_version": 1,
         "supported_addons": ["cam", "drive", "py"],
         "desc": "Kobuki mobile base with a Raspberry Pi host", "region": "eu:de",
-        "icounter": 166, "created": "2021-07-17 03:37:44.284117", "queuelen": 0, "online": True}
+        "icounter": 166, "created": "2021-07-17 03:37:44.284117", "queuelen": 0, "online": True,
+        "addons_config": {}}
     iid = api.new(KOBUKI_EU)
     mine = api.get(f"/deployment/{KOBUKI_EU}").json()
     assert mine["instance"] == iid
     assert mine["queuelen"] == 1
-    assert mine["icounter"] == 167
+    # icounter grows when an instance reaches TERMINATED (section 8, item 15).
+    assert mine["icounter"] == 166
     assert "instance" not in anon.get(f"/deployment/{KOBUKI_EU}").json()
     sim.world.set_deployment_state(KOBUKI_EU, lockout=True)
     sim.world.set_deployment_state(CRAZYFLIE, dissolved=True)
@@ -335,7 +340,8 @@ def test_queuelen(api: Api, sim: Simulator) -> None:
 
 def test_qlen(api: Api) -> None:
     iid = api.new(MISTY, expire_d=100)
-    body = api.get("/qlen").json()
+    # Without ``wds``, /qlen is a 404 (section 8, item 10): ask for every deployment.
+    body = api.get(f"/qlen?wds={KOBUKI_US},{KOBUKI_EU},{MISTY},{CRAZYFLIE}").json()
     assert set(body) == {KOBUKI_US, KOBUKI_EU, MISTY, CRAZYFLIE}
     assert body[KOBUKI_US] == {"qlen": 0, "rem": None}
     assert body[MISTY]["qlen"] == 1
@@ -357,7 +363,7 @@ def test_lifecycle_by_wtype(capi: Api, clock: ManualClock) -> None:
     info = capi.get(f"/instance/{iid}").json()
     assert info["status"] == "INIT"
     assert info["fwd"] == {}
-    assert info["hostkeys"] == []
+    assert "hostkeys" not in info  # absent until known (section 8, item 7)
     assert info["type"] == "basic_kobuki"
     assert info["deployment"] == KOBUKI_US
     assert info["region"] == "us:cali"
@@ -474,7 +480,10 @@ def test_new_with_wds_body(api: Api, sim: Simulator) -> None:
     assert res.status_code == 200
     assert api.get(f"/instance/{res.json()['id']}").json()["deployment"] == KOBUKI_EU
     assert api.post("/new", json={"wds": [UNKNOWN]}).status_code == 404
-    assert api.post("/new", json={"wds": [UNKNOWN]}).content == b""
+    # An unknown id is "no matching" (section 8, item 16); a malformed list is empty.
+    assert api.post("/new", json={"wds": [UNKNOWN]}).json() == {
+        "error": "no matching wdeployment found"}
+    assert api.post("/new", json={"wds": ["not-a-uuid"]}).content == b""
     assert api.post("/new", json={}).status_code == 404
     res = api.post("/new", json={"wds": [KOBUKI_US, MISTY]})
     assert res.status_code == 400
@@ -495,6 +504,8 @@ def test_allow_noop_returns_existing(api: Api) -> None:
 
 
 def test_sshkey_in_new_response_and_endpoint(api: Api, sim: Simulator) -> None:
+    # The seed's variant, a switch: the real server never sends it (section 8, item 6).
+    sim.configure(sshkey_in_new_response=True)
     body = api.post("/new/basic_kobuki").json()
     pem = body["sshkey"]
     assert pem.startswith("-----BEGIN RSA PRIVATE KEY-----")
@@ -507,7 +518,7 @@ def test_sshkey_in_new_response_and_endpoint(api: Api, sim: Simulator) -> None:
     other = api.post("/new/basic_kobuki", json={"sshkey": public}).json()
     assert "sshkey" not in other
     assert api.get(f"/instance/{other['id']}/sshkey").json()["key"].startswith("-----BEGIN")
-    # The real server never sends it: a switch.
+    # The default, as on the real server.
     sim.configure(sshkey_in_new_response=False)
     third = api.post(f"/new/{MISTY}").json()
     assert "sshkey" not in third
@@ -526,9 +537,10 @@ def test_sshkey_errors(capi: Api, clock: ManualClock, csim: Simulator) -> None:
     csim.set_init_fail_rate(1.0)
     failed = capi.new(MISTY)
     clock.advance(1)
+    # An INIT_FAIL instance still has its key (section 8, item 6).
     res = capi.get(f"/instance/{failed}/sshkey")
-    assert res.status_code == 404
-    assert res.json() == {"error_message": "no secret SSH key available"}
+    assert res.status_code == 200
+    assert res.json()["key"].startswith("-----BEGIN")
     assert capi.get(f"/instance/{UNKNOWN}/sshkey").status_code == 404
 
 
@@ -766,9 +778,10 @@ def test_firewall(capi: Api, clock: ManualClock, csim: Simulator) -> None:
     assert capi.get(f"/firewall/{iid}").json()["rules"][-1] == ["198.51.100.9", "ACCEPT"]
     for body, message in [
         ({"src": 17}, "value for option `src` has wrong type"),
-        ({"src": "300.1.1.1"},
+        # The server's check is a pattern (section 8, item 13): no netmask forms.
+        ({"src": "10.0.0.0/255.0.0.0"},
          "value for option `src` must be an IPv4 address or subnet in CIDR notation"),
-        ({"src": "10.0.0.0/33"},
+        ({"src": "10.0.0.0/"},
          "value for option `src` must be an IPv4 address or subnet in CIDR notation"),
         ({"src": "::1"},
          "value for option `src` must be an IPv4 address or subnet in CIDR notation"),
@@ -872,6 +885,10 @@ def test_rate_limit_per_token(clock: ManualClock) -> None:
             remaining = [client.get("/instances").headers["X-RateLimit-Remaining"]
                          for _ in range(3)]
             assert remaining == ["2", "1", "0"]
+            # The server's check is ">" (section 8, item 17): one more is still served.
+            res = client.get("/instances")
+            assert res.status_code == 200
+            assert res.headers["X-RateLimit-Remaining"] == "-1"
             res = client.get("/instances")
             assert res.status_code == 403
             assert res.content == b""
@@ -897,6 +914,7 @@ def test_rate_limit_anonymous_per_ip(clock: ManualClock) -> None:
             reset = int(anon.get("/workspaces").headers["X-RateLimit-Reset"])
             assert reset == int(clock()) + 3600
             assert anon.get("/deployments").status_code == 200
+            assert anon.get("/workspaces").status_code == 200  # the server's ">"
             res = anon.get("/workspaces")
             assert res.status_code == 403
             assert res.content == b""
@@ -1125,7 +1143,7 @@ def test_catalog_missing_file(tmp_path: Path) -> None:
 
 def test_custom_catalog(tmp_path: Path) -> None:
     path = tmp_path / "mine.toml"
-    path.write_text(_MINIMAL + """
+    path.write_text("replace_builtin = true\n" + _MINIMAL + """
 [timings]
 ready_delay = 0.0
 [tokens]

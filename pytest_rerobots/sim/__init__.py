@@ -35,7 +35,14 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from ..errors import ConfigurationError
 from .api import RequestHandler, SimApp
-from .catalog import Catalog, apply_overrides, default_catalog, load_catalog
+from .catalog import (
+    PROFILES,
+    Catalog,
+    apply_overrides,
+    default_catalog,
+    load_catalog,
+    profile_catalog,
+)
 from .hostapi import HostBackend, NullHostManager
 from .model import InstanceSnapshot
 from .state import ManualClock, World
@@ -63,15 +70,23 @@ def _resolve_catalog(config: str | Path | Catalog | None) -> Catalog:
     if isinstance(config, Catalog):
         return config
     if isinstance(config, (str, Path)):
+        # A bare profile name is the profile, never a file of that name (the plugin hands
+        # over its option as a Path).
+        if str(config) in PROFILES:
+            return profile_catalog(str(config))
         return load_catalog(config)
-    raise ConfigurationError(f"simulator config: expected a path or a Catalog, got {config!r}")
+    raise ConfigurationError(f"simulator config: expected a path, a profile name or a "
+                             f"Catalog, got {config!r}")
 
 
 class Simulator:
     """The simulated rerobots API, served on loopback in a background thread.
 
-    ``config`` is a catalog file, a :class:`~.catalog.Catalog` or ``None`` (the built-in
-    catalog). ``port=0`` picks a free port. ``token`` is the default user's token (made
+    ``config`` is a catalog file (which adds to the built-in catalog unless it says
+    ``replace_builtin = true``), the name of a built-in profile (:data:`~.catalog.PROFILES`:
+    ``"realistic"``), a :class:`~.catalog.Catalog` or ``None`` (the built-in catalog, fast
+    and shaped like the real service); the format is in ``docs/simulator-catalog.md``.
+    ``port=0`` picks a free port. ``token`` is the default user's token (made
     with :mod:`secrets` unless given). ``ssh_backend`` is one of :data:`SSH_BACKENDS`.
     ``clock`` replaces :func:`time.time` (see :class:`~.state.ManualClock`). ``overrides``
     replace catalog settings by their flat names (``ready_delay=0.05``, ``token_budget=5``,

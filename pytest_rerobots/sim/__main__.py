@@ -21,6 +21,7 @@ from types import FrameType
 
 from ..errors import ConfigurationError
 from . import SSH_BACKENDS, Simulator
+from .catalog import PROFILES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="loopback address (default %(default)s)")
     parser.add_argument("--port", type=int, default=8666,
                         help="port, 0 for any free one (default %(default)s)")
-    parser.add_argument("--config", metavar="FILE", default=None,
-                        help="TOML catalog (default: the built-in one)")
+    parser.add_argument("--config", metavar="FILE|PROFILE", default=None,
+                        help="TOML catalog, which adds to the built-in one, or the name of a "
+                             "built-in profile: " + ", ".join(sorted(PROFILES))
+                             + " (default: the built-in catalog)")
     parser.add_argument("--token", default=None,
                         help="the default user's API token (default: a random one)")
     parser.add_argument("--ssh-backend", choices=SSH_BACKENDS, default="asyncssh",

@@ -3,7 +3,9 @@
 Users exist through their tokens (a token maps to a user name). A revoked token is
 remembered by its SHA-256, as on the server, so an unknown digest can be revoked ahead of
 time. Every request is charged to a rate window: per token for a valid token, else per
-caller address; the ``X-RateLimit-*`` headers show the window as :class:`RateState`.
+caller address; the ``X-RateLimit-*`` headers show the window as :class:`RateState`. As on
+the server, the request after the last one of the budget is still served (Remaining then
+reads -1); the one after that is refused.
 """
 
 from __future__ import annotations
@@ -116,5 +118,7 @@ class Accounts:
                 limit=budget,
                 remaining=max(remaining, -1),
                 reset=math.ceil(window.start + self.limits.rate_window),
-                allowed=remaining >= 0,
+                # The server refuses once its counter is below zero *before* this request:
+                # its check is ``>``, so request number budget + 1 is still served.
+                allowed=remaining >= -1,
             )

@@ -7,14 +7,18 @@ answer, 400 ``{"error_message": "unrecognized command"}``, as on the real
 server. Each request, in order:
 
 1. ticks the world, so time-driven transitions are never stale;
-2. answers ``OPTIONS`` (CORS preflight) at once;
+2. answers ``OPTIONS`` (CORS preflight) at once, uncharged and without rate-limit headers
+   (``OPTIONS /`` is a 405, as the server has no preflight route for ``/``);
 3. authenticates the bearer token (a bad or revoked one counts as anonymous);
-4. charges the rate-limit window (per token, else per address; 403 with an empty body
-   when spent);
+4. charges the rate-limit window (per token, else per address); once spent (the server's
+   check is ``>``, so the budget's next request is still served), a request is answered 403
+   with an empty body, after the user check on endpoints that need a token;
 5. applies the endpoint's injected latency, pending forced failures and error rate;
 6. runs the handler; a :class:`~.model.Refusal` becomes its status and body;
 7. for a successful ``POST /new`` with a lost-response fault: closes the connection without
    answering (the instance exists all the same).
+
+``HEAD`` matches no route (the server registers none), so it gets the catch-all answer.
 
 Every body is shaped here, from the model objects and plain data the world returns. Every
 answer carries ``X-RateLimit-Limit/Remaining/Reset``, the CORS headers and, through
@@ -23,13 +27,14 @@ answer carries ``X-RateLimit-Limit/Remaining/Reset``, the CORS headers and, thro
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import math
+import re
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from werkzeug.exceptions import HTTPException
@@ -61,6 +66,7 @@ __all__ = ["RequestHandler", "SimApp"]
 log = logging.getLogger(__name__)
 
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_UUID_RE = re.compile(_UUID)
 
 _BY_NAME = {endpoint.name: endpoint for endpoint in ENDPOINTS}
 _CORS = {
@@ -71,9 +77,14 @@ _CORS = {
 _FIREWALL_ACTIONS = ("ACCEPT", "DROP", "REJECT")
 # POST /new options and their types, in the order the server checks them.
 _OPTION_TYPES: tuple[tuple[str, type], ...] = (
-    ("sshkey", str), ("vpn", bool), ("reserve", bool), ("eurl", str), ("expire_d", int),
-    ("keepalive", bool), ("allow_noop", bool),
+    ("reserve", bool), ("expire_d", int), ("keepalive", bool), ("eurl", str), ("vpn", bool),
+    ("sshkey", str), ("allow_noop", bool),
 )
+# The server's pattern for a firewall source: it rejects netmask forms such as
+# 10.0.0.0/255.0.0.0 and does not range-check the numbers.
+_SRC = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(/[0-9]{1,2})?")
+#: ``GET /``'s ``deployment_details``, which the server names literally.
+DEPLOYMENT_DETAILS = "https://api.rerobots.net/deployment/:deploymentID"
 _SORT_KEYS = {"inc_wtype", "dec_wtype", "inc_created", "dec_created", "inc_count", "dec_count"}
 
 
@@ -113,6 +124,12 @@ class _PidConverter(BaseConverter):
     regex = r"[A-Za-z0-9_\-]{22}"
 
 
+class _QueueIdConverter(BaseConverter):
+    """``/queuelen/:id``: letters, digits, ``_``, ``-`` and ``=``, as the server's route."""
+
+    regex = r"[a-zA-Z0-9_\-=]+"
+
+
 def _rules() -> list[Rule]:
     return [Rule(path, endpoint=e.name, methods=[e.method]) for e in ENDPOINTS for path in e.paths]
 
@@ -125,6 +142,20 @@ def _json(status: int, body: Any) -> Response:
     if body is None:
         return Response(b"", status=status)
     return Response(json.dumps(body), status=status, content_type="application/json; charset=utf-8")
+
+
+def _preflight(request: Request) -> Response:
+    """The answer to ``OPTIONS``: the CORS preflight, which carries no rate-limit headers
+    and is not charged; ``/`` has no preflight route on the server, so there it is a 405."""
+    if request.path == "/":
+        response = Response("405: Method Not Allowed", status=405,
+                            content_type="text/plain; charset=utf-8")
+        response.headers["Allow"] = "GET"
+        return response
+    response = Response(b"", status=200)
+    response.headers["Access-Control-Allow-Headers"] = "Authorization,Content-Type"
+    response.headers.update(_CORS)
+    return response
 
 
 def _refused(refusal: Refusal) -> Response:
@@ -162,14 +193,40 @@ def _int_arg(request: Request, name: str, default: int) -> int:
         return default
 
 
-def _paginate(items: list[Any], max_per_page: int, page: int) -> tuple[list[Any], int]:
-    """The requested page and the page count (``max_per_page`` 0: everything, one page)."""
+def _paginate(items: list[Any], max_per_page: int, page: int, *, empty_pages: int = 1
+              ) -> tuple[list[Any], int]:
+    """The requested page and the page count (``max_per_page`` 0: everything, one page).
+
+    ``empty_pages`` is the page count of an empty, paged listing: the server says 1 for
+    instances and 0 for deployments."""
     if max_per_page <= 0:
         return items, 1
-    page_count = max(1, math.ceil(len(items) / max_per_page))
+    if not items:
+        return [], empty_pages
+    page_count = math.ceil(len(items) / max_per_page)
     page = min(max(page, 1), page_count)
     start = (page - 1) * max_per_page
     return items[start:start + max_per_page], page_count
+
+
+def _filter_types(found: list[Deployment], types: str) -> list[Deployment]:
+    """``types=a,!b,...`` the server's way: the first item selects; each next one adds its
+    type (a union) or, as ``!t`` (or a literal ``%21t``), removes ``t`` from what is selected.
+    So ``!a,b`` is everything but ``a``, plus ``b``."""
+    selected: list[Deployment] | None = None
+    for item in (part.strip() for part in types.split(",")):
+        negated = item.startswith(("!", "%21"))
+        name = item[1:] if item.startswith("!") else item[3:] if negated else item
+        if not name:
+            continue
+        if negated:
+            base = found if selected is None else selected
+            selected = [d for d in base if d.type != name]
+        else:
+            matches = [d for d in found if d.type == name]
+            selected = matches if selected is None else selected + [
+                d for d in matches if d not in selected]
+    return found if selected is None else [d for d in found if d in selected]
 
 
 def _caller_ip(request: Request) -> str:
@@ -206,8 +263,13 @@ def _wrong_type(name: str) -> Refusal:
 
 
 def _new_options(body: dict[str, Any]) -> InstanceOptions:
-    """Type-check the POST /new options, with the server's error strings."""
+    """Type-check the POST /new options, with the server's error strings and in its order."""
     values: dict[str, Any] = {}
+    if "repo" in body:
+        repo = body["repo"]
+        if not isinstance(repo, dict) or not isinstance(repo.get("url"), str):
+            raise Refusal(400, "value for option `repo` missing url")
+        values["repo"] = dict(repo)
     for name, kind in _OPTION_TYPES:
         if name not in body:
             continue
@@ -215,18 +277,13 @@ def _new_options(body: dict[str, Any]) -> InstanceOptions:
         # bool is a subclass of int: ``expire_d: true`` must still be the wrong type.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise _wrong_type(name)
+        if isinstance(value, int) and name == "expire_d" and value < 1:
+            raise Refusal(400, "value for option `expire_d` must be positive")
+        if isinstance(value, str) and name == "eurl":
+            value = value.strip()
+            if not value:
+                raise Refusal(400, "value for option `eurl` must be nonempty")
         values[name] = value
-    if "expire_d" in values and values["expire_d"] < 1:
-        raise Refusal(400, "value for option `expire_d` must be positive")
-    if "eurl" in values and not values["eurl"]:
-        raise Refusal(400, "value for option `eurl` must be nonempty")
-    if "repo" in body:
-        repo = body["repo"]
-        if not isinstance(repo, dict):
-            raise _wrong_type("repo")
-        if not isinstance(repo.get("url"), str):
-            raise Refusal(400, "value for option `repo` missing url")
-        values["repo"] = dict(repo)
     return InstanceOptions(**values)
 
 
@@ -252,8 +309,12 @@ class SimApp:
                 "wtype": _WtypeConverter,
                 "target": _NewTargetConverter,
                 "pid": _PidConverter,
+                "queueid": _QueueIdConverter,
             },
         )
+        # GET /deployments answers by path and query, with their expiry (world clock).
+        self._deployments_cache: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._cache_lock = threading.Lock()
         self._handlers: dict[str, Callable[..., Response]] = {
             e.name: getattr(self, e.name) for e in ENDPOINTS
         }
@@ -283,21 +344,20 @@ class SimApp:
         world = self.world
         accounts = world.accounts
         world.tick()
+        if request.method == "OPTIONS":
+            return _preflight(request)
         token = _bearer(request)
         user = accounts.authenticate(token)
         key, budget = accounts.window_for(user, token, _caller_ip(request))
-        if request.method == "OPTIONS":
-            rate = accounts.charge(key, budget, count=False)
-            response = Response(b"", status=200)
-            response.headers["Access-Control-Allow-Headers"] = "Authorization,Content-Type"
-            return self._finish(response, rate)
         rate = accounts.charge(key, budget)
-        adapter = self.url_map.bind_to_environ(request.environ)
-        try:
-            name, args = adapter.match()
-        except HTTPException:
-            # Unknown route, malformed id and wrong method alike hit the catch-all route.
+        match = self._match(request)
+        if match is None:
+            # Unknown route, malformed id and wrong method alike hit the catch-all route,
+            # which checks the rate limit first.
+            if not rate.allowed:
+                return self._finish(Response(b"", status=403), rate)
             return self._finish(_json(400, {"error_message": "unrecognized command"}), rate)
+        name, args = match
         endpoint = _BY_NAME[name]
         if endpoint.auth and user is None:
             return self._finish(_json(400, {"error_message": endpoint.auth_error}), rate)
@@ -322,6 +382,17 @@ class SimApp:
             log.info("simulated fault: losing the answer to POST %s", request.path)
             raise _DropConnection
         return self._finish(response, rate)
+
+    def _match(self, request: Request) -> tuple[str, Mapping[str, Any]] | None:
+        """The endpoint name and arguments of a request, or ``None`` for the catch-all."""
+        if request.method == "HEAD":
+            # werkzeug adds HEAD to every GET rule; the server has no HEAD routes.
+            return None
+        try:
+            name, args = self.url_map.bind_to_environ(request.environ).match()
+        except HTTPException:
+            return None
+        return str(name), args
 
     @staticmethod
     def _finish(response: Response, rate: RateState) -> Response:
@@ -359,6 +430,8 @@ class SimApp:
             instance = self.world.users_instance(deployment, user)
             if instance is not None:
                 info["instance"] = instance
+            # Add-on settings of the deployment; the simulator's types have none.
+            info["addons_config"] = {}
             return info
 
     # ------------------------------------------------------------------ public endpoints
@@ -369,7 +442,7 @@ class SimApp:
         return _json(200, {
             "workspace_types": f"{base}/workspaces",
             "workspace_deployments": f"{base}/deployments{{/workspace_type}}",
-            "deployment_details": f"{base}/deployment/{{:deploymentID}}",
+            "deployment_details": DEPLOYMENT_DETAILS,
             "create_instance": f"{base}/new/{{:workspace_type,:deploymentID}}",
             "vpn": f"{base}/vpn/{{:instanceID}}",
             "firewall": f"{base}/firewall/{{:instanceID}}",
@@ -386,7 +459,24 @@ class SimApp:
 
     def deployments(self, request: Request, user: str | None, wtype: str | None = None
                     ) -> Response:
-        """``GET /deployments[/:wtype]`` with q, types, maxlen, sort_by, paging and info."""
+        """``GET /deployments[/:wtype]`` with q, types, maxlen, sort_by, paging and info.
+
+        With ``deployments_cache`` > 0 the answer for a path and query is reused for that
+        many seconds, as the server's cache does (queue lengths are then stale)."""
+        ttl = self.world.timings.deployments_cache
+        key = f"{request.path}?{request.query_string.decode('latin-1')}"
+        now = self.world.clock()
+        with self._cache_lock:
+            cached = self._deployments_cache.get(key)
+            if ttl > 0 and cached is not None and now < cached[0]:
+                return _json(200, cached[1])
+        body = self._list_deployments(request, wtype)
+        if ttl > 0:
+            with self._cache_lock:
+                self._deployments_cache[key] = (now + ttl, body)
+        return _json(200, body)
+
+    def _list_deployments(self, request: Request, wtype: str | None) -> dict[str, Any]:
         world = self.world
         with_dissolved = _flag(request, "with_dissolved")
         with world.lock:
@@ -394,16 +484,7 @@ class SimApp:
                      if with_dissolved or d.dissolved is None]
             queuelens = {d.id: world.queuelen(d) for d in found}
         if "types" in request.args:
-            # ``types`` overrides the path; "!t" (or a literal "%21t") excludes t.
-            wanted, unwanted = set(), set()
-            for item in request.args.get("types", "").split(","):
-                item = item.strip()
-                if item.startswith("!") or item.startswith("%21"):
-                    unwanted.add(item[1:] if item.startswith("!") else item[3:])
-                elif item:
-                    wanted.add(item)
-            found = [d for d in found
-                     if (not wanted or d.type in wanted) and d.type not in unwanted]
+            found = _filter_types(found, request.args.get("types", ""))
         elif wtype is not None:
             found = [d for d in found if d.type == wtype]
         query = request.args.get("q", "").strip().lower()
@@ -428,20 +509,22 @@ class SimApp:
         }
         found.sort(key=keys[field], reverse=sort_by.startswith("dec_"))
         page, page_count = _paginate(found, _int_arg(request, "max_per_page", 0),
-                                     _int_arg(request, "page", 1))
+                                     _int_arg(request, "page", 1), empty_pages=0)
         body: dict[str, Any] = {"workspace_deployments": [d.id for d in page],
                                 "page_count": page_count}
         if _flag(request, "info"):
+            # As on the server, ``info`` describes every match, not only this page's.
             with world.lock:
-                body["info"] = {d.id: self._deployment_summary(d) for d in page}
-        return _json(200, body)
+                body["info"] = {d.id: self._deployment_summary(d) for d in found}
+        return body
 
     def deployment(self, request: Request, user: str | None, deployment_id: str) -> Response:
         """``GET /deployment/:id``."""
         return _json(200, self._deployment_info(self.world.deployment(deployment_id), user))
 
     def queuelen(self, request: Request, user: str | None, deployment_id: str) -> Response:
-        """``GET /queuelen/:id``: 200 with len 0 for an unknown id, unless switched to 404."""
+        """``GET /queuelen/:id``: 200 with len 0 for any unknown id (the server checks
+        nothing), unless switched to DOC's 404."""
         length = self.world.queue_length(deployment_id)
         if length is None:
             if self.world.switches.queuelen_404_unknown:
@@ -472,7 +555,7 @@ class SimApp:
         if target is None:
             wds = body.get("wds")
             if (not isinstance(wds, list) or not wds
-                    or not all(isinstance(w, str) for w in wds)):
+                    or not all(isinstance(w, str) and _UUID_RE.fullmatch(w) for w in wds)):
                 return _json(404, None)
             result = world.request_instance(user, wds=[w.lower() for w in wds],
                                             options=options)
@@ -516,7 +599,7 @@ class SimApp:
                 item = {"id": inst.id, "status": inst.status, "deployment": inst.deployment.id,
                         "type": inst.wtype, "region": inst.region,
                         "starttime": format_iso_z(inst.created), "rootuser": inst.user}
-                if inst.ended_at is not None:
+                if inst.ended_at is not None and inst.status != INIT_FAIL:
                     item["endtime"] = format_iso_z(inst.ended_at)
                 details.append(item)
             body["workspace_instances"] = details
@@ -538,15 +621,15 @@ class SimApp:
             }
             if inst.options.expire_d is not None:
                 body["expires"] = format_time(inst.created + inst.options.expire_d)
-            if inst.ended_at is not None:
+            if inst.ended_at is not None and inst.status != INIT_FAIL:
                 body["endtime"] = format_time(inst.ended_at)
             if inst.status not in ENDED:
+                # ``hostkeys`` is absent, not empty, until the host key is known.
                 if inst.status == READY and inst.host is not None:
                     body["fwd"] = {"ipv4": "127.0.0.1", "port": inst.host.port}
                     body["hostkeys"] = [inst.host.hostkey]
                 else:
                     body["fwd"] = {}
-                    body["hostkeys"] = []
                 if inst.options.vpn:
                     body["vpn"] = {"status": "ready", "clients": list(inst.vpn_clients)}
         return _json(200, body)
@@ -573,11 +656,9 @@ class SimApp:
         src = body.get("src", _caller_ip(request))
         if not isinstance(src, str):
             raise _wrong_type("src")
-        try:
-            ipaddress.IPv4Network(src, strict=False)
-        except ValueError:
+        if "src" in body and not _SRC.fullmatch(src):
             raise Refusal(400, "value for option `src` must be an IPv4 address or subnet "
-                               "in CIDR notation") from None
+                               "in CIDR notation")
         action = body.get("action", "ACCEPT")
         if action not in _FIREWALL_ACTIONS:
             raise Refusal(400, "value for option `action` not recognized")
@@ -620,12 +701,18 @@ class SimApp:
         return _bare()
 
     def qlen(self, request: Request, user: str, wtype: str | None = None) -> Response:
-        """``GET /qlen[/:wtype][?wds=a,b]``."""
-        wds = None
-        if "wds" in request.args:
-            wds = [w.strip().lower() for w in request.args.get("wds", "").split(",") if w.strip()]
-        return _json(200, {q.deployment: {"qlen": q.qlen, "rem": q.rem}
-                           for q in self.world.qlen(wtype, wds)})
+        """``GET /qlen/:wtype`` or ``GET /qlen?wds=a,b``; without ``wds``, or with an id
+        that is not a UUID, ``/qlen`` is a 404 with an empty body."""
+        if wtype is not None:
+            found = self.world.qlen(wtype=wtype)
+        else:
+            if "wds" not in request.args:
+                return _json(404, None)
+            wds = [w.strip() for w in request.args.get("wds", "").split(",")]
+            if not all(_UUID_RE.fullmatch(w) for w in wds):
+                return _json(404, None)
+            found = self.world.qlen(wds=[w.lower() for w in wds])
+        return _json(200, {q.deployment: {"qlen": q.qlen, "rem": q.rem} for q in found})
 
     def ci_new(self, request: Request, user: str) -> Response:
         """``POST /ci/new`` with ``{"repo_url": ...}``."""

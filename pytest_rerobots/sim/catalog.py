@@ -1,56 +1,14 @@
 """The simulator's catalog: workspace types, deployments, timings, limits, tokens and faults.
 
-A catalog is a TOML file (the built-in one is ``default_catalog.toml`` next to this
-module). Every section is optional; an omitted key keeps its default::
+A catalog is a TOML file; the format is documented for users in ``docs/simulator-catalog.md``.
+The built-in catalog is ``default_catalog.toml`` next to this module, and the built-in
+profiles (:data:`PROFILES`, e.g. ``realistic``) are files beside it that add to it. A file
+adds to the built-in catalog too: its types and deployments join the built-in ones (a type
+or deployment id it names again replaces the built-in one) and its sections override them
+key by key; with a top-level ``replace_builtin = true`` it starts from nothing instead.
 
-    [timings]                 # seconds; rates are probabilities in [0, 1]
-    ready_delay = 1.0         # INIT -> READY
-    terminate_delay = 0.5     # TERMINATING -> TERMINATED
-    init_fail_rate = 0.0      # share of new instances that end INIT_FAIL instead of READY
-    keepalive_timeout = 60.0  # no POST /instance/:id/ka for this long -> TERMINATING
-    init_timeout = 60.0       # still INIT after this long -> INIT_FAIL (0 = never)
-
-    [rate_limits]
-    token_budget = 3600       # requests per window and token
-    ip_budget = 60            # requests per window and address, for anonymous calls
-    rate_window = 3600.0
-
-    [switches]                # the variants where the sources disagree
-    sshkey_in_new_response = true   # the seed's behaviour; the real server sends none
-    queuelen_404_unknown = false    # DOC's 404 for GET /queuelen of an unknown id
-    vpn_nil_shape = false           # DOC's {"status": "nil"} for GET /vpn without a VPN
-    eurl_on_ready = false           # also POST an eurl event when READY (the server does not)
-
-    [tokens]                  # token = user name
-    "s3cret" = "alice"
-
-    [faults]
-    not_found_window = 0.0    # GET /instance/:id answers 404 this long after POST /new
-    stuck_init = 0.0          # share (or true/false) of new instances that never become READY
-    lose_new_response = 0.0   # share of successful POST /new whose answer is lost
-    seed = 1                  # makes the random draws repeatable
-    [faults.endpoints.new]    # endpoint names: see endpoints.ENDPOINT_NAMES; "*" is every one
-    error_rate = 0.1
-    error_status = 503
-    latency = 0.2
-
-    [types.basic_kobuki]
-    type_version = 1
-    supported_addons = ["cam", "drive"]
-    desc = "Kobuki mobile base"
-    commands = ["mkdir -p state"]     # run through /bin/sh in the host's directory at start
-    [types.basic_kobuki.files]        # path (relative to the host's directory) = text
-    "bin/robot-status" = "#!/bin/sh\\necho ok\\n"   # executable because it starts with #!
-
-    [[deployments]]
-    type = "basic_kobuki"
-    region = "us:cali"
-    id = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"     # optional; derived from type/region/index
-    created = 2019-11-18T22:23:57                   # optional
-    icounter = 0
-    lockout = false
-    offline = false
-    dissolved = false                               # or a date
+Durations of the lifecycle (``ready_delay``, ``terminate_delay``, ``not_found_window``) are a
+number of seconds or ``[low, high]``: each instance then draws its own, uniformly.
 
 Every value is checked; a bad one raises :class:`~pytest_rerobots.errors.ConfigurationError`
 naming the file and the key.
@@ -68,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from ..errors import ConfigurationError
 from .endpoints import ENDPOINT_NAMES
@@ -81,8 +39,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 __all__ = [
     "ENDPOINT_NAMES",
     "OVERRIDE_KEYS",
+    "PROFILES",
     "Catalog",
     "DeploymentSpec",
+    "Duration",
     "EndpointFault",
     "Faults",
     "RateLimits",
@@ -91,9 +51,18 @@ __all__ = [
     "WorkspaceTypeSpec",
     "apply_overrides",
     "default_catalog",
+    "duration_at",
     "load_catalog",
     "parse_catalog",
+    "profile_catalog",
 ]
+
+#: A duration in seconds: a number, or ``(low, high)`` for one drawn uniformly per instance.
+Duration: TypeAlias = "float | tuple[float, float]"
+
+#: The built-in profiles, by name: each a file beside this module that adds to the built-in
+#: catalog. ``Simulator("realistic")``, ``rerobots-sim --config realistic``.
+PROFILES: dict[str, str] = {"realistic": "realistic.toml"}
 
 _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
@@ -127,17 +96,35 @@ class DeploymentSpec:
     lockout: bool = False
     offline: bool = False
     dissolved: dt.datetime | None = None
+    #: This deployment's own share of instances ending INIT_FAIL (else the global one).
+    init_fail_rate: float | None = None
+    #: This deployment's own share of instances stuck in INIT (else the global one).
+    stuck_init: float | None = None
+
+
+def duration_at(value: Duration, fraction: float) -> float:
+    """The seconds that a draw ``fraction`` in [0, 1) picks from ``value``."""
+    if isinstance(value, tuple):
+        low, high = value
+        return low + (high - low) * fraction
+    return value
 
 
 @dataclass
 class Timings:
-    """Durations (seconds) and rates that drive the instance lifecycle."""
+    """Durations (seconds) and rates that drive the instance lifecycle.
 
-    ready_delay: float = 1.0
-    terminate_delay: float = 0.5
+    The defaults are the built-in catalog's: the real service's behaviour, much faster.
+    """
+
+    ready_delay: Duration = 1.0
+    #: TERMINATING -> TERMINATED; the deployment stays busy all that time.
+    terminate_delay: Duration = 0.3
     init_fail_rate: float = 0.0
     keepalive_timeout: float = 60.0
     init_timeout: float = 60.0
+    #: Seconds a ``GET /deployments`` answer is served from cache (0: never cached).
+    deployments_cache: float = 0.0
 
 
 @dataclass
@@ -151,12 +138,16 @@ class RateLimits:
 
 @dataclass
 class Switches:
-    """Choices between variants where the seed, the docs and the real server disagree."""
+    """Choices between variants where the seed, the docs and the real server disagree, and
+    the real server's races; the defaults are the real server's shapes, without the races."""
 
-    sshkey_in_new_response: bool = True
+    sshkey_in_new_response: bool = False
     queuelen_404_unknown: bool = False
     vpn_nil_shape: bool = False
     eurl_on_ready: bool = False
+    #: Two POST /new on one free deployment inside the 404 window both succeed; the later
+    #: instance then ends INIT_FAIL.
+    busy_race: bool = False
 
 
 @dataclass
@@ -170,9 +161,10 @@ class EndpointFault:
 
 @dataclass
 class Faults:
-    """Fault injection settings (all off by default)."""
+    """Fault injection settings (off by default, except the real server's 404 window)."""
 
-    not_found_window: float = 0.0
+    #: Lookups of a new instance answer 404 this long after POST /new.
+    not_found_window: Duration = 0.2
     stuck_init: float = 0.0
     lose_new_response: float = 0.0
     seed: int | None = None
@@ -235,6 +227,18 @@ class _Checker:
             raise self.fail(key, f"must be at least {minimum:g}, got {value!r}")
         return float(value)
 
+    def duration(self, value: Any, key: str) -> Duration:
+        """Seconds, or ``[low, high]`` seconds (a tuple once checked)."""
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise self.fail(key, f"expected seconds or [low, high], got {value!r}")
+            low = self.number(value[0], f"{key}[0]")
+            high = self.number(value[1], f"{key}[1]")
+            if high < low:
+                raise self.fail(key, f"[low, high] needs low <= high, got {value!r}")
+            return (low, high)
+        return self.number(value, key)
+
     def rate(self, value: Any, key: str) -> float:
         number = self.number(value, key)
         if number > 1.0:
@@ -281,15 +285,24 @@ class _Checker:
         raise self.fail(key, f"expected a date or datetime, got {value!r}")
 
 
+_DURATIONS = frozenset({"ready_delay", "terminate_delay", "not_found_window"})
+
+
+def _check_share(check: _Checker, value: Any, key: str) -> float:
+    # true/false is the common case; a number makes only some instances stick.
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    return check.rate(value, key)
+
+
 def _check_setting(check: _Checker, name: str, value: Any, key: str) -> Any:
     """Validate one tunable setting by its flat name (see :data:`OVERRIDE_KEYS`)."""
     if name in ("init_fail_rate", "lose_new_response"):
         return check.rate(value, key)
     if name == "stuck_init":
-        # true/false is the common case; a number makes only some instances stick.
-        if isinstance(value, bool):
-            return 1.0 if value else 0.0
-        return check.rate(value, key)
+        return _check_share(check, value, key)
+    if name in _DURATIONS:
+        return check.duration(value, key)
     if name in ("token_budget", "ip_budget"):
         return check.integer(value, key, minimum=1)
     if name == "seed":
@@ -301,17 +314,16 @@ def _check_setting(check: _Checker, name: str, value: Any, key: str) -> Any:
     return check.number(value, key)
 
 
-def _section(check: _Checker, data: Mapping[str, Any], name: str, cls: type) -> Any:
-    """Build one of the tunable sections from its TOML table."""
+def _section(check: _Checker, data: Mapping[str, Any], name: str, cls: type) -> dict[str, Any]:
+    """The checked settings that one of the tunable sections' TOML table gives."""
     table = check.table(data.get(name, {}), name)
     allowed = {f.name for f in dataclasses.fields(cls)}
     check.known(table, allowed, name)
-    values = {
+    return {
         key: _check_setting(check, key, value, f"{name}.{key}")
         for key, value in table.items()
         if key != "endpoints"
     }
-    return cls(**values)
 
 
 def _endpoint_faults(check: _Checker, data: Mapping[str, Any]) -> dict[str, EndpointFault]:
@@ -377,12 +389,13 @@ def _deployments(
         key = f"deployments[{index}]"
         spec = check.table(spec, key)
         check.known(spec, {"id", "type", "region", "created", "icounter", "lockout", "offline",
-                           "dissolved"}, key)
+                           "dissolved", "init_fail_rate", "stuck_init"}, key)
         if "type" not in spec:
             raise check.fail(f"{key}.type", "missing")
         wtype = check.string(spec["type"], f"{key}.type")
         if wtype not in types:
-            raise check.fail(f"{key}.type", f"no workspace type {wtype!r} in [types]")
+            raise check.fail(f"{key}.type", f"no workspace type {wtype!r} in [types] "
+                                            "(nor in the built-in catalog)")
         region = check.string(spec.get("region", "us:cali"), f"{key}.region")
         if "id" in spec:
             ident = check.string(spec["id"], f"{key}.id")
@@ -411,6 +424,10 @@ def _deployments(
                 lockout=check.boolean(spec.get("lockout", False), f"{key}.lockout"),
                 offline=check.boolean(spec.get("offline", False), f"{key}.offline"),
                 dissolved=dissolved,
+                init_fail_rate=(check.rate(spec["init_fail_rate"], f"{key}.init_fail_rate")
+                                if "init_fail_rate" in spec else None),
+                stuck_init=(_check_share(check, spec["stuck_init"], f"{key}.stuck_init")
+                            if "stuck_init" in spec else None),
             )
         )
     return tuple(result)
@@ -427,43 +444,76 @@ def _tokens(check: _Checker, data: Mapping[str, Any]) -> dict[str, str]:
     return result
 
 
-def parse_catalog(data: Mapping[str, Any], source: str = "<catalog>") -> Catalog:
-    """Validate decoded TOML (a mapping) and build a :class:`Catalog`."""
+def parse_catalog(data: Mapping[str, Any], source: str = "<catalog>",
+                  base: Catalog | None = None) -> Catalog:
+    """Validate decoded TOML (a mapping) and build a :class:`Catalog`.
+
+    With a ``base``, the result adds to it (see the module docstring), unless ``data`` says
+    ``replace_builtin = true``; without one, omitted settings keep their defaults.
+    """
     check = _Checker(source)
     check.known(data, {"types", "deployments", "timings", "rate_limits", "switches", "faults",
-                       "tokens"}, "")
+                       "tokens", "replace_builtin"}, "")
+    if check.boolean(data.get("replace_builtin", False), "replace_builtin"):
+        base = None
     types = _types(check, data)
-    faults: Faults = _section(check, data, "faults", Faults)
-    faults.endpoints = _endpoint_faults(check, data)
+    known_types = {**(base.types if base else {}), **types}
+    deployments = _deployments(check, data, known_types)
+    endpoints = _endpoint_faults(check, data)
+    if base is None:
+        base = Catalog(types={}, deployments=())
+    replaced = {d.id for d in deployments}
+    faults = dataclasses.replace(base.faults, **_section(check, data, "faults", Faults))
+    faults.endpoints = {**copy.deepcopy(base.faults.endpoints), **endpoints}
     return Catalog(
-        types=types,
-        deployments=_deployments(check, data, types),
-        timings=_section(check, data, "timings", Timings),
-        rate_limits=_section(check, data, "rate_limits", RateLimits),
-        switches=_section(check, data, "switches", Switches),
+        types=known_types,
+        deployments=tuple(d for d in base.deployments if d.id not in replaced) + deployments,
+        timings=dataclasses.replace(base.timings, **_section(check, data, "timings", Timings)),
+        rate_limits=dataclasses.replace(base.rate_limits,
+                                        **_section(check, data, "rate_limits", RateLimits)),
+        switches=dataclasses.replace(base.switches,
+                                     **_section(check, data, "switches", Switches)),
         faults=faults,
-        tokens=_tokens(check, data),
+        tokens={**base.tokens, **_tokens(check, data)},
     )
 
 
+def _read_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"{source}: not valid TOML: {exc}") from exc
+
+
 def load_catalog(path: str | Path) -> Catalog:
-    """Read and validate a TOML catalog file."""
+    """Read and validate a TOML catalog file; it adds to the built-in catalog unless it
+    says ``replace_builtin = true``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read the catalog: {exc}") from exc
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigurationError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_catalog(data, str(path))
+    return parse_catalog(_read_toml(text, str(path)), str(path), base=default_catalog())
+
+
+def _packaged(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text("utf-8")
 
 
 def default_catalog() -> Catalog:
     """The built-in catalog shipped as ``default_catalog.toml``."""
-    text = resources.files(__package__).joinpath("default_catalog.toml").read_text("utf-8")
-    return parse_catalog(tomllib.loads(text), "<built-in catalog>")
+    return parse_catalog(_read_toml(_packaged("default_catalog.toml"), "<built-in catalog>"),
+                         "<built-in catalog>")
+
+
+def profile_catalog(name: str) -> Catalog:
+    """The built-in profile ``name`` (a key of :data:`PROFILES`) over the built-in catalog."""
+    if name not in PROFILES:
+        raise ConfigurationError(f"no built-in simulator profile {name!r} "
+                                 f"(there are: {', '.join(sorted(PROFILES))})")
+    source = f"<{name} profile>"
+    return parse_catalog(_read_toml(_packaged(PROFILES[name]), source), source,
+                         base=default_catalog())
 
 
 def apply_overrides(catalog: Catalog, overrides: Mapping[str, Any],

@@ -6,7 +6,7 @@ name), the order of the authentication and rate-limit checks, and the endpoint n
 fault injection accepts (:mod:`.catalog`, ``Simulator.set_endpoint_fault``).
 
 Paths use werkzeug's rule syntax; the converters (``uuid``, ``digest``, ``wtype``, ``target``,
-``pid``) carry the real server's route patterns and are defined in :mod:`.api`.
+``pid``, ``queueid``) carry the real server's route patterns and are defined in :mod:`.api`.
 This module imports nothing, so that the catalog can use the names without werkzeug.
 """
 
@@ -37,7 +37,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("workspaces", "GET", ("/workspaces",), auth=False),
     Endpoint("deployments", "GET", ("/deployments", "/deployments/<wtype:wtype>"), auth=False),
     Endpoint("deployment", "GET", ("/deployment/<uuid:deployment_id>",), auth=False),
-    Endpoint("queuelen", "GET", ("/queuelen/<uuid:deployment_id>",), auth=False),
+    Endpoint("queuelen", "GET", ("/queuelen/<queueid:deployment_id>",), auth=False),
     Endpoint("qlen", "GET", ("/qlen", "/qlen/<wtype:wtype>")),
     Endpoint("revoke", "POST", ("/revoke/<digest:digest>",),
              auth_error="authentication failed"),

@@ -94,6 +94,9 @@ class Deployment:
     offline: bool
     dissolved: dt.datetime | None
     spec: WorkspaceTypeSpec
+    #: This deployment's own shares of failing and stuck instances (``None``: the global ones).
+    init_fail_rate: float | None = None
+    stuck_init: float | None = None
 
     @classmethod
     def from_spec(cls, spec: DeploymentSpec, wtype: WorkspaceTypeSpec) -> Deployment:
@@ -108,6 +111,8 @@ class Deployment:
             offline=spec.offline,
             dissolved=spec.dissolved,
             spec=wtype,
+            init_fail_rate=spec.init_fail_rate,
+            stuck_init=spec.stuck_init,
         )
 
     @property
@@ -132,7 +137,12 @@ class InstanceOptions:
 
 @dataclass
 class Instance:
-    """A workspace instance; ``created`` is when it started (left the queue)."""
+    """A workspace instance; ``created`` is when it started (left the queue).
+
+    ``visible_at`` ends the 404 window after POST /new. ``ready_draw`` and
+    ``terminate_draw`` (in [0, 1)) pick this instance's ready and terminate delays from the
+    ranges in force when they are due, so that run-time changes still apply.
+    """
 
     id: str
     user: str
@@ -142,6 +152,8 @@ class Instance:
     visible_at: float
     private_key: str
     public_key: str
+    ready_draw: float = 0.0
+    terminate_draw: float = 0.0
     status: str = INIT
     stuck: bool = False
     will_fail: bool = False

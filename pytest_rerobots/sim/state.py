@@ -11,8 +11,15 @@ Lifecycle of an instance (``created`` is when it left the queue)::
       |                                                                             |
       +--init_fail_rate, host failure, init_timeout--> INIT_FAIL    terminate_delay-+-> TERMINATED
 
-An instance in INIT, READY or TERMINATING holds its deployment; reservations wait, first in
-first out, and a served reservation's id becomes the instance's id.
+As on the real server (``docs/simulator-differences.md`` lists where the simulator differs):
+a new instance is not found for ``not_found_window`` after POST /new; an instance in INIT,
+READY or TERMINATING holds its deployment, so a deployment stays busy for the whole
+``terminate_delay``; reservations wait, first in first out, and are served only when an
+instance of their deployment reaches TERMINATED (the server's post-termination cleanup); a
+served reservation's id becomes the instance's id, and that instance has no keep-alive. The
+deployment's ``icounter`` grows when an instance reaches TERMINATED. With the ``busy_race``
+switch, an instance inside its 404 window does not yet hold its deployment (its row does not
+exist yet), so a second POST /new there succeeds too, and the later instance ends INIT_FAIL.
 
 The world holds the other parts of the service as objects of their own: the users, tokens
 and rate windows (:class:`~.accounts.Accounts`), the injected faults
@@ -34,6 +41,7 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import random
 import secrets
 import threading
 import time
@@ -48,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigurationError
 from .accounts import Accounts
-from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting
+from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
 from .hostapi import HostBackend, NullHostManager
@@ -78,7 +86,13 @@ log = logging.getLogger(__name__)
 
 BUSY_BY_DEPLOYMENT = "All matching workspace deployments are busy. Try again later."
 BUSY_BY_WTYPE = "All feasible workspace deployments are busy"
+BUSY_INSTANCE = "This instance is busy. Try again later."
 NO_MATCH = "no matching wdeployment found"
+SOME_NO_MATCH = "some given IDs have no matching wdeployment"
+DISSOLVED = "workspace deployment is permanently unavailable"
+SOME_DISSOLVED = "some of the given workspace deployments are permanently unavailable"
+LOCKED_OUT = "workspace deployment is locked out (unavailable), please contact us "
+OFFLINE = "workspace deployment temporarily unavailable, try again later"
 
 
 class ManualClock:
@@ -170,6 +184,9 @@ class World:
         self.switches = dataclasses.replace(catalog.switches)
         self.accounts = Accounts(catalog.tokens, catalog.rate_limits, self.clock)
         self.injector = FaultInjector(catalog.faults)
+        # Durations drawn per instance come from a generator of their own, so that the
+        # draws of faults (which a seed makes repeatable) stay the same with or without.
+        self._durations = random.Random(catalog.faults.seed)
         self.events = EventSender()
         self.lock = threading.RLock()
         self.deployments: dict[str, Deployment] = {
@@ -274,14 +291,15 @@ class World:
         for inst in list(self.instances.values()):
             if inst.status == INIT:
                 age = now - inst.created
+                ready_delay = duration_at(timings.ready_delay, inst.ready_draw)
                 if inst.host_state == "failed":
                     self._end(inst, INIT_FAIL, now)
-                elif inst.will_fail and age >= timings.ready_delay:
+                elif inst.will_fail and age >= ready_delay:
                     self._end(inst, INIT_FAIL, now)
                 elif timings.init_timeout > 0 and age >= timings.init_timeout:
                     # The server gives up on a workspace that never acknowledged.
                     self._end(inst, INIT_FAIL, now)
-                elif not inst.stuck and age >= timings.ready_delay and inst.host_state == "up":
+                elif not inst.stuck and age >= ready_delay and inst.host_state == "up":
                     inst.status = READY
                     if self.switches.eurl_on_ready:
                         self._notify(inst, READY)
@@ -292,23 +310,25 @@ class World:
                 elif inst.options.keepalive and now >= inst.last_ka + timings.keepalive_timeout:
                     self._begin_termination(inst, now)
             if (inst.status == TERMINATING and inst.terminating_at is not None
-                    and now >= inst.terminating_at + timings.terminate_delay):
+                    and now >= inst.terminating_at + duration_at(timings.terminate_delay,
+                                                                 inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
-        self._serve_reservations(now)
 
-    def _serve_reservations(self, now: float) -> None:
-        served: set[str] = set()
-        for reservation in list(self.reservations):
-            deployment = reservation.deployment
-            if deployment.id in served or not deployment.usable or self._holder(deployment):
-                continue
-            self.reservations.remove(reservation)
-            served.add(deployment.id)
-            self._create_instance(
-                reservation.user, deployment, reservation.options,
-                (reservation.private_key, reservation.public_key),
-                instance_id=reservation.id, now=now,
-            )
+    def _serve_reservation(self, deployment: Deployment, now: float) -> None:
+        """The server's post-termination cleanup: the deployment's first reservation becomes
+        an instance, under its id, without keep-alive (the server drops it, and ``repo``)."""
+        if not deployment.usable or self._holder(deployment) is not None:
+            return
+        for reservation in self.reservations:
+            if reservation.deployment is deployment:
+                self.reservations.remove(reservation)
+                options = dataclasses.replace(reservation.options, keepalive=False, repo=None)
+                self._create_instance(
+                    reservation.user, deployment, options,
+                    (reservation.private_key, reservation.public_key),
+                    instance_id=reservation.id, now=now,
+                )
+                return
 
     def _begin_termination(self, inst: Instance, now: float) -> None:
         inst.status = TERMINATING
@@ -320,6 +340,9 @@ class World:
         inst.ended_at = now
         self._stop_host(inst)
         self._notify(inst, status)
+        if status == TERMINATED:
+            inst.deployment.icounter += 1
+            self._serve_reservation(inst.deployment, now)
 
     # ------------------------------------------------------------------ hosts
 
@@ -427,6 +450,7 @@ class World:
                 setattr(sections[OVERRIDE_KEYS[name]], name, value)
                 if name == "seed":
                     self.injector.reseed(value)
+                    self._durations.seed(value)
 
     def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,
                            error_status: int = 500, latency: float = 0.0) -> None:
@@ -480,9 +504,18 @@ class World:
 
     # ------------------------------------------------------------------ deployments
 
+    def _visible(self, inst: Instance) -> bool:
+        """Whether the instance is past its 404 window (its row exists on the server)."""
+        return self.clock() >= inst.visible_at
+
     def _holder(self, deployment: Deployment) -> Instance | None:
+        """The instance that holds ``deployment``; with ``busy_race``, one inside its 404
+        window does not count yet (the server counts rows, which do not exist yet)."""
+        race = self.switches.busy_race
         for inst in self.instances.values():
             if inst.deployment is deployment and inst.status in HOLDING:
+                if race and not self._visible(inst):
+                    continue
                 return inst
         return None
 
@@ -503,13 +536,15 @@ class World:
             return deployment
 
     def users_instance(self, deployment: Deployment, user: str | None) -> str | None:
-        """The id of ``user``'s instance that holds ``deployment`` and is in use, if any."""
+        """The id of ``user``'s instance on ``deployment`` that is INIT, READY or
+        TERMINATING (and past its 404 window), if any."""
         if user is None:
             return None
         with self.lock:
-            holder = self._holder(deployment)
-            if holder is not None and holder.user == user and holder.status in ACTIVE:
-                return holder.id
+            for inst in self.instances.values():
+                if (inst.deployment is deployment and inst.user == user
+                        and inst.status in HOLDING and self._visible(inst)):
+                    return inst.id
             return None
 
     def queue_length(self, deployment_id: str) -> int | None:
@@ -518,17 +553,29 @@ class World:
             deployment = self.deployments.get(deployment_id)
             return None if deployment is None else self.queuelen(deployment)
 
-    def qlen(self, wtype: str | None, wds: list[str] | None) -> list[QueueState]:
-        """``GET /qlen[/:wtype]``: queue length and remaining lease per deployment."""
+    def qlen(self, *, wtype: str | None = None, wds: list[str] | None = None
+             ) -> list[QueueState]:
+        """``GET /qlen/:wtype`` or ``GET /qlen?wds=...``: queue length and remaining lease of
+        each deployment that could take an instance (locked-out and offline ones skipped).
+
+        Unknown ids in ``wds`` are a 404, dissolved ones a 400, as on the server.
+        """
         with self.lock:
             now = self.clock()
+            if wds is not None:
+                found = [self.deployments.get(i) for i in wds]
+                if any(d is None for d in found):
+                    raise Refusal(404, NO_MATCH if len(wds) == 1 else SOME_NO_MATCH, key="error")
+                chosen = [d for d in found if d is not None]
+                if any(d.dissolved is not None for d in chosen):
+                    raise Refusal(400, DISSOLVED if len(wds) == 1 else SOME_DISSOLVED,
+                                  key="error")
+            else:
+                chosen = [d for d in self.deployments.values()
+                          if d.type == wtype and d.dissolved is None]
             result: list[QueueState] = []
-            for deployment in self.deployments.values():
-                if deployment.dissolved is not None:
-                    continue
-                if wtype is not None and deployment.type != wtype:
-                    continue
-                if wds is not None and deployment.id not in wds:
+            for deployment in chosen:
+                if deployment.lockout or deployment.offline:
                     continue
                 holder = self._holder(deployment)
                 rem = None
@@ -554,21 +601,20 @@ class World:
         Raises :class:`~.model.Refusal` with the server's answer when nothing can be rented.
         """
         options = options or InstanceOptions()
-        listed = wds is not None
         deployment_ids: list[str] | None
         if wds is not None:
             deployment_ids = wds
         else:
             deployment_ids = [deployment] if deployment else None
         with self.transaction():
-            plan, target = self._plan_new(user, wtype, deployment_ids, listed, options)
+            plan, target = self._plan_new(user, wtype, deployment_ids, options)
             if plan == "noop":
                 return NewResult(True, target)
         # Making an RSA key takes tens of milliseconds: never hold the lock for it.
         keys = generate_keypair()
         with self.transaction():
             now = self.clock()
-            plan, target = self._plan_new(user, wtype, deployment_ids, listed, options)
+            plan, target = self._plan_new(user, wtype, deployment_ids, options)
             if plan == "noop":
                 return NewResult(True, target)
             chosen = self.deployments[target]
@@ -584,54 +630,55 @@ class World:
         user: str,
         wtype: str | None,
         deployment_ids: list[str] | None,
-        listed: bool,
         options: InstanceOptions,
     ) -> tuple[str, str]:
-        """Decide what POST /new does: ("noop"|"create"|"reserve", instance or deployment id)."""
+        """Decide what POST /new does: ("noop"|"create"|"reserve", instance or deployment id).
+
+        The checks and their answers follow the server's, in its order.
+        """
         if wtype is not None:
-            candidates = [d for d in self.deployments.values()
-                          if d.type == wtype and d.dissolved is None]
-            if not candidates:
-                raise Refusal(404, NO_MATCH, key="error")
-            noop = self._existing(user, candidates) if options.allow_noop else None
+            of_type = [d for d in self.deployments.values() if d.type == wtype]
+            noop = self._existing(user, of_type) if options.allow_noop else None
             if noop:
                 return "noop", noop
-            free = [d for d in candidates if d.usable and not self._holder(d)
-                    and not self._queue(d)]
+            usable = [d for d in of_type if d.usable]
+            if not usable:
+                raise Refusal(404, NO_MATCH, key="error")
+            free = [d for d in usable if self.queuelen(d) == 0]
             if not free:
                 # Requests by type never queue, whatever ``reserve`` says.
                 raise Refusal(404, BUSY_BY_WTYPE, key="error")
             return "create", free[0].id
         assert deployment_ids is not None
+        one = len(deployment_ids) == 1
         found = [self.deployments.get(i) for i in deployment_ids]
-        if not listed and found[0] is None:
-            raise Refusal(404, NO_MATCH, key="error")
+        if any(d is None for d in found):
+            raise Refusal(404, NO_MATCH if one else SOME_NO_MATCH, key="error")
         deployments = [d for d in found if d is not None]
-        if len(deployments) != len(found) or not deployments:
-            raise Refusal(404)
-        if len({d.type for d in deployments}) > 1:
-            raise Refusal(400, "multiple request for wdeployments of different wtype "
-                               "not supported", key="error")
+        if any(d.dissolved is not None for d in deployments):
+            raise Refusal(400, DISSOLVED if one else SOME_DISSOLVED, key="error")
         noop = self._existing(user, deployments) if options.allow_noop else None
         if noop:
             return "noop", noop
-        usable = [d for d in deployments if d.usable]
-        if not usable:
-            first = deployments[0]
-            if first.dissolved is not None:
-                raise Refusal(400, "workspace deployment is permanently unavailable",
-                              key="error")
-            if first.lockout:
-                raise Refusal(400, "workspace deployment is locked out (unavailable), "
-                                   "please contact us ", key="error")
-            raise Refusal(503, "workspace deployment temporarily unavailable, try again later",
-                          key="error")
-        free = [d for d in usable if not self._holder(d) and not self._queue(d)]
-        if free:
-            return "create", free[0].id
+        feasible: list[Deployment] = []
+        refusal = Refusal(404, NO_MATCH, key="error")
+        for deployment in deployments:
+            if deployment.lockout:
+                refusal = Refusal(400, LOCKED_OUT, key="error")
+            elif deployment.offline:
+                refusal = Refusal(503, OFFLINE, key="error")
+            else:
+                feasible.append(deployment)
+        if len({d.type for d in feasible}) > 1:
+            raise Refusal(400, "multiple request for wdeployments of different wtype "
+                               "not supported", key="error")
+        if not feasible:
+            raise refusal
+        chosen = min(feasible, key=self.queuelen)
+        if self.queuelen(chosen) == 0:
+            return "create", chosen.id
         if options.reserve:
-            shortest = min(usable, key=lambda d: len(self._queue(d)))
-            return "reserve", shortest.id
+            return "reserve", chosen.id
         raise Refusal(503, BUSY_BY_DEPLOYMENT, key="result_message")
 
     def _existing(self, user: str, deployments: list[Deployment]) -> str | None:
@@ -651,23 +698,33 @@ class World:
         instance_id: str | None = None,
     ) -> Instance:
         injector = self.injector
-        stuck = injector.draw(injector.settings.stuck_init)
-        will_fail = not stuck and injector.draw(self.timings.init_fail_rate)
+        stuck_share = deployment.stuck_init
+        fail_share = deployment.init_fail_rate
+        stuck = injector.draw(injector.settings.stuck_init if stuck_share is None else stuck_share)
+        will_fail = not stuck and injector.draw(
+            self.timings.init_fail_rate if fail_share is None else fail_share)
+        if self.switches.busy_race and any(
+                i.deployment is deployment and i.status in HOLDING
+                for i in self.instances.values()):
+            # The race's loser: the launch task finds the deployment taken after all.
+            will_fail = True
+        window = duration_at(injector.settings.not_found_window, self._durations.random())
         inst = Instance(
             id=instance_id or str(uuid.uuid4()),
             user=user,
             deployment=deployment,
             options=options,
             created=now,
-            visible_at=now + injector.settings.not_found_window,
+            visible_at=now + window,
             private_key=keys[0],
             public_key=keys[1],
+            ready_draw=self._durations.random(),
+            terminate_draw=self._durations.random(),
             stuck=stuck,
             will_fail=will_fail,
             last_ka=now,
         )
         self.instances[inst.id] = inst
-        deployment.icounter += 1
         self._notify(inst, INIT)
         if not stuck and not will_fail:
             self._queue_host_start(inst)
@@ -712,26 +769,31 @@ class World:
             self._begin_termination(inst, self.clock())
 
     def private_key(self, user: str, instance_id: str) -> str:
-        """``GET /instance/:id/sshkey``: the generated private key while the instance lives."""
+        """``GET /instance/:id/sshkey``: the generated private key, until the instance ends
+        (an INIT_FAIL instance still has its key, as on the server)."""
         with self.lock:
             inst = self.find(user, instance_id)
             if inst.status in (TERMINATING, TERMINATED):
                 raise Refusal(400, f"instance already {inst.status.lower()}")
-            if inst.status == INIT_FAIL:
-                raise Refusal(404, "no secret SSH key available")
             return inst.private_key
 
     def keepalive(self, user: str, instance_id: str) -> None:
-        """``POST /instance/:id/ka``: restart the keep-alive countdown."""
+        """``POST /instance/:id/ka``: restart the keep-alive countdown.
+
+        An unknown, foreign or not yet visible instance is a 404 with an empty body."""
         with self.lock:
-            inst = self.find(user, instance_id)
+            inst = self.instances.get(instance_id)
+            if inst is None or inst.user != user or not self._visible(inst):
+                raise Refusal(404)
             if not inst.options.keepalive or inst.status not in ACTIVE:
                 raise Refusal(404, "no keep-alive monitor for this instance")
             inst.last_ka = self.clock()
 
     def _active(self, user: str, instance_id: str) -> Instance:
+        """The caller's instance for the firewall and VPN commands: the server refuses
+        only a TERMINATED one (INIT_FAIL and TERMINATING still answer)."""
         inst = self.find(user, instance_id)
-        if inst.status not in ACTIVE:
+        if inst.status == TERMINATED:
             raise Refusal(400, "instance not active")
         return inst
 
@@ -761,7 +823,8 @@ class World:
         with self.lock:
             inst = self._active(user, instance_id)
             if not inst.options.vpn:
-                raise Refusal(400, "instance does not have VPN")
+                # The server asks the workspace anyway, which never answers.
+                raise Refusal(503, BUSY_INSTANCE, key="result_message")
             client_id = uuid.uuid4().hex[:12]
             inst.vpn_clients.append(client_id)
         ovpn = (f"# rerobots simulator: OpenVPN client {client_id} of instance {instance_id}\n"
