@@ -200,6 +200,9 @@ class Timings:
     ended_at: float | None = None
 
 
+#: Seconds spent looking for what a ``POST /new`` interrupted by Ctrl-C made.
+INTERRUPTED_NEW_LOOKS = 3.0
+
 #: Seconds between status polls under ``fast_polling`` (a simulator, where calls are free).
 FAST_POLL = 0.05
 
@@ -408,11 +411,20 @@ class Instance:
             raise
 
     def _claim_interrupted_new(self, target: str, sent_at: float) -> None:
-        try:
-            found = self.client.find_new_instance(target, sent_at, self._known_ids)
-        except Exception as exc:  # nothing may replace the KeyboardInterrupt
-            log.warning("after Ctrl-C during POST /new/%s: %s", target, exc)
-            return
+        # The server lists a new instance only once its launch task has inserted it,
+        # a moment after answering: a few quick looks, at most INTERRUPTED_NEW_LOOKS s.
+        found = None
+        deadline = time.monotonic() + min(INTERRUPTED_NEW_LOOKS, self.options.notfound_grace)
+        while found is None:
+            try:
+                found = self.client.find_new_instance(target, sent_at, self._known_ids)
+            except Exception as exc:  # nothing may replace the KeyboardInterrupt
+                log.warning("after Ctrl-C during POST /new/%s: %s", target, exc)
+                return
+            if found is None:
+                if time.monotonic() >= deadline:
+                    return
+                time.sleep(0.25)  # (not self.sleep: an injected one may interrupt again)
         if found is not None:
             log.warning("Ctrl-C during POST /new/%s: it made %s, which is ended now", target,
                         found)

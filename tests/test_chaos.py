@@ -26,11 +26,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import pytest
 
 from pytest_rerobots import RerobotsClient
+from pytest_rerobots.sim.catalog import PROFILES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists() or os.name != "posix",
                                 reason="needs POSIX signals and /proc to find a run's processes")
@@ -168,9 +175,29 @@ class SimProcess:
             self.process.stdout.close()
 
 
+#: REROBOTS_CHAOS_PROFILE=realistic runs every case against the simulator's realistic
+#: profile (slow, uneven READY and terminate, the 404 window, the busy race), keeping only
+#: each simulator's keepalive window and, for "slow", its READY wait.
+PROFILE = os.environ.get("REROBOTS_CHAOS_PROFILE", "")
+
+
+def profile_sections(name: str) -> dict[str, dict[str, object]]:
+    if not name:
+        return {}
+    text = resources.files("pytest_rerobots.sim").joinpath(PROFILES[name]).read_text()
+    return tomllib.loads(text)
+
+
 def catalog(timings: dict[str, float], tokens: list[str]) -> str:
-    lines = ["[timings]", *(f"{k} = {v}" for k, v in timings.items()), "",
-             "[types.chaos_bot]", 'desc = "a robot for chaos tests"', ""]
+    sections = profile_sections(PROFILE)
+    keep = {k: v for k, v in timings.items() if k != "ready_delay" or timings is SLOW
+            or not PROFILE}
+    sections["timings"] = {**sections.get("timings", {}), **keep}
+    lines = []
+    for section, values in sections.items():
+        # (JSON's numbers, lists and booleans are TOML's too.)
+        lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items()), ""]
+    lines += ["[types.chaos_bot]", 'desc = "a robot for chaos tests"', ""]
     for _ in range(DEPLOYMENTS):
         lines += ["[[deployments]]", 'type = "chaos_bot"', 'region = "us:cali"', ""]
     lines.append("[tokens]")

@@ -18,6 +18,7 @@ import pytest
 from pytest_rerobots import (
     BusyWorkspaceDeployment,
     InstanceFailed,
+    InstanceNotFound,
     InstanceOptions,
     Outcome,
     RerobotsClient,
@@ -36,6 +37,15 @@ def wait_until(check: Callable[[], bool], seconds: float) -> bool:
             return True
         time.sleep(0.05)
     return check()
+
+
+def status(api: RerobotsClient, ident: str) -> str | None:
+    """The instance's status, or None while the server does not list it yet (the real
+    server's window after POST /new, which the simulator has too)."""
+    try:
+        return api.instance(ident)["status"]
+    except InstanceNotFound:
+        return None
 
 
 HOLDER = textwrap.dedent("""
@@ -212,7 +222,7 @@ def test_the_queue_timeout_error_says_what_was_busy_and_how_long(fast_sim: Simul
                                  r"with queue_timeout \(--rerobots-queue-timeout S, now 0\.4\)"):
             robot.start()
         assert api.reservations() == []
-        wait_until(lambda: api.instance(held.id)["status"] == "READY", 5)
+        wait_until(lambda: status(api, held.id) == "READY", 5)
         api.terminate(held.id)
 
 
@@ -220,7 +230,7 @@ def test_a_type_with_several_busy_robots_is_polled_until_one_frees(fast_sim: Sim
     with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
         held = [api.new_instance("basic_kobuki").id for _ in range(2)]
         for ident in held:
-            wait_until(lambda ident=ident: api.instance(ident)["status"] == "READY", 5)
+            wait_until(lambda ident=ident: status(api, ident) == "READY", 5)
         robot = api.acquire("basic_kobuki", queue_timeout=10, fast_polling=True)
         freed = threading.Timer(0.5, api.terminate, args=(held[1],))
         freed.start()
@@ -300,7 +310,7 @@ def test_one_failed_start_ends_the_others_and_is_named(fast_sim: Simulator):
             outcomes = [i.outcome for i in run.records.instances]
         assert outcomes and all(o in ("terminated", "never rented") for o in outcomes)
         assert [i.id for i in fast_sim.live_instances()] == [held.id]
-        wait_until(lambda: api.instance(held.id)["status"] == "READY", 5)
+        wait_until(lambda: status(api, held.id) == "READY", 5)
         api.terminate(held.id)
 
 
@@ -372,3 +382,40 @@ def test_a_session_readies_every_type_its_tests_need_together(pytester: pytest.P
     pytester.runpytest("-p", "no:randomly", "-k", "first", "--rerobots-prefetch=off"
                        ).assert_outcomes(failed=1)
     assert sim_env.live_instances() == []
+
+
+def test_a_suite_on_a_type_with_one_broken_robot_passes_and_shows_the_failed_rental(
+        pytester: pytest.Pytester):
+    pytester.makefile(".toml", lab="""
+        [types.lab_arm]
+
+        [[deployments]]
+        id = "0a000000-0000-4000-8000-000000000001"
+        type = "lab_arm"
+        region = "us:cali"
+        init_fail_rate = 1.0
+
+        [[deployments]]
+        id = "0a000000-0000-4000-8000-000000000002"
+        type = "lab_arm"
+        region = "eu:de"
+    """)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.rerobots("lab_arm")
+
+        @pytest.mark.parametrize("k", range(3))
+        def test_on_the_arm(rerobots_instance, k):
+            assert rerobots_instance.deployment.endswith("2")
+            assert rerobots_instance.run("echo ok").stdout == "ok\\n"
+        """
+    )
+    result = pytester.runpytest("--rerobots-sim", "--rerobots-sim-config=lab.toml",
+                                "--rerobots-scope=function")
+    result.assert_outcomes(passed=3)
+    out = result.stdout.str()
+    failed_rows = [line for line in out.splitlines() if "(INIT_FAIL, replaced)" in line]
+    assert failed_rows and all("0a000000" in row for row in failed_rows)
+    assert "LEAKED" not in out
