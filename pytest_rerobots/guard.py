@@ -92,7 +92,8 @@ class Ledger:
 
     def record_ended(self, instance_id: str, outcome: str, *, by: str = "teardown",
                      wtype: str | None = None, deployment: str | None = None) -> None:
-        """``by`` names the layer: teardown, controller, watchdog or sweep."""
+        """``by`` names the layer: teardown, controller, watchdog or sweep; or "replaced"
+        (a start that failed, ended before another rental took its place)."""
         record = {"event": "ended", "id": instance_id, "outcome": str(outcome), "by": by,
                   "run": self.run_id, "pid": os.getpid(), "time": time.time()}
         # What it ran on: a later rental of that robot may find it still being released.
@@ -115,7 +116,7 @@ class Ledger:
 
     def replaced(self, instance: Instance, failed: FailedRental) -> None:
         if failed.outcome in ENDED_OUTCOMES:
-            self.record_ended(failed.id, failed.outcome, wtype=instance.wtype,
+            self.record_ended(failed.id, failed.outcome, by="replaced", wtype=instance.wtype,
                               deployment=failed.deployment)
 
     def records(self) -> list[dict[str, Any]]:

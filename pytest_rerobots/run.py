@@ -285,16 +285,16 @@ class Run:
         shared one) and forget a failure recorded for it."""
         self.release_many([key])
 
-    def release_many(self, keys: Iterable[Hashable]) -> None:
-        """:meth:`release` several keys, ending their instances concurrently; raises the
-        first error after trying them all."""
+    def release_many(self, keys: Iterable[Hashable], *, also: Iterable[Instance] = ()) -> None:
+        """:meth:`release` several keys (and end the instances ``also`` names), ending
+        the instances concurrently; raises the first error after trying them all."""
         keys = list(keys)
         for key in keys:  # call off what is still starting in the background
             pending = self._pending.pop(key, None)
             if pending is not None:
                 pending[1].set()
                 pending[0].join()
-        ending: list[Instance] = []
+        ending = list(also)
         errors: list[Exception] = []
         for key in keys:
             self._failed.pop(key, None)
@@ -320,17 +320,7 @@ class Run:
         the first error after trying them all."""
         with self._lock:
             acquired, self._acquired = self._acquired, []
-        errors: list[Exception] = []
-        try:
-            self.release_many([*self._pool, *self._pending])
-        except Exception as exc:
-            errors.append(exc)
-        try:
-            end_all(acquired)
-        except Exception as exc:
-            errors.append(exc)
-        if errors:
-            raise errors[0]
+        self.release_many([*self._pool, *self._pending], also=acquired)
 
     def end_leftovers(self, by: str = "controller") -> dict[str, str]:
         """End every instance of this run that the ledger still holds as live (say, a

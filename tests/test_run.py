@@ -242,7 +242,8 @@ def test_a_type_with_several_busy_robots_is_polled_until_one_frees(fast_sim: Sim
         assert api.reservations() == []
 
 
-def test_an_init_fail_is_ended_and_replaced_on_another_deployment(fast_sim: Simulator):
+def test_an_init_fail_is_ended_and_replaced_on_another_deployment(fast_sim: Simulator,
+                                                                  tmp_path: Path):
     fast_sim.configure(init_fail_rate=1.0)
     heard = Heard()
 
@@ -250,13 +251,17 @@ def test_an_init_fail_is_ended_and_replaced_on_another_deployment(fast_sim: Simu
         def replaced(self, instance, failed) -> None:
             fast_sim.configure(init_fail_rate=0.0)
 
-    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=None, watchdog=False,
-             fast_polling=True, listeners=[heard, Recover()]) as run:
+    with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=tmp_path / "ledger",
+             watchdog=False, fast_polling=True, listeners=[heard, Recover()]) as run:
         with run.acquire("basic_kobuki") as robot:
             assert robot.status == "READY"
             (failed,) = robot.failed_rentals
             assert failed.status == "INIT_FAIL" and failed.outcome == "already ended"
             assert failed.deployment and robot.deployment != failed.deployment
+            assert run.ledger is not None
+            assert [r["id"] for r in run.ledger.live()] == [robot.id]
+            (ended,) = (r for r in run.ledger.records() if r["event"] == "ended")
+            assert (ended["id"], ended["by"]) == (failed.id, "replaced")
     assert heard.failures == ["INIT_FAIL"]
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import requests
+import test_sim_api
 
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.catalog import default_catalog, profile_catalog
@@ -36,36 +37,16 @@ TERMINATE = 0.3
 WINDOW = 0.2
 
 
-class Api:
-    """One requests session with one token; a timeout on every call."""
-
-    def __init__(self, url: str, token: str | None = None) -> None:
-        self.url = url
-        self.session = requests.Session()
-        if token is not None:
-            self.session.headers["Authorization"] = f"Bearer {token}"
+class Api(test_sim_api.Api):
+    """The simulator tests' requests wrapper, called directly, and with ``info``."""
 
     def __call__(self, method: str, path: str, **kw: Any) -> requests.Response:
-        return self.session.request(method, self.url + path, timeout=5, **kw)
-
-    def get(self, path: str, **kw: Any) -> requests.Response:
-        return self("GET", path, **kw)
-
-    def post(self, path: str, **kw: Any) -> requests.Response:
-        return self("POST", path, **kw)
-
-    def new(self, target: str = "basic_kobuki", **body: Any) -> str:
-        res = self.post(f"/new/{target}", json=body)
-        assert res.status_code == 200, res.text
-        return str(res.json()["id"])
+        return self.request(method, path, **kw)
 
     def info(self, iid: str) -> dict[str, Any]:
         res = self.get(f"/instance/{iid}")
         assert res.status_code == 200, res.text
         return dict(res.json())
-
-    def status(self, iid: str) -> str:
-        return str(self.info(iid)["status"])
 
 
 @pytest.fixture
