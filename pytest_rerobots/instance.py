@@ -651,6 +651,7 @@ class Instance:
             if raced:
                 self.outcome = None
         self.status = "INIT"
+        self.busy_reason = None  # no longer waiting for a busy robot
         self._rented_mono = time.monotonic()
         self._emit("rented")
         self._start_keepalive()

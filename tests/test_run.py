@@ -210,7 +210,7 @@ def test_a_robot_this_run_is_still_releasing_is_waited_for_and_named(fast_sim: S
         with run.acquire("fixed_misty2") as second:   # TERMINATING still holds the robot
             assert second.deployment == first.deployment
         assert second.timings.queued > 0.2
-    assert heard.reasons and heard.reasons[0].startswith(f"this run ended {first.id[:8]}")
+    assert heard.reasons and heard.reasons[0].startswith(f"this run just ended {first.id[:8]}")
 
 
 def test_the_queue_timeout_error_says_what_was_busy_and_how_long(fast_sim: Simulator):
@@ -424,3 +424,17 @@ def test_a_suite_on_a_type_with_one_broken_robot_passes_and_shows_the_failed_ren
     failed_rows = [line for line in out.splitlines() if "(INIT_FAIL, replaced)" in line]
     assert failed_rows and all("0a000000" in row for row in failed_rows)
     assert "LEAKED" not in out
+
+
+def test_a_robot_an_earlier_run_of_this_checkout_released_is_named(fast_sim: Simulator,
+                                                                    tmp_path: Path):
+    fast_sim.configure(terminate_delay=0.6)
+    ledger = tmp_path / "ledger.jsonl"
+    common = dict(ignore_env=True, ledger=ledger, watchdog=False, fast_polling=True)
+    with Run(fast_sim.url, fast_sim.token, **common) as earlier:
+        first = earlier.acquire("fixed_misty2")
+    heard = Heard()
+    with Run(fast_sim.url, fast_sim.token, listeners=[heard], **common) as later:
+        later.acquire("fixed_misty2")
+    assert heard.reasons
+    assert heard.reasons[0].startswith(f"a run of this checkout ended {first.id[:8]} there")
