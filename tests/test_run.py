@@ -392,6 +392,9 @@ def test_a_session_readies_every_type_its_tests_need_together(pytester: pytest.P
 def test_a_suite_on_a_type_with_one_broken_robot_passes_and_shows_the_failed_rental(
         pytester: pytest.Pytester):
     pytester.makefile(".toml", lab="""
+        [timings]
+        ready_delay = 0.1
+
         [types.lab_arm]
 
         [[deployments]]
