@@ -119,6 +119,12 @@ class Ledger:
             self.record_ended(failed.id, failed.outcome, by="replaced", wtype=instance.wtype,
                               deployment=failed.deployment)
 
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        self.record_rented(reservation, instance.target)
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        self.record_ended(reservation, "cancelled", by="teardown")
+
     def records(self) -> list[dict[str, Any]]:
         """Every readable record, oldest first (a torn line is skipped)."""
         try:
@@ -405,6 +411,12 @@ class Watchdog:
     def replaced(self, instance: Instance, failed: FailedRental) -> None:
         if failed.outcome in ENDED_OUTCOMES:
             self.release(failed.id)
+
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        self.rent(reservation)  # ends it by cancelling it, or ends what it became
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        self.release(reservation)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pipe: the watchdog ends what is unreleased, then exits. Waits for

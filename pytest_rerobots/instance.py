@@ -32,6 +32,7 @@ from .errors import (
     InstanceNotFound,
     InstanceTimeout,
     MalformedResponse,
+    NotFound,
     RerobotsError,
     ReservationNotFound,
 )
@@ -124,11 +125,22 @@ def end(
             try:
                 ended_now = client.terminate(instance_id)
             except InstanceNotFound:
+                if _cancelled_reservation(client, instance_id):
+                    return Outcome.NOT_FOUND  # a reservation not served yet: now never
                 if time.monotonic() - begun < notfound_grace:
                     raise BusyWorkspaceInstance(
                         f"instance {instance_id} not visible yet", status=404) from None
                 return Outcome.NOT_FOUND
     return Outcome.TERMINATED if ended_now else Outcome.ALREADY_ENDED
+
+
+def _cancelled_reservation(client: RerobotsClient, ident: str) -> bool:
+    """Whether ``ident`` was a reservation still waiting, now cancelled."""
+    try:
+        client.cancel_reservation(ident)
+    except NotFound:
+        return False
+    return True
 
 
 def _private_key(text: str) -> paramiko.PKey:
@@ -168,6 +180,12 @@ class InstanceListener(Protocol):
 
     def replaced(self, instance: Instance, failed: FailedRental) -> None:
         """A rental failed to start and was ended (``failed.outcome``); another follows."""
+
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        """Waiting in a queue with ``reservation`` (its id becomes the instance's)."""
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        """The reservation was cancelled: nothing was rented."""
 
 
 class Aborted(BaseException):
@@ -603,8 +621,12 @@ class Instance:
         original exception propagates.
         """
         begun = time.monotonic()
-        served = False
+        served: bool | None = False
         self.status = "QUEUED"
+        # The ledger and the watchdog hold the reservation too: served after this process
+        # died, it would be an instance with no keepalive (the server gives none to an
+        # instance made from a reservation), nobody's to end until its lease ran out.
+        self._emit("reserved", rid)
         try:
             while time.monotonic() - begun < self.options.queue_timeout:
                 if not any(r.get("id") == rid for r in self.client.reservations()):
@@ -624,22 +646,30 @@ class Instance:
             if served:
                 # Also on the way out of a Ctrl-C: what was served must be ended.
                 self._rented(rid)
+            elif served is False:
+                self._emit("unreserved", rid)
         if not served:
-            # Cancelled in time: nothing was rented after all.
+            # Cancelled in time: nothing was rented after all (or, if the API did not
+            # answer, the watchdog and the ledger still hold the reservation).
+            fate = ("reservation cancelled" if served is False else
+                    f"reservation {rid} could not be cancelled: the watchdog or "
+                    "--rerobots-sweep ends it")
             raise BusyWorkspaceDeployment(
-                self._still_busy(time.monotonic() - begun) + "; reservation cancelled")
+                f"{self._still_busy(time.monotonic() - begun)}; {fate}")
 
-    def _cancel_reservation(self, rid: str) -> bool:
-        """Cancel reservation ``rid``; True if it turned out to be served already."""
+    def _cancel_reservation(self, rid: str) -> bool | None:
+        """Cancel reservation ``rid``: False when cancelled, True if it turned out to be
+        served already, None if the API did not say."""
         try:
             self.client.cancel_reservation(rid)
         except ReservationNotFound:
             # Served between the last look and now: the reservation is an instance.
             return True
         except RerobotsError as exc:
-            # Should it be served later, it carries keepalive: the server ends it
-            # within its keepalive window, as nobody pings it.
+            # Still held by the ledger and the watchdog (no "unreserved" follows), which
+            # cancel it, or end what it became, when this process is gone.
             log.warning("could not cancel reservation %s: %s", rid, exc)
+            return None
         return False
 
     def _rented(self, ident: str) -> None:
@@ -678,6 +708,14 @@ class Instance:
             try:
                 self.client.keepalive(ident)
                 wait = self.options.keepalive_interval
+            except NotFound as exc:
+                if self.status == "READY" and ident == self.id:
+                    # An instance served from a reservation has no keepalive on the server
+                    # (it is not the request that asked for it): nothing to ping. The
+                    # lease, the watchdog and teardown still end it.
+                    log.info("instance %s has no keepalive on the server (%s)", ident, exc)
+                    return
+                wait = min(5.0, self.options.keepalive_interval)  # not listed yet
             except RerobotsError as exc:
                 # One attempt per ping (a retried ping could outlast the server's
                 # window); a failed one is tried again soon.
@@ -874,6 +912,11 @@ class Instance:
         return end(self.client, self.id, deadline=opts.terminate_timeout,
                    notfound_grace=max(0.0, opts.notfound_grace - since_rent), sleep=self.sleep)
 
+    def show_progress(self) -> None:
+        """Tell the listeners how the start is going (from the thread that waits for a
+        start running in another)."""
+        self._emit("progress")
+
     def _nap(self, seconds: float) -> None:
         """Sleep during the start, or stop it (:class:`Aborted`) when it is called off."""
         abort = self._abort
@@ -906,27 +949,30 @@ def start_all(instances: Sequence[Instance]) -> list[Instance]:
     abort = threading.Event()
     failures: dict[int, BaseException] = {}
 
+    done = [threading.Event() for _ in instances]
+
     def start(k: int, inst: Instance) -> None:
         try:
             inst.start()
         except BaseException as exc:  # recorded; the calling thread decides
             failures[k] = exc
             abort.set()
+        finally:
+            done[k].set()
 
-    threads = []
     for k, inst in enumerate(instances):
         inst._abort = abort  # (before the thread starts: a Ctrl-C may come at once)
-        thread = threading.Thread(target=start, args=(k, inst), daemon=True,
-                                  name=f"rerobots-start-{k}")
-        thread.start()
-        threads.append(thread)
+        threading.Thread(target=start, args=(k, inst), daemon=True,
+                         name=f"rerobots-start-{k}").start()
+    def shown() -> None:
+        for inst in instances:
+            inst.show_progress()
+
     try:
-        for thread in threads:
-            thread.join()
+        wait_all(done, shown)
     except BaseException:
         abort.set()  # Ctrl-C: each start ends what it rented
-        for thread in threads:
-            thread.join()
+        wait_all(done)
         end_all(instances)
         raise
     finally:
@@ -961,11 +1007,31 @@ def end_all(instances: Iterable[Instance]) -> None:
         except Exception as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=end_one, args=(i,), name="rerobots-end", daemon=True)
-               for i in pending]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    done = [threading.Event() for _ in pending]
+
+    def run_one(k: int, inst: Instance) -> None:
+        try:
+            end_one(inst)
+        finally:
+            done[k].set()
+
+    for k, inst in enumerate(pending):
+        threading.Thread(target=run_one, args=(k, inst), name="rerobots-end",
+                         daemon=True).start()
+    wait_all(done)
     if errors:
         raise errors[0]
+
+
+def wait_all(events: Iterable[threading.Event],
+             tick: Callable[[], None] | None = None) -> None:
+    """Wait until every event is set, calling ``tick`` about every half second (the
+    progress of what is awaited is shown from the waiting thread). (Not
+    ``Thread.join()``: on CPython before 3.13 a join interrupted by Ctrl-C marks the
+    thread as stopped, and every later join of it returns at once, while it still runs.)"""
+    for event in events:
+        while not event.wait(0.5):
+            if tick is not None:
+                tick()
+    if tick is not None:
+        tick()

@@ -49,6 +49,12 @@ class Records:
     def replaced(self, instance: Instance, failed: FailedRental) -> None:
         pass  # the summary reads ``instance.failed_rentals``
 
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        pass
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        pass
+
     def note_leftover(self, instance_id: str, outcome: str) -> None:
         """An instance a worker rented and never ended, ended (or not) by the controller."""
         self.leftovers[instance_id] = outcome
@@ -104,6 +110,11 @@ class Progress:
         self._begun[id(instance)] = time.monotonic()
 
     def progress(self, instance: Instance) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            # Robots readied in the background (several at once, or a session's prefetch)
+            # must not suspend output capture under a test that runs meanwhile: the
+            # thread that waits for them shows their progress (Instance.show_progress).
+            return
         key = id(instance)
         now = time.monotonic()
         waited = now - self._begun.setdefault(key, now)
@@ -123,13 +134,22 @@ class Progress:
             self._last_print[key] = now
             self._show(_line(instance, waited), in_place=False, first=first)
 
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        pass  # the queue's progress lines say it
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        pass
+
     def replaced(self, instance: Instance, failed: FailedRental) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # (the summary lists it)
         self._show(f"rerobots: {instance.label} {failed.id} {failed.status}: ended, "
                    "renting another", in_place=False, first=True)
 
     def ended(self, instance: Instance) -> None:
         key = id(instance)
-        if key in self._shown:  # ended while waiting (failed, interrupted)
+        # Ended while waiting (failed, interrupted); from the main thread only, as above.
+        if key in self._shown and threading.current_thread() is threading.main_thread():
             self._show(_line(instance, time.monotonic() - self._begun.get(key, 0.0)),
                        in_place=self._tty(), last=True)
             self._shown.discard(key)

@@ -41,6 +41,7 @@ from .instance import (
     InstanceOptions,
     end_all,
     start_all,
+    wait_all,
 )
 from .share import SharedPool
 
@@ -115,7 +116,8 @@ class Run:
         self._pool: dict[Hashable, Instance] = {}
         self._failed: dict[Hashable, Exception] = {}
         self._acquired: list[Instance] = []
-        self._pending: dict[Hashable, tuple[threading.Thread, threading.Event]] = {}
+        #: key -> (set when its background start is over, set to call it off)
+        self._pending: dict[Hashable, tuple[threading.Event, threading.Event]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
@@ -226,7 +228,10 @@ class Run:
         until :meth:`release`."""
         pending = self._pending.get(key)
         if pending is not None:
-            pending[0].join()  # started in the background: wait for it (Ctrl-C may stop us)
+            # Started in the background: wait for it, showing its progress from here
+            # (Ctrl-C may stop the wait).
+            waited_for = self._pool.get(key)
+            wait_all([pending[0]], waited_for.show_progress if waited_for else None)
             self._pending.pop(key, None)
         if key in self._failed:
             raise self._failed[key]
@@ -263,6 +268,8 @@ class Run:
         inst = self._pool[key] = self.instance(target, deployment=deployment)
         abort = threading.Event()
 
+        done = threading.Event()
+
         def bring_up() -> None:
             try:
                 inst.start(abort=abort)
@@ -270,11 +277,12 @@ class Run:
                 self._pool.pop(key, None)
                 if isinstance(exc, Exception):
                     self._failed[key] = exc
+            finally:
+                done.set()
 
-        thread = threading.Thread(target=bring_up, name=f"rerobots-prefetch-{target}",
-                                  daemon=True)
-        self._pending[key] = (thread, abort)
-        thread.start()
+        self._pending[key] = (done, abort)
+        threading.Thread(target=bring_up, name=f"rerobots-prefetch-{target}",
+                         daemon=True).start()
 
     def holds(self, key: Hashable) -> bool:
         """Whether ``key`` has an instance held (or on its way), or a failed start on
@@ -290,11 +298,11 @@ class Run:
         """:meth:`release` several keys (and end the instances ``also`` names), ending
         the instances concurrently; raises the first error after trying them all."""
         keys = list(keys)
-        for key in keys:  # call off what is still starting in the background
-            pending = self._pending.pop(key, None)
-            if pending is not None:
-                pending[1].set()
-                pending[0].join()
+        # Call off what is still starting in the background, all at once, then wait.
+        pending = [p for p in (self._pending.pop(key, None) for key in keys) if p is not None]
+        for _, abort in pending:
+            abort.set()
+        wait_all(done for done, _ in pending)
         ending = list(also)
         errors: list[Exception] = []
         for key in keys:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import paramiko  # noqa: F401
 import pytest
 
+# The plugin loads the SSH and HTTP machinery only at the first rental. Loaded here first:
+# otherwise a pytester run that happens to load paramiko first has pytester unload it at
+# its end, and the next in-process run's host keys no longer compare equal.
+import pytest_rerobots.instance  # noqa: F401
 from pytest_rerobots.sim import Simulator
 
 #: Timings short enough that a whole lifecycle takes a fraction of a second.

@@ -365,10 +365,17 @@ def test_a_session_readies_every_type_its_tests_need_together(pytester: pytest.P
         """
         import pytest
 
+        import time
+
         @pytest.mark.rerobots("basic_kobuki")
         def test_first(rerobots_instance, rerobots_client):
-            # The session's other type was rented when this test's was.
-            live = rerobots_client.instances(details=True)["workspace_instances"]
+            # The session's other type was rented when this test's was (the server lists
+            # an instance only after its 404 window: a moment to show up).
+            for _ in range(40):
+                live = rerobots_client.instances(details=True)["workspace_instances"]
+                if len(live) == 2:
+                    break
+                time.sleep(0.05)
             assert sorted(i["type"] for i in live) == ["basic_kobuki", "fixed_misty2"]
 
         @pytest.mark.rerobots("fixed_misty2")
@@ -441,3 +448,28 @@ def test_a_robot_an_earlier_run_of_this_checkout_released_is_named(fast_sim: Sim
         later.acquire("fixed_misty2")
     assert heard.reasons
     assert heard.reasons[0].startswith(f"a run of this checkout ended {first.id[:8]} there")
+
+
+def test_a_reservation_is_held_by_the_ledger_and_ended_by_cancelling_it(fast_sim: Simulator,
+                                                                         tmp_path: Path):
+    from pytest_rerobots.instance import end
+
+    with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
+        (misty,) = api.deployments("fixed_misty2")["workspace_deployments"]
+        held = api.new_instance(misty)
+        # A queued rental: the ledger holds its reservation, then its cancellation.
+        with Run(fast_sim.url, fast_sim.token, ignore_env=True, ledger=tmp_path / "l.jsonl",
+                 watchdog=False, fast_polling=True, queue_timeout=0.3) as run:
+            with pytest.raises(BusyWorkspaceDeployment, match="reservation cancelled"):
+                run.acquire("fixed_misty2")
+            assert run.ledger is not None
+            events = [(r["event"], r.get("outcome")) for r in run.ledger.records()]
+            assert events == [("rented", None), ("ended", "cancelled")]
+            assert run.ledger.live() == []
+        # What the watchdog and the sweep do with a reservation id: cancel it.
+        reservation = api.new_instance(misty, reserve=True)
+        assert reservation.success is False
+        assert end(api, reservation.id) == Outcome.NOT_FOUND
+        assert api.reservations() == []
+        wait_until(lambda: status(api, held.id) == "READY", 5)
+        api.terminate(held.id)
