@@ -409,8 +409,17 @@ class Instance:
              wds: Sequence[str] | None = None) -> NewInstance:
         """``POST /new``; a 5xx that reconciliation showed created nothing is sent again
         a few times with backoff (never blindly: the client looked first)."""
+        first_sent = self.client.clock()
         for attempt in retry.renting(fast=self.options.fast_polling, sleep=self._nap):
             with attempt:
+                if attempt.retry_state.attempt_number > 1 and not reserve:
+                    # One more look first: the server lists what it made only after its
+                    # 404 window, which may outlast the client's own looks.
+                    found = self.client.find_new_instance(target, first_sent, self._known_ids)
+                    if found is not None:
+                        from .client import NewInstance
+
+                        return NewInstance(success=True, id=found, reconciled=True)
                 return self._new_once(target, reserve=reserve, wds=wds)
         raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
 
@@ -423,9 +432,12 @@ class Instance:
                 reserve=reserve, wds=wds, known_ids=self._known_ids,
             )
         except KeyboardInterrupt:
-            # Ctrl-C while POST /new was in flight: the server may have acted. One quick
+            # Ctrl-C while POST /new was in flight: the server may have acted. A quick
             # look, so that what it made is ended now, not a keepalive window later.
-            self._claim_interrupted_new(target, sent_at)
+            # (Not for a reservation: what GET /instances lists then is the robot's
+            # current holder, perhaps another job on the same token.)
+            if not reserve:
+                self._claim_interrupted_new(target, sent_at)
             raise
 
     def _claim_interrupted_new(self, target: str, sent_at: float) -> None:

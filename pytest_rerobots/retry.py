@@ -95,8 +95,8 @@ def connecting(
 def renting(*, fast: bool = False, attempts: int = 3, sleep: Sleep = time.sleep) -> Retrying:
     """Policy for ``POST /new`` after a 5xx that the client's reconciliation showed
     created nothing (so sending it again cannot rent twice): ``attempts`` more tries
-    with backoff from 1 s (50 ms with ``fast``, a local simulator)."""
-    first = 0.05 if fast else 1.0
+    with backoff from 2 s (50 ms with ``fast``, a local simulator)."""
+    first = 0.05 if fast else 2.0
     return Retrying(
         retry=retry_if_exception_type(ServerError),
         stop=stop_after_attempt(attempts + 1),

@@ -98,7 +98,9 @@ class Run:
         self.listeners: list[InstanceListener] = [self.records, *listeners]
         if ledger is _DEFAULT:
             ledger = DEFAULT_LEDGER
-            _ignored_by_git(DEFAULT_LEDGER.parent)
+            self._unprepared: Path | None = DEFAULT_LEDGER.parent
+        else:
+            self._unprepared = None
         self.ledger = (guard.Ledger(ledger, run_id=self.run_id, api_url=self.client.api_url)
                        if ledger is not None else None)
         # REROBOTS_NO_WATCHDOG=1 is undocumented: it leaves layer 3 out so that the
@@ -146,6 +148,9 @@ class Run:
         if self._signals:
             # Only a run that rents anything changes how signals behave.
             self.signals.install()
+        if self._unprepared is not None:  # the default ledger's directory, on first use
+            _ignored_by_git(self._unprepared)
+            self._unprepared = None
         settings.setdefault("listeners", [*self.listeners, *self._layers()])
         settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
         settings.setdefault("hint_busy", self.why_busy)
