@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import guard, listing, report
+from . import guard, report
 from .client import RerobotsClient
 from .errors import ConfigurationError, is_infrastructure
 from .instance import Instance
@@ -111,6 +111,8 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit.
     ``pytest --rerobots-list``: print what can be rented, then exit."""
     if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
+        from . import listing
+
         try:
             return listing.main(load_settings(config))
         except ConfigurationError as exc:
