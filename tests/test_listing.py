@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 
-from pytest_rerobots import RerobotsClient
+from pytest_rerobots import InstanceNotFound, RerobotsClient
 from pytest_rerobots.listing import UNLISTED, Deployment, Listing, render
 from pytest_rerobots.sim import Simulator
 
@@ -50,19 +53,38 @@ def test_lists_types_deployments_and_queues_without_a_token(
     result.stdout.fnmatch_lines(["queue: 0 free*", "(read without a token*", "", UNLISTED])
 
 
+def rented(api: RerobotsClient, wtype: str) -> dict[str, Any]:
+    """Rent through the API alone and wait for READY: the listing needs no SSH (and this
+    loads no paramiko inside the pytester test, whose teardown would unload it)."""
+    ident = api.new_instance(wtype).id
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            details = api.instance(ident)
+        except InstanceNotFound:  # the moments after POST /new
+            details = {"status": "INIT"}
+        if details["status"] == "READY":
+            return details
+        time.sleep(0.05)
+    api.terminate(ident)
+    raise AssertionError(f"{ident} not READY in 10 s")
+
+
 def test_with_a_token_lists_the_users_live_instances(
         pytester: pytest.Pytester, sim_env: Simulator):
-    with RerobotsClient(sim_env.token, sim_env.url, ignore_env=True) as api, \
-            api.acquire("basic_kobuki", fast_polling=True) as robot:
-        robot.start()
-        result = listed(pytester)
+    with RerobotsClient(sim_env.token, sim_env.url, ignore_env=True) as api:
+        robot = rented(api, "basic_kobuki")
+        try:
+            result = listed(pytester)
+        finally:
+            api.terminate(robot["id"])
     assert result.ret == 0
     result.stdout.fnmatch_lines([
         f"rerobots: {sim_env.url} (remote API), token set",
-        row("basic_kobuki", str(robot.deployment), str(robot.region), 1),
+        row("basic_kobuki", robot["deployment"], robot["region"], 1),
         "your live instances (1):",
         "instance * type * region * status * age",
-        f"{robot.id}  basic_kobuki  {robot.region} * READY * *s",
+        f"{robot['id']}  basic_kobuki  {robot['region']} * READY * *s",
     ])
     assert "read without a token" not in result.stdout.str()
 
