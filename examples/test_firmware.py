@@ -1,7 +1,18 @@
 """An example hardware-in-the-loop suite for a Kobuki robot's firmware.
 
-Run it on the simulator with ``pytest examples --rerobots-sim``, or on a real
-robot with ``REROBOTS_API_TOKEN=... pytest examples``.
+On the simulator, with no account::
+
+    pytest examples --rerobots-sim
+
+On a real robot, with a token::
+
+    REROBOTS_API_TOKEN=... pytest examples --rerobots-wtype=basic_kobuki
+
+A real ``basic_kobuki`` runs the tests that need only what every such robot has (SSH, a
+shell, SFTP, ``sha256sum``). The others flash and read the robot with this suite's own
+tools, ``bin/flash-fw`` and ``bin/robot-status``. Only the simulator's catalog has those
+(pretend ones); on a real robot they are skipped unless ``--robot-tools DIR`` gives
+yours, which are then uploaded to each robot (see ``conftest.py``).
 """
 
 from __future__ import annotations
@@ -10,6 +21,8 @@ import pytest
 
 from pytest_rerobots import CommandFailed
 
+# -- what every basic_kobuki has ---------------------------------------------------------
+
 
 def test_upload_keeps_the_image_intact(rerobots_instance, firmware):
     rerobots_instance.put(str(firmware.path), "fw.bin")
@@ -17,41 +30,46 @@ def test_upload_keeps_the_image_intact(rerobots_instance, firmware):
     assert result.stdout.split()[0] == firmware.sha256
 
 
-def test_flashing_reports_the_new_version(rerobots_instance, firmware):
-    rerobots_instance.put(str(firmware.path), "fw.bin")
-    flashed = rerobots_instance.run("bin/flash-fw fw.bin", timeout=60, check=True)
+# -- with the suite's robot tools (the simulator's pretend ones, or --robot-tools) ---------
+
+
+def test_flashing_reports_the_new_version(rerobots_instance, flash, firmware):
+    flashed = flash(rerobots_instance)
     assert f"version {firmware.version}" in flashed.stdout
     status = rerobots_instance.run("bin/robot-status", check=True)
     assert f"fw={firmware.version}" in status.stdout
 
 
-def test_flashing_a_missing_image_fails_cleanly(rerobots_instance):
+def test_flashing_a_missing_image_fails_cleanly(rerobots_instance, robot_tools):
+    robot_tools(rerobots_instance)
     with pytest.raises(CommandFailed) as failed:
         rerobots_instance.run("bin/flash-fw no-such-image.bin", check=True)
     assert failed.value.result.exit_status == 2
     assert "no-such-image.bin" in failed.value.result.stderr
 
 
-def test_base_reports_healthy(rerobots_ssh):
+def test_base_reports_healthy(rerobots_instance, robot_tools, rerobots_ssh):
+    robot_tools(rerobots_instance)
     # The plain paramiko client is there for code that already speaks paramiko.
     _, stdout, _ = rerobots_ssh.exec_command("bin/robot-status")
     assert "base=ok" in stdout.read().decode()
 
 
 @pytest.mark.rerobots("fixed_misty2")
-def test_misty_head_camera_answers(rerobots_instance):
+def test_misty_head_camera_answers(rerobots_instance, robot_tools):
     # Skipped in this suite's default run (rerobots_wtype = basic_kobuki in pytest.ini);
     # run it with --rerobots-wtype=fixed_misty2.
     assert rerobots_instance.wtype == "fixed_misty2"
+    robot_tools(rerobots_instance)
     assert rerobots_instance.run("bin/robot-status", check=True).exit_status == 0
 
 
-def test_two_robots_run_the_same_firmware(rerobots_instance, rerobots_acquire, firmware):
+def test_two_robots_run_the_same_firmware(rerobots_instance, rerobots_acquire, flash,
+                                           firmware):
     second = rerobots_acquire("basic_kobuki")
     assert second.id != rerobots_instance.id
     for robot in (rerobots_instance, second):
-        robot.put(str(firmware.path), "fw.bin")
-        robot.run("bin/flash-fw fw.bin", timeout=60, check=True)
+        flash(robot)
     versions = {robot.run("bin/robot-status", check=True).stdout.split()[1]
                 for robot in (rerobots_instance, second)}
     assert versions == {f"fw={firmware.version}"}

@@ -193,6 +193,11 @@ class RerobotsClient:
     errors and 5xx ``retries`` times; ``POST /new`` never is (a lost answer is
     reconciled, see :meth:`new_instance`). ``sleep`` and ``clock`` are
     injectable for tests. The token never appears in ``repr``, logs or errors.
+
+    Asking what is on offer needs no token: :meth:`workspace_types`, :meth:`deployments`
+    (with ``info=True``: type, region and queue length of each) and :meth:`queue_length`.
+    With one, :meth:`queue_lengths` gives fresher queue lengths and :meth:`instances`
+    what the user holds.
     """
 
     def __init__(
@@ -382,7 +387,13 @@ class RerobotsClient:
         return self._request("GET", "/") or {}
 
     def workspace_types(self, *, with_dissolved: bool = False) -> list[str]:
-        """``GET /workspaces``: the known workspace types."""
+        """``GET /workspaces``: the names of the workspace types on offer, e.g.
+        ``["basic_kobuki", "fixed_misty2"]``: every type with at least one deployment that
+        is not dissolved (``with_dissolved=True`` adds the types of dissolved ones).
+
+        Public: no token needed. Their deployments, with region and queue length, are in
+        :meth:`deployments` (``info=True``); ``pytest --rerobots-list`` prints both.
+        """
         params: dict[str, Any] = {}
         _flag(params, "with_dissolved", with_dissolved)
         payload = self._request("GET", "/workspaces", params=params)

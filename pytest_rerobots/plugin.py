@@ -71,6 +71,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rerobots-sweep", action="store_true", default=False,
                     dest="rerobots_sweep",
                     help="terminate every live instance in the ledger, print what it did, exit")
+    group.addoption("--rerobots-list", action="store_true", default=False,
+                    dest="rerobots_list",
+                    help="print the workspace types, their deployments with region and queue "
+                    "length, and your live instances (with a token), then exit")
 
 
 def _ini(config: pytest.Config, name: str) -> Any:
@@ -106,7 +110,15 @@ def _with_default_ledger(config: pytest.Config, settings: Settings) -> Settings:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
-    """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit."""
+    """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit.
+    ``pytest --rerobots-list``: print what can be rented, then exit."""
+    if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
+        from . import listing
+
+        try:
+            return listing.main(load_settings(config))
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     if not config.getoption("rerobots_sweep"):
         return None
     settings = load_settings(config)
