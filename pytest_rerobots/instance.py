@@ -533,7 +533,10 @@ class Instance:
                     "at once)", status=busy.status) from None
             answer = None
         if answer is None:
-            self._wait_for_a_robot(wds)
+            # Busy: wait for any deployment of the type, the one that just failed
+            # included. (It may only have lost the busy race; and the others may be held
+            # by this very run, which cannot release them while this start waits.)
+            self._wait_for_a_robot(None)
         elif answer.success:
             self._rented(answer.id)
         else:
