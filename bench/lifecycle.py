@@ -114,8 +114,10 @@ def wait_free(api: RerobotsClient, deployment: str) -> None:
         time.sleep(0.01)
 
 
+# The official client reads a 404 right after POST /new as "no such instance", so both
+# simulators answer at once (docs/simulator-catalog.md, the example for rerobots 0.11).
 def overhead(rounds: int, delay: float, counter: CallCounter) -> None:
-    with Simulator(ready_delay=delay, terminate_delay=0.05) as sim:
+    with Simulator(ready_delay=delay, terminate_delay=0.05, not_found_window=0) as sim:
         api = RerobotsClient(sim.token, sim.url)
         kobukis = api.deployments(WTYPE)["workspace_deployments"]
         fast_s, frugal_s, naive_s = [], [], []
@@ -136,7 +138,7 @@ def overhead(rounds: int, delay: float, counter: CallCounter) -> None:
 
 
 def calls(delay: float, counter: CallCounter) -> None:
-    with Simulator(ready_delay=delay, terminate_delay=0.05) as sim:
+    with Simulator(ready_delay=delay, terminate_delay=0.05, not_found_window=0) as sim:
         kobukis = RerobotsClient(sim.token, sim.url).deployments(WTYPE)["workspace_deployments"]
         results: dict[str, dict[str, float]] = {}
         started = time.time()
