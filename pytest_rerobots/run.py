@@ -205,8 +205,8 @@ class Run:
             ended = other.timings.ended_at
             if (other is not inst and other.id and ended and now - ended < RELEASE_WINDOW
                     and other.outcome in ENDED_OUTCOMES and same(other.wtype, other.deployment)):
-                return (f"this run just ended {other.id[:8]} there; the service keeps a robot "
-                        "busy while it terminates")
+                return (f"this run just ended {other.id[:8]} on {(other.deployment or '?')[:8]}; "
+                        "the service keeps a robot busy while it terminates")
         if self.ledger is not None:
             for record in reversed(self.ledger.records()):
                 ended = float(record.get("time") or 0)
@@ -214,9 +214,9 @@ class Run:
                     break
                 if record.get("event") == "ended" and same(record.get("wtype"),
                                                             record.get("deployment")):
-                    return (f"a run of this checkout ended {record['id'][:8]} there "
-                            f"{now - ended:.0f} s before; the service keeps a robot busy "
-                            "while it terminates")
+                    return (f"a run of this checkout ended {record['id'][:8]} on "
+                            f"{str(record.get('deployment') or '?')[:8]} {now - ended:.0f} s "
+                            "before; the service keeps a robot busy while it terminates")
         return None
 
     def _layers(self) -> list[InstanceListener]:

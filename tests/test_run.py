@@ -447,7 +447,7 @@ def test_a_robot_an_earlier_run_of_this_checkout_released_is_named(fast_sim: Sim
     with Run(fast_sim.url, fast_sim.token, listeners=[heard], **common) as later:
         later.acquire("fixed_misty2")
     assert heard.reasons
-    assert heard.reasons[0].startswith(f"a run of this checkout ended {first.id[:8]} there")
+    assert heard.reasons[0].startswith(f"a run of this checkout ended {first.id[:8]} on ")
 
 
 def test_a_reservation_is_held_by_the_ledger_and_ended_by_cancelling_it(fast_sim: Simulator,
