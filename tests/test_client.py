@@ -161,7 +161,7 @@ def test_unknown_deployment_is_not_found(api: RerobotsClient):
 
 
 def test_instance_lifecycle(api: RerobotsClient, sim: Simulator):
-    sim.configure(sshkey_in_new_response=True)  # the seed's shape, which the client reads
+    sim.configure(sshkey_in_new_response=True)  # the summary's shape, read by the client
     new = api.new_instance("basic_kobuki", expire_d=600, keepalive=True)
     assert new.success and new.sshkey and "PRIVATE KEY" in new.sshkey
     assert "PRIVATE KEY" not in repr(new)

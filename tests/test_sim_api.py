@@ -1,4 +1,4 @@
-"""The simulator's HTTP API, over real HTTP, against rerobots-api.md.
+"""The simulator's HTTP API, over real HTTP, against the server behaviour in docs/contract.md.
 
 Every test runs its own :class:`Simulator` on ``127.0.0.1:0`` (``ssh_backend="none"`` unless
 it needs SSH). Tests about waiting use a :class:`ManualClock` instead of sleeping.
@@ -163,7 +163,7 @@ def test_options_preflight(anon: Api) -> None:
     assert res.status_code == 200
     assert res.content == b""
     assert res.headers["Access-Control-Allow-Headers"] == "Authorization,Content-Type"
-    # rerobots-api.md section 8, item 17: no rate-limit headers on OPTIONS.
+    # The real server: no rate-limit headers on OPTIONS (docs/contract.md).
     assert "X-RateLimit-Remaining" not in res.headers
 
 
@@ -331,7 +331,7 @@ def test_queuelen(api: Api, sim: Simulator) -> None:
     finally:
         other.close()
     assert api.get(f"/queuelen/{MISTY}").json()["len"] == 2
-    # The server does not check existence; DOC's 404 is a switch.
+    # The server does not check existence; the published docs' 404 is a switch.
     assert api.get(f"/queuelen/{UNKNOWN}").json() == {"id": UNKNOWN, "len": 0}
     sim.configure(queuelen_404_unknown=True)
     assert api.get(f"/queuelen/{UNKNOWN}").status_code == 404
@@ -504,7 +504,7 @@ def test_allow_noop_returns_existing(api: Api) -> None:
 
 
 def test_sshkey_in_new_response_and_endpoint(api: Api, sim: Simulator) -> None:
-    # The seed's variant, a switch: the real server never sends it (section 8, item 6).
+    # The published summary's variant, a switch: the real server never sends it.
     sim.configure(sshkey_in_new_response=True)
     body = api.post("/new/basic_kobuki").json()
     pem = body["sshkey"]

@@ -1,4 +1,4 @@
-"""The simulator's defaults follow the real server: rerobots-api.md, section 8, item by item.
+"""The simulator's defaults follow the real server (docs/contract.md), item by item.
 
 Every test runs the built-in catalog as it is (no 404 window turned off, no switch flipped)
 unless it says otherwise, on a :class:`ManualClock`, so nothing depends on how fast this
@@ -272,7 +272,7 @@ def test_icounter_grows_when_an_instance_reaches_terminated(api: Api, clock: Man
 
 
 def test_new_answer_has_no_sshkey(api: Api, clock: ManualClock, sim: Simulator) -> None:
-    """Item 6: ``{"success", "id"}`` only; the key comes from /sshkey (a switch for the seed)."""
+    """Item 6: ``{"success", "id"}`` only; the key comes from /sshkey (a switch: the summary's)."""
     res = api.post("/new/basic_kobuki")
     assert res.status_code == 200
     assert set(res.json()) == {"success", "id"}

@@ -524,7 +524,7 @@ class SimApp:
 
     def queuelen(self, request: Request, user: str | None, deployment_id: str) -> Response:
         """``GET /queuelen/:id``: 200 with len 0 for any unknown id (the server checks
-        nothing), unless switched to DOC's 404."""
+        nothing), unless switched to the published docs' 404."""
         length = self.world.queue_length(deployment_id)
         if length is None:
             if self.world.switches.queuelen_404_unknown:
@@ -671,7 +671,8 @@ class SimApp:
         return _bare()
 
     def vpn_get(self, request: Request, user: str, instance_id: str) -> Response:
-        """``GET /vpn/:id``; without a VPN, 400 (or DOC's ``{"status": "nil"}``, a switch)."""
+        """``GET /vpn/:id``; without a VPN, 400 (or the published docs'
+        ``{"status": "nil"}``, a switch)."""
         clients = self.world.vpn_clients(user, instance_id)
         if clients is None:
             if self.world.switches.vpn_nil_shape:

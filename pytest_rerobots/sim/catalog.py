@@ -138,8 +138,9 @@ class RateLimits:
 
 @dataclass
 class Switches:
-    """Choices between variants where the seed, the docs and the real server disagree, and
-    the real server's races; the defaults are the real server's shapes, without the races."""
+    """Choices between variants where the published API summary, its docs and the real
+    server disagree, and the real server's races; the defaults are the real server's
+    shapes, without the races."""
 
     sshkey_in_new_response: bool = False
     queuelen_404_unknown: bool = False
