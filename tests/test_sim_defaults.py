@@ -7,11 +7,8 @@ machine is. ``ssh_backend="none"``: these are shapes, races and timings of the H
 
 from __future__ import annotations
 
-import os
-import selectors
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -619,23 +616,6 @@ def test_realistic_profile_runs_the_real_timings_at_a_tenth(clock: ManualClock) 
         api.session.close()
 
 
-def _first_lines(proc: subprocess.Popen[bytes], count: int, timeout: float) -> list[str]:
-    """The first ``count`` lines the child prints, waiting at most ``timeout`` s."""
-    assert proc.stdout is not None
-    fd, data = proc.stdout.fileno(), b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while data.count(b"\n") < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no output in time; got {data!r}"
-            if selector.select(timeout=remaining):
-                chunk = os.read(fd, 4096)
-                assert chunk, f"the simulator exited ({proc.poll()}); got {data!r}"
-                data += chunk
-    return data.decode().splitlines()[:count]
-
-
 def test_realistic_profile_by_name_on_the_command_line(tmp_path: Path) -> None:
     # --help names the profiles.
     done = subprocess.run([sys.executable, "-m", "pytest_rerobots.sim", "--help"],
@@ -649,7 +629,7 @@ def test_realistic_profile_by_name_on_the_command_line(tmp_path: Path) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path,
     )
     try:
-        first, second = _first_lines(proc, 2, timeout=30)
+        first, second = test_sim_api._read_lines(proc, 2, timeout=30)
         assert second == "REROBOTS_API_TOKEN=t0k3n"
         res = requests.get(f"{first.split('=', 1)[1]}/workspaces", timeout=5)
         assert "basic_kobuki" in res.json()["workspace_types"]
