@@ -42,6 +42,7 @@ from paramiko.pkey import UnknownKeyType
 
 from . import _paramiko_compat, retry
 from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHConnectError, SSHError
+from .transcript import Transcript
 
 __all__ = [
     "CommandResult",
@@ -376,6 +377,10 @@ class Connection:
 
     def __init__(self, client: paramiko.SSHClient) -> None:
         self._client = client
+        #: Where ``run``, ``put``, ``get`` and spawned processes are recorded, if
+        #: anywhere (the plugin sets its run's transcript), and the name entries carry.
+        self.transcript: Transcript | None = None
+        self.label = ""
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._closed = False
