@@ -18,6 +18,7 @@ boundary each and chained with ``raise ... from exc``::
     │   └── ServerError               5xx
     ├── TransportError                no answer: connection refused, reset, timed out
     ├── MalformedResponse             an answer that is not the JSON the API documents
+    │   └── UnreadableNewAnswer       ... to POST /new: reconciled; ``made`` is what it made
     ├── InstanceError                 an instance did not become usable
     │   ├── InstanceFailed            it reached INIT_FAIL, TERMINATING or TERMINATED
     │   └── InstanceTimeout           the deadline passed; carries the last status seen
@@ -64,6 +65,7 @@ __all__ = [
     "SSHError",
     "ServerError",
     "TransportError",
+    "UnreadableNewAnswer",
     "WrongAuthToken",
     "is_infrastructure",
 ]
@@ -226,3 +228,13 @@ def is_infrastructure(exc: BaseException) -> bool:
     """Whether ``exc`` is infrastructure trouble (the API, the network, the robot's host)
     rather than the outcome of a command under test."""
     return isinstance(exc, RerobotsError) and not isinstance(exc, (CommandFailed, CommandTimeout))
+
+
+class UnreadableNewAnswer(MalformedResponse):
+    """``POST /new`` answered 200 with something that cannot be read (not JSON, no ``id``,
+    an id that is not a UUID). The answer was treated as lost and reconciled: ``made`` is
+    the instance ``GET /instances`` showed it created (which the caller must end), or None."""
+
+    def __init__(self, message: str, *, made: str | None = None) -> None:
+        super().__init__(message)
+        self.made = made

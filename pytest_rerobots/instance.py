@@ -35,6 +35,7 @@ from .errors import (
     NotFound,
     RerobotsError,
     ReservationNotFound,
+    UnreadableNewAnswer,
 )
 from .outcome import ENDED_OUTCOMES, Outcome
 
@@ -123,7 +124,7 @@ def end(
     for attempt in retry.terminating(deadline=deadline, sleep=sleep):
         with attempt:
             try:
-                ended_now = client.terminate(instance_id)
+                ended_now = client.terminate(instance_id, once=True)
             except InstanceNotFound:
                 if _cancelled_reservation(client, instance_id):
                     return Outcome.NOT_FOUND  # a reservation not served yet: now never
@@ -431,6 +432,13 @@ class Instance:
                 target, sshkey=self.public_key, expire_d=self.options.lease, keepalive=True,
                 reserve=reserve, wds=wds, known_ids=self._known_ids,
             )
+        except UnreadableNewAnswer as unreadable:
+            # The server acted on it but its answer cannot be read: what reconciliation
+            # found is this instance's now, so that start() ends it at once (and the
+            # summary says it was rented and terminated, not "never rented").
+            if unreadable.made is not None:
+                self._rented(unreadable.made)
+            raise
         except KeyboardInterrupt:
             # Ctrl-C while POST /new was in flight: the server may have acted. A quick
             # look, so that what it made is ended now, not a keepalive window later.
