@@ -316,6 +316,15 @@ class SignalGuard:
 # -- layer 3: the watchdog -----------------------------------------------------------
 
 
+#: Variables a child process never inherits: the token reaches the watchdog on its pipe.
+SECRET_VARIABLES = ("REROBOTS_API_TOKEN",)
+
+
+def _child_env() -> dict[str, str]:
+    """This process's environment without the secrets."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+
+
 class Watchdog:
     """A detached process that terminates what this process did not release.
 
@@ -374,7 +383,7 @@ class Watchdog:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            cwd=package_root, start_new_session=True, close_fds=True,
+            cwd=package_root, start_new_session=True, close_fds=True, env=_child_env(),
         )
         ledger = None
         if self.ledger is not None:
