@@ -43,7 +43,7 @@ from .errors import (
     UnreadableNewAnswer,
     WrongAuthToken,
 )
-from .settings import DEFAULT_API_URL
+from .settings import DEFAULT_API_URL, Secret
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -183,11 +183,11 @@ class _BearerAuth(requests.auth.AuthBase):
     local variable of ours holds it (pytest prints the arguments of traceback frames),
     and this object's repr hides it."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: Secret) -> None:
         self._token = token
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
+        request.headers["Authorization"] = f"Bearer {self._token.reveal()}"
         return request
 
     def __repr__(self) -> str:
@@ -237,7 +237,8 @@ class RerobotsClient:
         env = {} if ignore_env else os.environ
         if token is None:
             token = env.get("REROBOTS_API_TOKEN") or None
-        self._token = token.strip() if token else None
+        # Held as a Secret: vars(client) (and pytest's -l locals) never show it.
+        self._token = Secret(token.strip()) if token and token.strip() else None
         self.api_url = (api_url or env.get("REROBOTS_API_URL") or DEFAULT_API_URL).rstrip("/")
         self.timeout = timeout
         self.retries = retries
@@ -290,7 +291,7 @@ class RerobotsClient:
         """The SHA-256 of the token, as ``POST /revoke`` takes it."""
         if not self._token:
             raise WrongAuthToken("no API token is configured")
-        return hashlib.sha256(self._token.encode()).hexdigest()
+        return hashlib.sha256(self._token.reveal().encode()).hexdigest()
 
     def _pace(self) -> None:
         """Wait for the budget to refill instead of sending a call that will be refused."""

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .outcome import ENDED_OUTCOMES, Outcome
+from .settings import Secret
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
@@ -341,7 +342,7 @@ class Watchdog:
     def __init__(self, api_url: str, token: str | None, *, ledger: Ledger | None = None,
                  deadline: float = 180.0, notfound_grace: float = 30.0) -> None:
         self.api_url = api_url
-        self._token = token
+        self._token = Secret(token) if token else None  # vars(watchdog) never shows it
         self.ledger = ledger
         self.deadline = deadline
         self.notfound_grace = notfound_grace
@@ -389,7 +390,8 @@ class Watchdog:
         if self.ledger is not None:
             ledger = {"path": os.path.abspath(self.ledger.path), "run": self.ledger.run_id,
                       "api_url": self.ledger.api_url}
-        self._write({"api_url": self.api_url, "token": self._token, "deadline": self.deadline,
+        self._write({"api_url": self.api_url, "token": self._token.reveal() if self._token else None,
+                     "deadline": self.deadline,
                      "notfound_grace": self.notfound_grace, "ledger": ledger,
                      "parent": os.getpid()})
         for message in self._rented.values():

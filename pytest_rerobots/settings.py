@@ -21,20 +21,52 @@ from .errors import ConfigurationError
 #: The rerobots API's origin.
 DEFAULT_API_URL = "https://api.rerobots.net"
 
-__all__ = ["OPTIONS", "Option", "Settings", "resolve"]
+__all__ = ["OPTIONS", "Option", "Secret", "Settings", "resolve"]
 
 SCOPES = ("session", "module", "function")
 XDIST_MODES = ("per-worker", "shared")
 
 
+class Secret:
+    """A secret string (the API token) that no ``repr``, ``str`` or ``vars`` shows: pytest's
+    ``-l`` prints the locals of failing frames, and objects holding one among them."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that sends it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:  # never pickled along with an object that holds it
+        raise TypeError("a Secret is not pickled")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of a run, after resolution. ``token`` is never printed."""
+    """Every setting of a run, after resolution. ``token`` is never printed, and not a
+    field either (``vars(settings)`` shows only the :class:`Secret` that holds it)."""
 
     wtype: str | None = None
     deployment: str | None = None
     api_url: str = DEFAULT_API_URL
-    token: str | None = field(default=None, repr=False)
+    secret: Secret | None = field(default=None, repr=False)
     sim: bool = False
     sim_config: Path | None = None
     ready_timeout: float = 600.0
@@ -50,6 +82,11 @@ class Settings:
     ledger: Path | None = None
     sweep: bool = False
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def token(self) -> str | None:
+        """The API token, if one is set."""
+        return self.secret.reveal() if self.secret else None
 
 
 def _text(value: Any) -> str:
@@ -228,7 +265,8 @@ def resolve(
                 raise ConfigurationError(f"{opt.flag} (from {source}): {exc}") from None
             sources[opt.name] = source
             break
-    values["token"] = _token(token_file, env)
+    token = _token(token_file, env)
+    values["secret"] = Secret(token) if token else None
     return Settings(**values, sweep=sweep, sources=sources)
 
 

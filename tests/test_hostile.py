@@ -138,3 +138,20 @@ def test_terminate_that_keeps_failing_is_bounded(fast_sim: Simulator) -> None:
     assert sum(naps) < 30  # not minutes of backoff
     # The proxy hid the simulator's answer: the first terminate did end it.
     assert client.terminate(new.id) is False
+
+
+def test_no_token_in_repr_or_vars_of_what_holds_it(fast_sim: Simulator) -> None:
+    from pytest_rerobots.guard import Watchdog
+    from pytest_rerobots.settings import resolve
+
+    token = fast_sim.token
+    client = RerobotsClient(token, fast_sim.url)
+    settings = resolve({}, {"REROBOTS_API_TOKEN": token}, {})
+    watchdog = Watchdog(fast_sim.url, token)
+    inst = Instance.build(client, "basic_kobuki")
+    for held in (client, settings, watchdog, inst, client._auth):
+        assert token not in repr(held)
+        assert token not in repr(vars(held)), type(held).__name__
+    assert settings.token == token and client.has_token  # still there, for the one use
+    assert client.workspace_types()  # and the client still authenticates
+    assert client.instances()["workspace_instances"] == []
