@@ -639,8 +639,9 @@ class RerobotsClient:
         retries here (the caller retries on its own, bounded, schedule).
         """
         try:
+            # once: no sleep for a spent budget either (teardown must not stall on it).
             self._request("POST", f"/terminate/{check_id(instance_id, 'a path')}",
-                          idempotent=not once)
+                          idempotent=not once, pace=not once)
         except APIError as exc:
             if type(exc) is APIError and _starts(exc.message, _ALREADY_ENDED):
                 return False

@@ -244,9 +244,26 @@ def poll_interval(waited: float, time_left: float, rate: Any, now: float,
     if rate is not None and rate.reset > now:
         horizon = max(0.0, min(rate.reset - now, time_left))
         spare = rate.remaining - 20
+        if spare <= 0:
+            # Spent (or down to the teardown's share): wait for the reset in steps, so that
+            # the progress line says so and the ready timeout still bounds the wait.
+            return max(FAST_POLL, min(horizon, RATE_STEP))
         if spare * base < horizon:
             base = max(base, horizon / max(spare, 1))
     return base
+
+
+#: The longest single sleep while the rate-limit budget is spent.
+RATE_STEP = 5.0
+
+
+def rate_wait(rate: Any, now: float) -> str | None:
+    """What the progress line says while the budget is spent (``Remaining: 0`` with a
+    ``Reset`` to come), or None while there is budget."""
+    if rate is None or rate.remaining > 0 or rate.reset <= now:
+        return None
+    at = time.strftime("%H:%M:%S", time.gmtime(rate.reset))
+    return f"API rate limit spent: waiting for its reset at {at} UTC, in {rate.reset - now:.0f} s"
 
 
 @dataclass(eq=False)
@@ -750,6 +767,14 @@ class Instance:
         begun = time.monotonic()
 
         def poll() -> str:
+            spent = rate_wait(self.client.rate_limit, self.client.clock())
+            if spent is not None:
+                # No call until the budget resets (the client would sleep there, silently
+                # and past the ready timeout): the progress line shows the wait instead.
+                self.busy_reason = spent
+                return "PENDING"
+            if self.busy_reason and self.busy_reason.startswith("API rate limit spent"):
+                self.busy_reason = None
             try:
                 info = self.client.instance(self.id or "")
             except InstanceNotFound:

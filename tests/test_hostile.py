@@ -155,3 +155,35 @@ def test_no_token_in_repr_or_vars_of_what_holds_it(fast_sim: Simulator) -> None:
     assert settings.token == token and client.has_token  # still there, for the one use
     assert client.workspace_types()  # and the client still authenticates
     assert client.instances()["workspace_instances"] == []
+
+
+def test_spent_budget_is_shown_and_bounded_by_the_ready_timeout(fast_sim: Simulator) -> None:
+    far = time.time() + 3600
+
+    def rewrite(request: requests.PreparedRequest, response: requests.Response) -> None:
+        if request.method == "GET" and "/instance/" in (request.url or ""):
+            response.headers["X-RateLimit-Limit"] = "3600"
+            response.headers["X-RateLimit-Remaining"] = "0"
+            response.headers["X-RateLimit-Reset"] = f"{far:.0f}"
+            if response.status_code == 200:  # still starting, as far as the client knows
+                payload = json.loads(response.content)
+                payload["status"] = "INIT"
+                response._content = json.dumps(payload).encode()
+    client, proxy = _client(fast_sim, rewrite)
+    inst = Instance.build(client, "basic_kobuki", connect=False, fast_polling=True,
+                          ready_timeout=1.5, init_retries=0)
+    seen: list[str | None] = []
+
+    class Listener:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *args: seen.append(inst.busy_reason) if name == "progress" else None
+    inst.listeners.append(Listener())
+    begun = time.monotonic()
+    with pytest.raises(Exception, match="not READY after 1.5 s"):
+        inst.start()
+    assert time.monotonic() - begun < 10  # not one sleep of the whole wait (or an hour)
+    at = time.strftime("%H:%M:%S", time.gmtime(far))
+    assert any(r and f"rate limit spent: waiting for its reset at {at} UTC" in r for r in seen)
+    polls = [p for m, p in proxy.sent if m == "GET" and p.startswith("/instance/")]
+    assert len(polls) == 1  # no call sent into a spent budget
+    assert inst.outcome == Outcome.TERMINATED
