@@ -23,7 +23,7 @@ import pytest
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
 from . import guard, report
 from .errors import ConfigurationError, is_infrastructure
-from .settings import OPTIONS, Settings, resolve
+from .settings import OPTIONS, Settings, allow_warnings, resolve
 
 if TYPE_CHECKING:
     import paramiko
@@ -94,6 +94,8 @@ def load_settings(config: pytest.Config) -> Settings:
                            sweep=bool(config.getoption("rerobots_sweep")))
     except ConfigurationError as exc:
         raise pytest.UsageError(str(exc)) from None
+    for warning in allow_warnings(settings.allow):
+        config.issue_config_time_warning(pytest.PytestConfigWarning(warning), stacklevel=2)
     if settings.ledger is None:
         settings = _with_default_ledger(config, settings)
     return settings

@@ -174,6 +174,22 @@ def _cidrs(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: A firewall source broader than this prefix (a /8 is 16 million addresses) is warned about.
+BROADEST_PREFIX = 8
+
+
+def allow_warnings(allow: Sequence[str]) -> list[str]:
+    """One warning for each ``--rerobots-allow`` block shorter than /8: it opens the robot's
+    SSH port to much of the internet (``0.0.0.0/0``: to all of it)."""
+    return [
+        f"--rerobots-allow {block} admits {ipaddress.IPv4Network(block).num_addresses:,} "
+        f"addresses to the robot's SSH port (a prefix shorter than /{BROADEST_PREFIX}); "
+        "name this runner's own address or network instead"
+        for block in allow
+        if ipaddress.IPv4Network(block).prefixlen < BROADEST_PREFIX
+    ]
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value)).expanduser()
 
