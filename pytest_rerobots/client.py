@@ -691,7 +691,8 @@ class RerobotsClient:
         """``POST /instance/:id/ka``: ping an instance created with ``keepalive: true``.
 
         Not retried here: the caller pings on its own schedule."""
-        self._request("POST", f"/instance/{check_id(instance_id, 'a path')}/ka", idempotent=False, pace=False)
+        self._request("POST", f"/instance/{check_id(instance_id, 'a path')}/ka",
+                      idempotent=False, pace=False)
 
     def acquire(self, target: str, **settings: Any) -> Instance:
         """An unstarted :class:`~pytest_rerobots.instance.Instance` for ``target`` (a

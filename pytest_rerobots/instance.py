@@ -13,7 +13,9 @@ are idempotent.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +37,7 @@ from .errors import (
     NotFound,
     RerobotsError,
     ReservationNotFound,
+    SSHConnectError,
     UnreadableNewAnswer,
 )
 from .outcome import ENDED_OUTCOMES, Outcome
@@ -264,6 +267,33 @@ def rate_wait(rate: Any, now: float) -> str | None:
         return None
     at = time.strftime("%H:%M:%S", time.gmtime(rate.reset))
     return f"API rate limit spent: waiting for its reset at {at} UTC, in {rate.reset - now:.0f} s"
+
+
+def _source_address(host: str, port: int) -> str | None:
+    """The local address this machine sends from to ``host`` (a UDP socket's choice of
+    route; no packet is sent), or None. Behind NAT the robot sees another one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+def firewall_hint(allow: Sequence[str], source: str | None) -> str | None:
+    """What to say when SSH could not connect while the firewall rules (``--rerobots-allow``)
+    admit none of this runner's addresses; None when no rule was given or one admits it."""
+    if not allow or source is None:
+        return None
+    try:
+        address = ipaddress.IPv4Address(source)
+    except ValueError:
+        return None
+    if any(address in ipaddress.IPv4Network(block, strict=False) for block in allow):
+        return None
+    return (f"the instance's firewall admits only {', '.join(allow)} (--rerobots-allow), "
+            f"which excludes this runner's address {source}: add it, or drop the option "
+            "to admit the address the API sees this runner at")
 
 
 @dataclass(eq=False)
@@ -843,10 +873,16 @@ class Instance:
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None and self.pkey is not None
-        client = ssh.connect(
-            self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
-            deadline=self.options.connect_timeout, sleep=self._nap,
-        )
+        try:
+            client = ssh.connect(
+                self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
+                deadline=self.options.connect_timeout, sleep=self._nap,
+            )
+        except SSHConnectError as exc:
+            hint = firewall_hint(self.options.allow, _source_address(self.host, self.port))
+            if hint is None:
+                raise
+            raise SSHConnectError(f"{exc}; {hint}") from exc
         self._connection = ssh.Connection(client)
 
     # -- using it -------------------------------------------------------------

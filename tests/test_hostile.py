@@ -36,7 +36,7 @@ class RewritingProxy(requests.adapters.HTTPAdapter):
         path = requests.utils.urlparse(request.url or "").path
         self.sent.append((request.method or "", path))
         response = super().send(request, **kwargs)
-        response.content  # read it all before the rewrite replaces it
+        assert response.content is not None  # read it all before the rewrite replaces it
         self.rewrite(request, response)
         return response
 
@@ -179,11 +179,28 @@ def test_spent_budget_is_shown_and_bounded_by_the_ready_timeout(fast_sim: Simula
             return lambda *args: seen.append(inst.busy_reason) if name == "progress" else None
     inst.listeners.append(Listener())
     begun = time.monotonic()
-    with pytest.raises(Exception, match="not READY after 1.5 s"):
+    with pytest.raises(Exception, match=r"not READY after 1\.5 s"):
         inst.start()
     assert time.monotonic() - begun < 10  # not one sleep of the whole wait (or an hour)
     at = time.strftime("%H:%M:%S", time.gmtime(far))
     assert any(r and f"rate limit spent: waiting for its reset at {at} UTC" in r for r in seen)
     polls = [p for m, p in proxy.sent if m == "GET" and p.startswith("/instance/")]
     assert len(polls) == 1  # no call sent into a spent budget
+    assert inst.outcome == Outcome.TERMINATED
+
+
+def test_connect_timeout_under_rules_that_exclude_this_runner_says_why(
+        fast_sim: Simulator) -> None:
+    from pytest_rerobots.errors import SSHConnectError
+
+    client = RerobotsClient(fast_sim.token, fast_sim.url)
+    inst = Instance.build(client, "basic_kobuki", fast_polling=True, allow=("192.0.2.0/24",),
+                          connect_timeout=1.5, init_retries=0)
+    begun = time.monotonic()
+    with pytest.raises(SSHConnectError) as caught:
+        inst.start()
+    assert time.monotonic() - begun < 15
+    message = str(caught.value)
+    assert "admits only 192.0.2.0/24 (--rerobots-allow)" in message
+    assert "excludes this runner's address 127.0.0.1" in message
     assert inst.outcome == Outcome.TERMINATED
