@@ -390,8 +390,9 @@ class Watchdog:
         if self.ledger is not None:
             ledger = {"path": os.path.abspath(self.ledger.path), "run": self.ledger.run_id,
                       "api_url": self.ledger.api_url}
-        token = self._token.reveal() if self._token else None
-        self._write({"api_url": self.api_url, "token": token,
+        # (No local variable holds the token: pytest's -l would print it.)
+        self._write({"api_url": self.api_url,
+                     "token": self._token.reveal() if self._token else None,
                      "deadline": self.deadline,
                      "notfound_grace": self.notfound_grace, "ledger": ledger,
                      "parent": os.getpid()})
