@@ -54,6 +54,20 @@ def _parser() -> argparse.ArgumentParser:
                              "trusted proxy on this machine; default: the socket's address)")
     parser.add_argument("--ssh-backend", choices=SSH_BACKENDS, default="asyncssh",
                         help="how instances serve SSH (default %(default)s)")
+    defaults = ServerLimits()
+    parser.add_argument("--max-body", type=int, metavar="BYTES", default=defaults.max_body,
+                        help="largest request body; past it, 413 (default %(default)s)")
+    parser.add_argument("--max-connections", type=int, metavar="N",
+                        default=defaults.max_connections,
+                        help="connections open at once; one more closes the oldest "
+                             "(default %(default)s)")
+    parser.add_argument("--idle-timeout", type=float, metavar="SECONDS",
+                        default=defaults.idle_timeout,
+                        help="close a connection silent this long (default %(default)s)")
+    parser.add_argument("--request-timeout", type=float, metavar="SECONDS",
+                        default=defaults.request_timeout,
+                        help="close a connection whose request is not read this long after "
+                             "it began (default %(default)s)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
 
@@ -98,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         token = _chosen_token(args)
         with Simulator(args.config, host=args.host, port=args.port, token=token,
                        ssh_backend=args.ssh_backend,
-                       limits=ServerLimits(trust_forwarded_for=args.trust_forwarded_for)
-                       ) as sim:
+                       limits=ServerLimits(
+                           max_body=args.max_body, max_connections=args.max_connections,
+                           idle_timeout=args.idle_timeout, request_timeout=args.request_timeout,
+                           trust_forwarded_for=args.trust_forwarded_for)) as sim:
             print(f"REROBOTS_API_URL={sim.url}", flush=True)
             print(f"REROBOTS_API_TOKEN={sim.token}", flush=True)
             # A timed wait keeps the main thread responsive to signals on every platform.

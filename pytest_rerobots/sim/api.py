@@ -271,10 +271,8 @@ def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
 
 
 def _too_large(limit: int) -> Response:
-    """413 for a body past ``limit`` bytes; the connection closes (the rest goes unread)."""
-    response = _json(413, {"error_message": f"request body larger than {limit} bytes"})
-    response.headers["Connection"] = "close"
-    return response
+    """413 for a body past ``limit`` bytes; werkzeug's server then closes the connection."""
+    return _json(413, {"error_message": f"request body larger than {limit} bytes"})
 
 
 def _bearer(request: Request) -> str | None:
@@ -376,14 +374,17 @@ class SimApp:
                  ) -> Iterable[bytes]:
         request = Request(environ)
         limits = self.limits
-        request.max_content_length = limits.max_body
+        # One byte over: a chunked body cut off at the limit is then known to be too large.
+        request.max_content_length = limits.max_body + 1
         request.json_depth = limits.max_json_depth  # type: ignore[attr-defined]
         length = request.content_length
         if length is not None and length > limits.max_body:
             return _too_large(limits.max_body)(environ, start_response)
         try:
-            request.get_data(cache=True)
+            too_large = len(request.get_data(cache=True)) > limits.max_body
         except RequestEntityTooLarge:
+            too_large = True
+        if too_large:
             return _too_large(limits.max_body)(environ, start_response)
         self.on_body_read(environ.get("werkzeug.socket"))
         try:
