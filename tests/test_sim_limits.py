@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -262,6 +263,31 @@ def test_1100_idle_and_slow_connections_do_not_stop_it(tmp_path: Path) -> None:
         # calls, charged to this address's budget; the token's is its own.)
         assert requests.get(f"{url}/instances", timeout=5,
                             headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_at_the_connection_cap_a_request_being_answered_is_closed_last() -> None:
+    with Simulator(ssh_backend="none", limits=ServerLimits(max_connections=4), **FAST) as sim:
+        sim.set_endpoint_fault("workspaces", latency=0.8)
+        answers: list[int] = []
+        worker = threading.Thread(target=lambda: answers.append(
+            requests.get(f"{sim.url}/workspaces", timeout=10).status_code))
+        worker.start()
+        assert sim._server is not None
+        deadline = time.monotonic() + 5
+        while not sim._server._answering:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        idle = [socket.create_connection(("127.0.0.1", _port(sim.url)), timeout=5)
+                for _ in range(10)]
+        try:
+            worker.join(timeout=10)
+            assert answers == [200]
+            # The idle ones went instead: the oldest first, the newest still open.
+            assert idle[0].recv(16) == b""
+            assert sim._server.open_connections() <= 4
+        finally:
+            for sock in idle:
+                sock.close()
 
 
 def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:

@@ -9,8 +9,9 @@ bounded (:class:`ServerLimits`, documented in the README's security notes):
 - a connection silent for ``idle_timeout`` seconds is closed (the socket's timeout), and so is
   one that has not delivered a whole request (line, headers and body) ``request_timeout``
   seconds after it began, however slowly it trickles (a reaper thread);
-- at most ``max_connections`` connections are open at once: the next one closes the oldest,
-  so idle or slow connections cannot hold every descriptor and thread while callers wait;
+- at most ``max_connections`` connections are open at once: the next one closes the oldest
+  that is not being answered (idle or still sending its request), so idle or slow
+  connections cannot hold every descriptor and thread while callers wait;
 - ``X-Forwarded-For`` is believed only with ``trust_forwarded_for`` (off by default), and
   ``rate_table_max`` bounds the per-address rate windows (:mod:`.accounts`).
 
@@ -103,6 +104,8 @@ class LimitedServer(ThreadedWSGIServer):
         # Open connections, oldest first, each with its request deadline (None: not reading).
         self._conns: collections.OrderedDict[socket.socket, float | None] = (
             collections.OrderedDict())
+        # Those whose request is being answered: closed last.
+        self._answering: set[socket.socket] = set()
         self._closing = threading.Event()
         super().__init__(host, port, app, handler=handler)
         self._reaper = threading.Thread(target=self._reap, name="rerobots-sim-reaper",
@@ -116,9 +119,14 @@ class LimitedServer(ThreadedWSGIServer):
         evicted: list[socket.socket] = []
         with self._conn_lock:
             self._conns[request] = None
-            while len(self._conns) > self.limits.max_connections:
-                oldest, _ = self._conns.popitem(last=False)
-                evicted.append(oldest)
+            excess = len(self._conns) - self.limits.max_connections
+            if excess > 0:
+                idle = [s for s in self._conns if s not in self._answering and s is not request]
+                busy = [s for s in self._conns if s in self._answering]
+                for sock in (idle + busy)[:excess]:
+                    del self._conns[sock]
+                    self._answering.discard(sock)
+                    evicted.append(sock)
         for sock in evicted:
             log.info("closing the oldest connection: %d are open", self.limits.max_connections)
             _hang_up(sock)
@@ -128,6 +136,7 @@ class LimitedServer(ThreadedWSGIServer):
         """Forget a connection as it closes."""
         with self._conn_lock:
             self._conns.pop(request, None)
+            self._answering.discard(request)
         super().shutdown_request(request)
 
     def begin_request(self, sock: socket.socket) -> None:
@@ -143,8 +152,14 @@ class LimitedServer(ThreadedWSGIServer):
         with self._conn_lock:
             if sock in self._conns:
                 self._conns[sock] = None
+                self._answering.add(sock)
 
-    end_request = body_read
+    def end_request(self, sock: socket.socket) -> None:
+        """The request on ``sock`` is answered (or the connection ended)."""
+        with self._conn_lock:
+            self._answering.discard(sock)
+            if sock in self._conns:
+                self._conns[sock] = None
 
     def open_connections(self) -> int:
         """How many connections are open now."""
