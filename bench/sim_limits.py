@@ -122,8 +122,9 @@ def latency(sides: list[Side], rounds: int, per_round: int) -> dict[str, dict[st
         "new connection, GET /": lambda s, u, i: requests.get(f"{u}/", timeout=10),
     }
     times: dict[str, dict[str, list[float]]] = {s.name: {c: [] for c in calls} for s in sides}
-    for _ in range(rounds):
-        for side in sides:
+    for number in range(rounds):
+        # Each side goes first every other round.
+        for side in (sides if number % 2 == 0 else sides[::-1]):
             for call, fn in calls.items():
                 for _ in range(per_round):
                     began = time.perf_counter()
