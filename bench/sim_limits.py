@@ -147,16 +147,22 @@ def big_body(side: Side) -> str:
             sock.sendall(b"POST /new/basic_kobuki HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
                          + side.token.encode() + b"\r\nContent-Length: "
                          + str(size).encode() + b"\r\n\r\n")
-            for _ in range(size // len(chunk)):
-                sock.sendall(chunk)
-            status = sock.recv(4096).split(b"\r\n", 1)[0].decode()
+            sent = 0
+            try:
+                for _ in range(size // len(chunk)):
+                    sock.sendall(chunk)
+                    sent += len(chunk)
+            except OSError as exc:  # the server hung up: did it answer first?
+                status = f"hung up after {sent // 2**20} MiB ({type(exc).__name__})"
+            answer = sock.recv(4096).split(b"\r\n", 1)[0].decode()
+            status = f"{answer!r}, {status}" if answer else status
     except OSError as exc:
         status = f"{status} ({type(exc).__name__})"
     took = time.monotonic() - began
     peak = side.status_kib("VmHWM") - before
     time.sleep(0.5)
     after = side.status_kib("VmRSS") - before
-    return (f"{status!r} in {took:.2f} s; peak RSS +{peak // 1024} MiB, "
+    return (f"{status} in {took:.2f} s; peak RSS +{peak // 1024} MiB, "
             f"after +{after // 1024} MiB")
 
 

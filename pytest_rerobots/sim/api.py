@@ -346,6 +346,8 @@ class SimApp:
         #: Told each connection's socket once its request body is read (the server's
         #: request deadline ends there); set by the server.
         self.on_body_read: Callable[[Any], None] = lambda sock: None
+        #: Told each connection's socket whose body is refused (413); set by the server.
+        self.on_body_refused: Callable[[Any], None] = lambda sock: None
         self.url_map = Map(
             _rules(),
             # No rule ends in "/", so a trailing slash never matches: like the server's
@@ -378,13 +380,14 @@ class SimApp:
         request.max_content_length = limits.max_body + 1
         request.json_depth = limits.max_json_depth  # type: ignore[attr-defined]
         length = request.content_length
-        if length is not None and length > limits.max_body:
-            return _too_large(limits.max_body)(environ, start_response)
-        try:
-            too_large = len(request.get_data(cache=True)) > limits.max_body
-        except RequestEntityTooLarge:
-            too_large = True
+        too_large = length is not None and length > limits.max_body
+        if not too_large:
+            try:
+                too_large = len(request.get_data(cache=True)) > limits.max_body
+            except RequestEntityTooLarge:
+                too_large = True
         if too_large:
+            self.on_body_refused(environ.get("werkzeug.socket"))
             return _too_large(limits.max_body)(environ, start_response)
         self.on_body_read(environ.get("werkzeug.socket"))
         try:

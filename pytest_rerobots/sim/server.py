@@ -5,7 +5,9 @@ bounded (:class:`ServerLimits`, documented in the README's security notes):
 
 - a request body past ``max_body`` bytes is a 413 (checked on ``Content-Length`` before
   anything is read, and while reading a chunked body), and JSON nested deeper than
-  ``max_json_depth`` is a 400 (both in :mod:`.api`);
+  ``max_json_depth`` is a 400 (both in :mod:`.api`); after a 413, werkzeug reads and
+  discards what the client still sends, so that it sees the answer, here in reads of at
+  most :data:`DRAIN_CHUNK` bytes (werkzeug's own are 10 MB), then hangs up;
 - a connection silent for ``idle_timeout`` seconds is closed (the socket's timeout), and so is
   one that has not delivered a whole request (line, headers and body) ``request_timeout``
   seconds after it began, however slowly it trickles (a reaper thread);
@@ -34,7 +36,10 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 
 from ..errors import ConfigurationError
 
-__all__ = ["LimitedServer", "ServerLimits"]
+__all__ = ["DRAIN_CHUNK", "LimitedServer", "ServerLimits"]
+
+#: Largest read while discarding the rest of a refused body (werkzeug makes at most 1000).
+DRAIN_CHUNK = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +86,11 @@ class LimitedHandler(WSGIRequestHandler):
     server: LimitedServer
 
     def setup(self) -> None:
-        """Apply the idle timeout to the connection's socket."""
+        """Apply the idle timeout to the connection's socket; wrap its reader."""
         super().setup()
         self.connection.settimeout(self.server.limits.idle_timeout)
+        self.rfile = reader = _Reader(self.rfile)  # type: ignore[assignment]
+        self.server.track_reader(self.connection, reader)
 
     def handle_one_request(self) -> None:
         """Read and answer one request, under the request deadline until its body is read."""
@@ -106,6 +113,7 @@ class LimitedServer(ThreadedWSGIServer):
             collections.OrderedDict())
         # Those whose request is being answered: closed last.
         self._answering: set[socket.socket] = set()
+        self._readers: dict[socket.socket, _Reader] = {}
         self._closing = threading.Event()
         super().__init__(host, port, app, handler=handler)
         self._reaper = threading.Thread(target=self._reap, name="rerobots-sim-reaper",
@@ -137,6 +145,7 @@ class LimitedServer(ThreadedWSGIServer):
         with self._conn_lock:
             self._conns.pop(request, None)
             self._answering.discard(request)
+            self._readers.pop(request, None)
         super().shutdown_request(request)
 
     def begin_request(self, sock: socket.socket) -> None:
@@ -160,6 +169,18 @@ class LimitedServer(ThreadedWSGIServer):
             self._answering.discard(sock)
             if sock in self._conns:
                 self._conns[sock] = None
+
+    def track_reader(self, sock: socket.socket, reader: _Reader) -> None:
+        """Remember the reader of ``sock``, for :meth:`refused_body`."""
+        with self._conn_lock:
+            self._readers[sock] = reader
+
+    def refused_body(self, sock: socket.socket | None) -> None:
+        """The body on ``sock`` was refused: what is left of it is read in small chunks."""
+        with self._conn_lock:
+            reader = self._readers.get(sock) if sock is not None else None
+        if reader is not None:
+            reader.cap = DRAIN_CHUNK
 
     def open_connections(self) -> int:
         """How many connections are open now."""
@@ -192,3 +213,22 @@ def _hang_up(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+class _Reader:
+    """A connection's buffered reader, whose reads can be capped (once a body is refused)."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        #: Largest read, once set; ``None`` passes every read through.
+        self.cap: int | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Read as the wrapped reader does, at most :attr:`cap` bytes once it is set."""
+        cap = self.cap
+        if cap is not None and (size is None or size < 0 or size > cap):
+            size = cap
+        return bytes(self._raw.read(size))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
