@@ -148,6 +148,7 @@ def big_body(side: Side) -> str:
                          + side.token.encode() + b"\r\nContent-Length: "
                          + str(size).encode() + b"\r\n\r\n")
             sent = 0
+            status = "took all 100 MiB"
             try:
                 for _ in range(size // len(chunk)):
                     sock.sendall(chunk)
