@@ -230,5 +230,9 @@ class _Reader:
             size = cap
         return bytes(self._raw.read(size))
 
+    def readline(self, size: int | None = -1) -> bytes:
+        """One line, as the wrapped reader reads it (request and header lines)."""
+        return bytes(self._raw.readline(size))
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)
