@@ -219,6 +219,24 @@ def test_the_rate_table_and_the_deployments_cache_stay_bounded() -> None:
 # ---------------------------------------------------------------------- connections
 
 
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """Room for this process's own 1100 client sockets (the simulator gets 1024)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1100 + 200
+    if soft >= want:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the hard limit on open files is {hard}; the test needs {want}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.usefixtures("many_files")
 def test_1100_idle_and_slow_connections_do_not_stop_it(tmp_path: Path) -> None:
     args = ("--max-connections", "64", "--idle-timeout", "3", "--request-timeout", "1")
     with sim_process(tmp_path, *args, nofile=1024) as (proc, url, token):
