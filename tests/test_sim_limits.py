@@ -31,6 +31,7 @@ from test_sim_api import Api
 
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.sim import ServerLimits, Simulator
+from pytest_rerobots.sim.hosts import SSHD
 
 FAST = dict(ready_delay=0.05, terminate_delay=0.05, not_found_window=0.0)
 
@@ -363,7 +364,12 @@ def _pinned(hostkey_line: str, port: int) -> paramiko.SSHClient:
     return client
 
 
-def test_the_robot_admits_only_the_sent_key_and_the_generated_key() -> None:
+@pytest.mark.parametrize("backend", ["asyncssh", "openssh"])
+def test_the_robot_admits_only_the_sent_key_and_the_generated_key(backend: str) -> None:
+    if backend == "openssh" and not os.access(SSHD, os.X_OK):
+        if os.environ.get("REROBOTS_REQUIRE_OPENSSH") == "1":
+            pytest.fail(f"REROBOTS_REQUIRE_OPENSSH=1 but {SSHD} is missing")
+        pytest.skip(f"{SSHD} is missing")
     sent = ed25519.Ed25519PrivateKey.generate()
     stranger = ed25519.Ed25519PrivateKey.generate()
     sent_public = sent.public_key().public_bytes(serialization.Encoding.OpenSSH,
@@ -374,7 +380,7 @@ def test_the_robot_admits_only_the_sent_key_and_the_generated_key() -> None:
                                  serialization.NoEncryption()).decode()
         return paramiko.Ed25519Key.from_private_key(io.StringIO(text))
 
-    with Simulator(**FAST) as sim:
+    with Simulator(ssh_backend=backend, **FAST) as sim:
         api = Api(sim.url, sim.token)
         try:
             iid = api.post("/new/basic_kobuki", json={"sshkey": sent_public}).json()["id"]
