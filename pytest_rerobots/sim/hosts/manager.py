@@ -40,13 +40,17 @@ from .asyncssh_backend import AsyncsshHost
 from .host import Host, HostContext
 from .openssh_backend import OpensshHost, OpensshSetup
 from .processes import Leftovers
+from .sandbox import Sandbox, SandboxSetup
 
-__all__ = ["BACKENDS", "HostManager"]
+__all__ = ["BACKENDS", "SANDBOX_MODES", "HostManager"]
 
 log = logging.getLogger(__name__)
 
 #: The SSH server implementations a :class:`HostManager` can run.
 BACKENDS = ("asyncssh", "openssh")
+#: Whether hosts run sandboxed: when the machine can ("auto"), always (else a
+#: ConfigurationError), or never.
+SANDBOX_MODES = ("auto", "require", "off")
 
 _SETUP_TIMEOUT = 300.0  # seconds for one catalog command at start_host
 _START_TIMEOUT = 15.0  # seconds for a host to start listening
@@ -63,17 +67,39 @@ class HostManager:
     ``root`` holds one directory per host (left in place after the host stops,
     for inspection; the caller owns ``root``). ``backend`` is ``"asyncssh"`` or
     ``"openssh"``; anything else is a :class:`ConfigurationError`, and so is
-    ``"openssh"`` without ``/usr/sbin/sshd``.
+    ``"openssh"`` without ``/usr/sbin/sshd``. ``sandbox`` is one of :data:`SANDBOX_MODES`:
+    each host's commands run in a sandbox of their own (:mod:`.sandbox`) where the machine
+    can make one; where it cannot, ``"auto"`` logs one warning and runs them unsandboxed,
+    ``"require"`` is a :class:`ConfigurationError`.
     """
 
     #: Starting a host takes time: the world runs it on a worker thread.
     instant = False
 
-    def __init__(self, root: pathlib.Path, backend: str = "asyncssh") -> None:
+    def __init__(self, root: pathlib.Path, backend: str = "asyncssh",
+                 sandbox: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ConfigurationError(
                 f"unknown SSH host backend {backend!r}; choose one of {', '.join(BACKENDS)}"
             )
+        if sandbox not in SANDBOX_MODES:
+            raise ConfigurationError(
+                f"unknown sandbox mode {sandbox!r}; choose one of {', '.join(SANDBOX_MODES)}")
+        self._sandbox: SandboxSetup | None = None
+        #: Why the hosts run unsandboxed, or None when they are sandboxed.
+        self.sandbox_problem: str | None = "the sandbox is switched off"
+        if sandbox != "off":
+            probed = SandboxSetup.probe()
+            if isinstance(probed, str):
+                self.sandbox_problem = probed
+                if sandbox == "require":
+                    raise ConfigurationError(
+                        f"the simulator cannot sandbox its robots: {probed}")
+                log.warning(
+                    "simulated robots run UNSANDBOXED, as this user on this machine: their "
+                    "commands can change this machine's files and processes (%s)", probed)
+            else:
+                self._sandbox, self.sandbox_problem = probed, None
         self.root = pathlib.Path(root)
         self.backend = backend
         self._openssh = OpensshSetup.probe() if backend == "openssh" else None
@@ -107,6 +133,7 @@ class HostManager:
         firewall: Callable[[str], str],
         files: dict[str, str],
         commands: list[str],
+        devices: dict[str, str] | None = None,
     ) -> HostInfo:
         """Create, set up and start the host of ``instance_id``; return once it listens.
 
@@ -114,8 +141,10 @@ class HostManager:
         is called for each new TCP connection and returns ``"ACCEPT"``,
         ``"DROP"`` or ``"REJECT"``; ``files`` maps paths relative to the host's
         directory to their text (executable when it starts with ``#!``);
-        ``commands`` run once, in order, through ``/bin/sh`` in that directory.
-        A failing command, a bad path or a bad key is a :class:`ConfigurationError`.
+        ``commands`` run once, in order, through ``/bin/sh`` in that directory;
+        ``devices`` maps device paths on the robot (``/dev/ttyUSB0``) to the command that
+        serves each, a pseudo-terminal whose other end is the command's stdin and stdout
+        (sandboxed hosts only: unsandboxed, the devices are left out). A failing command, a bad path or a bad key is a :class:`ConfigurationError`.
         """
         if not re.fullmatch(r"[A-Za-z0-9._-]+", instance_id) or instance_id in {".", ".."}:
             raise ConfigurationError(f"instance id {instance_id!r} cannot name a host directory")
@@ -124,18 +153,29 @@ class HostManager:
             if instance_id in self._hosts:
                 raise ConfigurationError(f"a host for instance {instance_id} is already running")
             self._hosts[instance_id] = None  # reserve the id while we set up outside the lock
+        sandbox: Sandbox | None = None
         try:
             directory = self.root / instance_id
             directory.mkdir(parents=True, exist_ok=True)
             keys = _parse_authorized_keys(authorized_keys)
             _populate(directory, files)
-            for command in commands:
-                _run_setup_command(instance_id, directory, command)
             host = self._new_host(instance_id, directory, keys, firewall)
+            if self._sandbox is not None:
+                sandbox = Sandbox(self._sandbox, f"sim-{instance_id[:8]}", host.directory,
+                                  devices=dict(devices or {}))
+                sandbox.start()
+                self._leftovers.pids.update((sandbox.pid, sandbox.bwrap_pid))
+                host.sandbox = sandbox
+            for command in commands:
+                _run_setup_command(host, command)
+            if sandbox is not None:
+                sandbox.start_serials(host.env())
             self._loop.run(host.start(), timeout=_START_TIMEOUT + 5)
         except BaseException:
             with self._lock:
                 self._hosts.pop(instance_id, None)
+            if sandbox is not None:
+                sandbox.stop()
             raise
         with self._lock:
             if self._closed:  # close() ran meanwhile: do not leak this host
@@ -307,15 +347,12 @@ def _populate(directory: pathlib.Path, files: dict[str, str]) -> None:
             target.chmod(0o755)
 
 
-def _run_setup_command(instance_id: str, directory: pathlib.Path, command: str) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": str(directory),
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-    }
+def _run_setup_command(host: Host, command: str) -> None:
+    instance_id, directory = host.instance_id, host.directory
+    env = host.env()
     try:
         done = subprocess.run(
-            ["/bin/sh", "-c", command],
+            host.argv("/bin/sh", "-c", command),
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
