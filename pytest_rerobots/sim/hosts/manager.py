@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import pathlib
 import re
 import subprocess
@@ -144,7 +143,8 @@ class HostManager:
         ``commands`` run once, in order, through ``/bin/sh`` in that directory;
         ``devices`` maps device paths on the robot (``/dev/ttyUSB0``) to the command that
         serves each, a pseudo-terminal whose other end is the command's stdin and stdout
-        (sandboxed hosts only: unsandboxed, the devices are left out). A failing command, a bad path or a bad key is a :class:`ConfigurationError`.
+        (sandboxed hosts only: unsandboxed, the devices are left out). A failing
+        command, a bad path or a bad key is a :class:`ConfigurationError`.
         """
         if not re.fullmatch(r"[A-Za-z0-9._-]+", instance_id) or instance_id in {".", ".."}:
             raise ConfigurationError(f"instance id {instance_id!r} cannot name a host directory")

@@ -107,8 +107,6 @@ class Sandbox:
     setup: SandboxSetup
     hostname: str
     home: pathlib.Path
-    #: Extra paths bound read-only at the same path (the openssh backend's private files).
-    ro_paths: list[pathlib.Path] = field(default_factory=list)
     devices: dict[str, str] = field(default_factory=dict)
     #: The init's pid (outside the namespace) and bwrap's, once started.
     pid: int = 0
@@ -142,8 +140,6 @@ class Sandbox:
         argv += ["--proc", "/proc", "--dev", "/dev"]
         for name in PRIVATE_DIRS:
             argv += ["--bind", str(fs / name), f"/{name}"]
-        for path in self.ro_paths:
-            argv += ["--ro-bind", str(path), str(path)]
         argv += ["--bind", str(self.home), str(self.home)]
         for serial in self.serials:
             argv += ["--dev-bind", serial.slave_name, serial.path]
