@@ -25,6 +25,7 @@ import contextlib
 import logging
 import pathlib
 import re
+import shutil
 import subprocess
 import threading
 import weakref
@@ -39,7 +40,7 @@ from .asyncssh_backend import AsyncsshHost
 from .host import Host, HostContext
 from .openssh_backend import OpensshHost, OpensshSetup
 from .processes import Leftovers
-from .sandbox import Sandbox, SandboxSetup
+from .sandbox import Sandbox, SandboxSetup, make_etc_template
 
 __all__ = ["BACKENDS", "SANDBOX_MODES", "HostManager"]
 
@@ -107,6 +108,7 @@ class HostManager:
         self.login_user = self._openssh.login_user if self._openssh is not None else "root"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._template_lock = threading.Lock()
         self._hosts: dict[str, Host | None] = {}  # None: starting
         self._closed = False
         self._errors: list[BaseException] = []
@@ -162,7 +164,7 @@ class HostManager:
             host = self._new_host(instance_id, directory, keys, firewall)
             if self._sandbox is not None:
                 sandbox = Sandbox(self._sandbox, f"sim-{instance_id[:8]}", host.directory,
-                                  devices=dict(devices or {}))
+                                  self._etc_template(), devices=dict(devices or {}))
                 sandbox.start()
                 self._leftovers.pids.update((sandbox.pid, sandbox.bwrap_pid))
                 host.sandbox = sandbox
@@ -243,6 +245,17 @@ class HostManager:
     def _check_open(self) -> None:
         if self._closed:
             raise RerobotsError("HostManager is closed")
+
+    def _etc_template(self) -> pathlib.Path:
+        """The /etc every sandboxed host starts from, copied at the first one's start."""
+        with self._template_lock:
+            template = self.root / ".etc-template"
+            if not template.exists():
+                partial = self.root / ".etc-template.partial"
+                shutil.rmtree(partial, ignore_errors=True)
+                make_etc_template(partial)
+                partial.rename(template)
+            return template
 
     def _new_host(self, instance_id: str, directory: pathlib.Path, keys: list[str],
                   firewall: Callable[[str], str]) -> Host:

@@ -7,9 +7,10 @@ emulator of the host enters those namespaces (``nsenter``) with a bounded capabi
 
 * the system read-only (``/usr`` and its merged-usr links, the rest of ``/`` is absent);
 * its own writable ``/tmp``, ``/root``, ``/home``, ``/opt``, ``/var``, ``/srv``, ``/run``,
-  ``/mnt``, ``/media`` and ``/etc`` (a copy of the runner's world-readable ``/etc``): per-host
-  directories beside the host's directory, so writes persist between commands and never
-  reach the runner's files;
+  ``/mnt`` and ``/media``: per-host directories beside the host's directory, so writes
+  persist between commands and never reach the runner's files;
+* its own ``/etc`` in memory, copied at its start from what others may read of the runner's
+  ``/etc`` (no shadow file of the runner's, no private host keys);
 * the host's directory at its own path (``HOME`` and the working directory, as without the
   sandbox), its own ``/proc`` and a minimal ``/dev`` with the catalog's serial devices;
 * its own hostname, and an environment built from nothing of the runner's.
@@ -25,6 +26,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shlex
 import shutil
 import signal
 import stat
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 
 from ...errors import ConfigurationError
 
-__all__ = ["BWRAP", "PATH", "Sandbox", "SandboxSetup", "Serial"]
+__all__ = ["BWRAP", "PATH", "Sandbox", "SandboxSetup", "Serial", "make_etc_template"]
 
 BWRAP = "/usr/bin/bwrap"
 NSENTER = "/usr/bin/nsenter"
@@ -44,7 +46,9 @@ SETPRIV = "/usr/bin/setpriv"
 #: The ``PATH`` of a robot's sessions (nothing of the runner's).
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The writable directories each robot has of its own.
-PRIVATE_DIRS = ("tmp", "root", "home", "opt", "var", "srv", "run", "mnt", "media", "etc")
+PRIVATE_DIRS = ("tmp", "root", "home", "opt", "var", "srv", "run", "mnt", "media")
+# Where the robot's /etc is copied from at its start, inside the sandbox (read-only there).
+_ETC_TEMPLATE = "/run/rerobots-etc"
 # What root keeps inside: a container runtime's usual set, without mknod and raw sockets.
 # CAP_SYS_ADMIN above all stays out: it could remount the read-only system writable.
 CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid", "setpcap",
@@ -107,6 +111,8 @@ class Sandbox:
     setup: SandboxSetup
     hostname: str
     home: pathlib.Path
+    #: The runner's /etc as the robots see it (:func:`make_etc_template`, once per manager).
+    etc_template: pathlib.Path
     devices: dict[str, str] = field(default_factory=dict)
     #: The init's pid (outside the namespace) and bwrap's, once started.
     pid: int = 0
@@ -123,10 +129,6 @@ class Sandbox:
         for name in PRIVATE_DIRS:
             (fs / name).mkdir()
         (fs / "tmp").chmod(0o1777)
-        _copy_etc(fs / "etc")
-        _write_shadow(fs / "etc")
-        with contextlib.suppress(OSError):
-            (fs / "etc" / "hostname").write_text(self.hostname + "\n")
         for path, command in self.devices.items():
             master, slave = os.openpty()
             tty.setraw(slave)  # a serial line: no echo, no line editing
@@ -140,6 +142,8 @@ class Sandbox:
         argv += ["--proc", "/proc", "--dev", "/dev"]
         for name in PRIVATE_DIRS:
             argv += ["--bind", str(fs / name), f"/{name}"]
+        # /etc lives in memory: copying it there takes a tenth of what a disk copy takes.
+        argv += ["--tmpfs", "/etc", "--ro-bind", str(self.etc_template), _ETC_TEMPLATE]
         argv += ["--bind", str(self.home), str(self.home)]
         for serial in self.serials:
             argv += ["--dev-bind", serial.slave_name, serial.path]
@@ -148,7 +152,9 @@ class Sandbox:
         read_info, write_info = os.pipe()
         read_ready, write_ready = os.pipe()
         try:
-            keeper = f"printf ready >/proc/self/fd/{write_ready}; {_KEEPER}"
+            keeper = (f"cp -R -P --preserve=mode,timestamps {_ETC_TEMPLATE}/. /etc/ && "
+                      f"echo {shlex.quote(self.hostname)} > /etc/hostname && "
+                      f"printf ready >/proc/self/fd/{write_ready}; {_KEEPER}")
             argv += ["--info-fd", str(write_info), "/bin/sh", "-c", keeper]
             self._bwrap = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -256,6 +262,14 @@ def _read_child_pid(info: int, ready: int, proc: subprocess.Popen[bytes]) -> int
     raise ConfigurationError(
         "bwrap did not start the robot's sandbox: "
         + (err.decode(errors="replace").strip() or f"status {proc.returncode}"))
+
+
+def make_etc_template(target: pathlib.Path) -> None:
+    """Copy the runner's /etc as the robots may see it: what others may read, with a shadow
+    file of its own."""
+    target.mkdir(mode=0o755)
+    _copy_etc(target)
+    _write_shadow(target)
 
 
 def _write_shadow(etc: pathlib.Path) -> None:
