@@ -49,6 +49,7 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PRIVATE_DIRS = ("tmp", "root", "home", "opt", "var", "srv", "run", "mnt", "media")
 # Where the robot's /etc is copied from at its start, inside the sandbox (read-only there).
 _ETC_TEMPLATE = "/run/rerobots-etc"
+_ETC_SIZE = 64 * 1024 * 1024  # bytes of memory the robot's /etc may fill
 # What root keeps inside: a container runtime's usual set, without mknod and raw sockets.
 # CAP_SYS_ADMIN above all stays out: it could remount the read-only system writable.
 CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid", "setpcap",
@@ -143,7 +144,8 @@ class Sandbox:
         for name in PRIVATE_DIRS:
             argv += ["--bind", str(fs / name), f"/{name}"]
         # /etc lives in memory: copying it there takes a tenth of what a disk copy takes.
-        argv += ["--tmpfs", "/etc", "--ro-bind", str(self.etc_template), _ETC_TEMPLATE]
+        argv += ["--size", str(_ETC_SIZE), "--tmpfs", "/etc",
+                 "--ro-bind", str(self.etc_template), _ETC_TEMPLATE]
         argv += ["--bind", str(self.home), str(self.home)]
         for serial in self.serials:
             argv += ["--dev-bind", serial.slave_name, serial.path]
