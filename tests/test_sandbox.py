@@ -11,6 +11,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -183,13 +184,22 @@ def test_every_process_ends_with_the_instance(
     assert _wait_until(lambda: not _in_namespace(namespace))
 
 
+@pytest.mark.parametrize("mode", ["require", "off"])
 def test_no_sshd_listens_and_the_firewall_decides_every_connection(
-    hosts: HostManager, client_key: tuple[paramiko.PKey, str]
+    tmp_path: pathlib.Path, backend: str, mode: str, client_key: tuple[paramiko.PKey, str]
 ) -> None:
     def firewall(src: str) -> str:
         return "ACCEPT" if src == "127.0.0.1" else "REJECT"
 
-    info = _start(hosts, client_key[1], firewall=firewall)
+    if mode == "require":
+        _can_sandbox()
+    with HostManager(tmp_path / "hosts", backend, mode) as hosts:
+        _check_listeners(hosts, _start(hosts, client_key[1], firewall=firewall), client_key)
+        hosts.check()
+
+
+def _check_listeners(hosts: HostManager, info: HostInfo,
+                     client_key: tuple[paramiko.PKey, str]) -> None:
     with _connect(hosts, info, client_key[0]) as conn:
         assert conn.run("echo in", timeout=10).stdout == "in\n"
         # No process this test started (sshd, bwrap, commands) holds a listening socket:
@@ -203,6 +213,37 @@ def test_no_sshd_listens_and_the_firewall_decides_every_connection(
         ssh.Connection.open("127.0.0.1", info.port, hostkeys=[info.hostkey], pkey=client_key[0],
                             username=hosts.login_user, timeout=2.0, attempts=1,
                             source_address=("127.0.0.2", 0))
+
+
+_DIES_WITH_THE_SIMULATOR = """
+import pathlib, sys
+from pytest_rerobots import ssh
+from pytest_rerobots.sim.hosts import HostManager
+pkey, public = ssh.generate_client_key()
+hosts = HostManager(pathlib.Path(sys.argv[1]), sys.argv[2], "require")
+info = hosts.start_host("i-1", authorized_keys=[public], firewall=lambda src: "ACCEPT",
+                        files={}, commands=[], devices={"/dev/ttyS0": "sleep 303"})
+conn = ssh.Connection.open("127.0.0.1", info.port, hostkeys=[info.hostkey], pkey=pkey,
+                           username=hosts.login_user)
+conn.run("env -i setsid sleep 302 >/dev/null 2>&1 </dev/null &", timeout=10)
+print(hosts._hosts["i-1"].sandbox.pid, flush=True)
+sys.stdin.read()  # killed here, with no close()
+"""
+
+
+def test_a_killed_simulator_leaves_no_robot_process(tmp_path: pathlib.Path, backend: str) -> None:
+    _can_sandbox()
+    with subprocess.Popen([sys.executable, "-c", _DIES_WITH_THE_SIMULATOR, str(tmp_path),
+                           backend], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            init = int(proc.stdout.readline())
+            namespace = _pid_ns(init)
+            assert namespace and len(_in_namespace(namespace)) >= 3  # init, sleeps, emulator
+        finally:
+            proc.kill()
+    assert _wait_until(lambda: not _in_namespace(namespace))
 
 
 def _socket_inodes(pid: int) -> set[str]:
