@@ -244,6 +244,12 @@ def test_a_killed_simulator_leaves_no_robot_process(tmp_path: pathlib.Path, back
         finally:
             proc.kill()
     assert _wait_until(lambda: not _in_namespace(namespace))
+    # Its copy of /etc (in /dev/shm where there is one) goes at the next simulator's start.
+    shm = pathlib.Path("/dev/shm")  # noqa: S108
+    stale = f"rerobots-etc-{proc.pid}-*"
+    with HostManager(tmp_path / "next", backend, "require") as hosts:
+        _start(hosts, ssh.generate_client_key()[1])
+        assert not list(shm.glob(stale)) and not list((tmp_path / "next").glob(stale))
 
 
 def _socket_inodes(pid: int) -> set[str]:

@@ -23,10 +23,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import pathlib
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -109,6 +111,7 @@ class HostManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._template_lock = threading.Lock()
+        self._template: pathlib.Path | None = None
         self._hosts: dict[str, Host | None] = {}  # None: starting
         self._closed = False
         self._errors: list[BaseException] = []
@@ -249,13 +252,18 @@ class HostManager:
     def _etc_template(self) -> pathlib.Path:
         """The /etc every sandboxed host starts from, copied at the first one's start."""
         with self._template_lock:
-            template = self.root / ".etc-template"
-            if not template.exists():
-                partial = self.root / ".etc-template.partial"
-                shutil.rmtree(partial, ignore_errors=True)
-                make_etc_template(partial)
-                partial.rename(template)
-            return template
+            if self._template is None:
+                # In memory where the machine has a tmpfs for it: a tenth of a disk copy's
+                # time (mkdtemp makes a private directory there, mode 0700).
+                shm = pathlib.Path("/dev/shm")  # noqa: S108
+                parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.root
+                _remove_stale_templates(parent)
+                holder = pathlib.Path(
+                    tempfile.mkdtemp(prefix=f"rerobots-etc-{os.getpid()}-", dir=parent))
+                self._leftovers.dirs.add(holder)  # removed at close, or by the finalizer
+                make_etc_template(holder / "etc")
+                self._template = holder / "etc"
+            return self._template
 
     def _new_host(self, instance_id: str, directory: pathlib.Path, keys: list[str],
                   firewall: Callable[[str], str]) -> Host:
@@ -268,6 +276,20 @@ class HostManager:
         log.error("simulated host error", exc_info=exc)
         with self._lock:
             self._errors.append(exc)
+
+
+def _remove_stale_templates(parent: pathlib.Path) -> None:
+    """Remove the /etc copies of simulators that were killed before they could clean up."""
+    for entry in parent.glob("rerobots-etc-*-*"):
+        pid = entry.name.split("-")[2]
+        if not pid.isdigit() or entry.stat().st_uid != os.geteuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 # -- the event loop thread ---------------------------------------------------
