@@ -8,13 +8,16 @@ A :class:`HostManager` owns every host of one simulator. Each host has
 * its own freshly generated ``ecdsa-sha2-nistp256`` host key (the type real
   rerobots hosts report in ``hostkeys``);
 * a listening socket on ``127.0.0.1`` with an ephemeral port, behind the
-  instance's firewall (:mod:`.host`).
+  instance's firewall (:mod:`.host`);
+* where the machine can make one, a sandbox of its own (:mod:`.sandbox`) in which its
+  setup commands, its sessions and its serial devices' emulators run; the sandbox's
+  ``/etc`` comes from one filtered copy of the runner's, made at the first host's start.
 
 One asyncio event loop in one daemon thread per manager serves all of its hosts, whichever
 backend serves the SSH protocol: ``asyncssh`` in-process (:mod:`.asyncssh_backend`, the
 default) or OpenSSH's sshd (:mod:`.openssh_backend`). Everything a host starts carries a
 per-host marker in its environment (:mod:`.processes`), so that :meth:`HostManager.stop_host`
-finds and kills it by pid.
+finds and kills it by pid; in a sandbox, the end of its PID namespace ends everything else.
 """
 
 from __future__ import annotations
