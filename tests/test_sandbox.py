@@ -23,7 +23,7 @@ from pytest_rerobots import ssh
 from pytest_rerobots.errors import ConfigurationError, SSHConnectError, SSHError
 from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager
 from pytest_rerobots.sim.hosts import sandbox as sandbox_module
-from pytest_rerobots.sim.hosts.processes import descendants
+from pytest_rerobots.sim.hosts.processes import cmdline, descendants
 
 
 def _can_sandbox() -> None:
@@ -176,8 +176,7 @@ def test_every_process_ends_with_the_instance(
         inner = conn.run("ps -e -o pid= | wc -l", timeout=10).stdout
         assert int(inner) >= 3  # init, the sleep, this shell (and ps)
     namespace = next(_pid_ns(pid) for pid in descendants(os.getpid())
-                     if "sleep 301" in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()
-                     .replace(b"\0", b" ").decode())
+                     if "sleep 301" in cmdline(pid))
     assert namespace and namespace != _pid_ns(os.getpid())
     assert _in_namespace(namespace)
     hosts.stop_host("i-1")
@@ -206,8 +205,7 @@ def _check_listeners(hosts: HostManager, info: HostInfo,
         # the only listener of the host is the simulator's own, behind the firewall.
         listening = _listening_inodes()
         for pid in descendants(os.getpid()):
-            assert not _socket_inodes(pid) & listening, pathlib.Path(
-                f"/proc/{pid}/cmdline").read_bytes()
+            assert not _socket_inodes(pid) & listening, cmdline(pid)
         assert info.port in _listening_ports(_socket_inodes(os.getpid()) & listening)
     with pytest.raises(SSHConnectError):
         ssh.Connection.open("127.0.0.1", info.port, hostkeys=[info.hostkey], pkey=client_key[0],
