@@ -147,6 +147,7 @@ def test_own_hostname_environment_view_and_capabilities(
     info = _start(hosts, client_key[1], commands=["echo setup > /opt/flag"])
     with _connect(hosts, info, client_key[0]) as conn:
         assert conn.run("hostname", timeout=10).stdout.strip() == "sim-i-1"
+        assert "sim-i-1" in conn.run("cat /etc/hostname /etc/hosts", timeout=10).stdout
         assert socket.gethostname() != "sim-i-1"
         env = dict(line.split("=", 1) for line in conn.run("env", timeout=10).stdout.split("\n")
                    if "=" in line)

@@ -156,6 +156,7 @@ class Sandbox:
         try:
             keeper = (f"cp -R -P --preserve=mode,timestamps {_ETC_TEMPLATE}/. /etc/ && "
                       f"echo {shlex.quote(self.hostname)} > /etc/hostname && "
+                      f"{{ echo 127.0.1.1 {shlex.quote(self.hostname)} >> /etc/hosts; }} && "
                       f"printf ready >/proc/self/fd/{write_ready}; {_KEEPER}")
             argv += ["--info-fd", str(write_info), "/bin/sh", "-c", keeper]
             self._bwrap = subprocess.Popen(
@@ -287,6 +288,12 @@ def _write_shadow(etc: pathlib.Path) -> None:
     shadow.chmod(0o600)
 
 
+def _into_private(link: pathlib.Path) -> bool:
+    """Whether a symbolic link of /etc leads into one of the robot's own directories."""
+    target = pathlib.PurePosixPath(os.path.normpath(link.parent / os.readlink(link)))
+    return len(target.parts) > 1 and target.parts[1] in PRIVATE_DIRS
+
+
 def _copy_etc(target: pathlib.Path) -> None:
     """The runner's /etc as others may read it: no shadow files, no private host keys."""
     for dirpath, dirnames, filenames in os.walk("/etc"):
@@ -296,7 +303,12 @@ def _copy_etc(target: pathlib.Path) -> None:
             dst = target / rel / name
             try:
                 st = src.lstat()
-                if stat.S_ISLNK(st.st_mode):
+                if stat.S_ISLNK(st.st_mode) and _into_private(src):
+                    # A link into /run and the like (systemd's resolv.conf) would dangle
+                    # in the robot, whose /run is its own: copy what it shows.
+                    if os.access(src, os.R_OK) and src.is_file():
+                        shutil.copyfile(src, dst)
+                elif stat.S_ISLNK(st.st_mode):
                     dst.symlink_to(os.readlink(src))
                 elif stat.S_ISDIR(st.st_mode):
                     dst.mkdir(mode=0o755)
