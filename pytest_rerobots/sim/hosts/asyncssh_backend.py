@@ -108,6 +108,7 @@ class AsyncsshHost(Host):
                 # Its own process group, so that a timeout or stop_host kills
                 # the command and everything it started, and nothing else.
                 start_new_session=True,
+                pass_fds=self.pass_fds,
             )
         except OSError as exc:
             process.stderr.write(f"sh: {exc}\n".encode())

@@ -108,6 +108,11 @@ class Host:
         """``command`` as run on this robot: inside its sandbox, if it has one."""
         return self.sandbox.argv(*command) if self.sandbox is not None else list(command)
 
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """What a process started with :meth:`argv` must inherit."""
+        return self.sandbox.pass_fds if self.sandbox is not None else ()
+
     def env(self) -> dict[str, str]:
         """The environment of a session on this host, like sshd's plus the marker.
 

@@ -95,6 +95,11 @@ class HostManager:
         self.sandbox_problem: str | None = "the sandbox is switched off"
         if sandbox != "off":
             probed = SandboxSetup.probe()
+            if not isinstance(probed, str) and probed.userns and backend == "openssh":
+                # sshd's privilege separation needs users that a user namespace of our
+                # own cannot map.
+                probed = ("the openssh backend is sandboxed only when the simulator runs "
+                          "as root; the asyncssh backend is sandboxed as any user")
             if isinstance(probed, str):
                 self.sandbox_problem = probed
                 if sandbox == "require":
@@ -393,6 +398,7 @@ def _run_setup_command(host: Host, command: str) -> None:
             host.argv("/bin/sh", "-c", command),
             cwd=directory,
             env=env,
+            pass_fds=host.pass_fds,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=_SETUP_TIMEOUT,

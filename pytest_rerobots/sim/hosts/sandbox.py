@@ -23,6 +23,7 @@ with the runner (see docs/simulator-differences.md).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -58,6 +59,7 @@ CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
 # on the robot ends the robot's processes but not the robot.
 _KEEPER = "trap '' HUP INT TERM; while :; do sleep 3600 & wait; done"
 _START_TIMEOUT = 10.0
+_NS_GET_PARENT = 0xB702  # ioctl of <linux/nsfs.h>: the owning user namespace
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Sandbox:
     _bwrap: subprocess.Popen[bytes] | None = None
     _emulators: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _fs: pathlib.Path | None = None
+    _userns_fd: int = -1
 
     def start(self) -> None:
         """Make the private directories and devices, start the namespaces' init."""
@@ -168,6 +171,13 @@ class Sandbox:
                 os.close(fd)
             write_info = write_ready = -1
             self.pid = _read_child_pid(read_info, read_ready, self._bwrap)
+            if self.setup.userns:
+                inner = os.open(f"/proc/{self.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._userns_fd = fcntl.ioctl(inner, _NS_GET_PARENT)
+                finally:
+                    os.close(inner)
+                os.set_inheritable(self._userns_fd, False)
         finally:
             for fd in (read_info, write_info, read_ready, write_ready):
                 if fd != -1:
@@ -185,11 +195,21 @@ class Sandbox:
         return [(str(self.home), str(self.home))] + [
             (f"/{name}", str(self._fs / name)) for name in PRIVATE_DIRS]
 
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """The descriptors a process started with :meth:`argv` must inherit."""
+        return (self._userns_fd,) if self._userns_fd != -1 else ()
+
     def argv(self, *command: str) -> list[str]:
-        """``command`` run inside the sandbox, in the host's directory."""
-        prefix = [NSENTER, "-t", str(self.pid), "-m", "-u", "-i", "-p", "-C"]
-        if self.setup.userns:
-            prefix += ["-U", "--preserve-credentials"]
+        """``command`` run inside the sandbox, in the host's directory (start it with
+        :attr:`pass_fds`)."""
+        prefix = [NSENTER, "-t", str(self.pid), "-m", "-u", "-i", "-p"]
+        if self._userns_fd != -1:
+            # bwrap's outer user namespace, which owns the others (the init runs in a
+            # nested one); the cgroup namespace cannot be joined from it.
+            prefix += [f"--user=/proc/self/fd/{self._userns_fd}", "--preserve-credentials"]
+        else:
+            prefix += ["-C"]
         prefix += [f"-W{self.home}", "--", SETPRIV, "--inh-caps", "-all",
                    "--bounding-set", "-all," + ",".join("+" + c for c in CAPS), "--"]
         return prefix + list(command)
@@ -200,7 +220,7 @@ class Sandbox:
             self._emulators.append(subprocess.Popen(
                 self.argv("/bin/sh", "-c", serial.command), stdin=serial.master,
                 stdout=serial.master, stderr=subprocess.DEVNULL, env=env,
-                start_new_session=True))
+                start_new_session=True, pass_fds=self.pass_fds))
 
     def stop(self) -> None:
         """Kill the namespaces' init (and with it every process inside); remove the files."""
@@ -224,6 +244,9 @@ class Sandbox:
         for serial in self.serials:
             serial.close()
         self.serials.clear()
+        if self._userns_fd != -1:
+            os.close(self._userns_fd)
+            self._userns_fd = -1
         if self._fs is not None:
             shutil.rmtree(self._fs, ignore_errors=True)
             self._fs = None
