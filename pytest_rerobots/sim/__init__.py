@@ -189,7 +189,8 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
             raise ConfigurationError(
                 f"simulator ssh_backend {self.ssh_backend!r} needs the 'sim' extra "
                 f"(pip install 'pytest-rerobots[sim]'): {exc}") from exc
-        return HostManager(root, backend=self.ssh_backend)
+        sandbox = "require" if self.catalog.switches.require_sandbox else "auto"
+        return HostManager(root, backend=self.ssh_backend, sandbox=sandbox)
 
     def _serve(self) -> None:
         assert self._server is not None
