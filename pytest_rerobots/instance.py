@@ -165,11 +165,11 @@ def _private_key(text: str) -> paramiko.PKey:
 _E = TypeVar("_E", bound=APIError)
 
 
-def _explained(error: _E, hint: str) -> _E:
-    """A copy of the API error ``error`` whose message goes on with ``hint`` lines."""
+def _explained(error: _E, hint: str, sep: str = "\n") -> _E:
+    """A copy of the API error ``error`` whose message goes on with ``hint``."""
     again = type(error)(error.message, status=error.status, payload=error.payload,
                         method=error.method, path=error.path)
-    again.args = (f"{error}\n{hint}",)
+    again.args = (f"{error}{sep}{hint}",)
     return again
 
 
@@ -551,9 +551,9 @@ class Instance:
                 on = f" ({self.deployment[:8]})" if self.deployment else ""
                 raise _explained(busy, (
                     f"{self.label}{on} is in use, perhaps still being released (the service "
-                    "holds a robot for up to 2 minutes while it terminates).\nTo wait for it: "
+                    "holds a robot for up to 2 minutes while it terminates); to wait for it: "
                     "queue_timeout (--rerobots-queue-timeout S, or the ini option "
-                    "rerobots_queue_timeout; 0, as now, fails at once)")) from None
+                    "rerobots_queue_timeout; 0, as now, fails at once)"), sep=". ") from None
             answer = None
         if answer is None:
             # Busy: wait for any deployment of the type, the one that just failed
@@ -864,7 +864,7 @@ class Instance:
     @property
     def where(self) -> str:
         """Its type, id and deployment (short), as messages and transcripts name it."""
-        on = f" on {self.deployment[:8]}" if self.deployment else ""
+        on = f" (deployment {self.deployment[:8]})" if self.deployment else ""
         return f"{self.label} {(self.id or '(no id)')[:8]}{on}"
 
     # -- using it -------------------------------------------------------------

@@ -516,7 +516,7 @@ class Connection:
             reason = "no such file or directory" if isinstance(exc, FileNotFoundError) \
                 else "permission denied"
             self._record(at, kind, what, None, begun, note=f"{remote}: {reason}")
-            raise RemoteFileError(f"{kind} {what}: remote path {remote!r}{on}: {reason}",
+            raise RemoteFileError(f"remote path {remote!r}{on}: {reason} ({kind} {what})",
                                   path=remote, reason=reason) from exc
         except (paramiko.SSHException, EOFError, OSError) as exc:
             self._record(at, kind, what, None, begun, note=_describe(exc))
