@@ -238,3 +238,33 @@ def test_init_fail_names_every_rental_and_its_status(pytester: pytest.Pytester,
     ids = re.findall(r"([0-9a-f-]{36}) \(INIT_FAIL\)", text)
     assert len(set(ids)) == 2, text  # both rentals, each with its status
     assert "--rerobots-init-retries" in text and "pytest_rerobots/" not in text
+
+
+def test_under_xdist_transcripts_reach_the_report_and_junit_and_skips_count(
+        pytester: pytest.Pytester, sim_env: Simulator):
+    pytester.makepyfile(TRANSCRIBED)
+    result = pytester.runpytest_subprocess("-n", "2", "-rA", "--junitxml=out.xml",
+                                           "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    out = result.stdout.str()
+    assert "run: echo hello from the robot  [exit 0, " in out and "[exit 2, " in out
+    assert "pytest_rerobots/" not in _section(out, "test_fails")
+    cases = {c.get("name"): c for c in ET.parse(pytester.path / "out.xml").iter("testcase")}
+    assert "[exit 2, " in "".join(e.text or "" for e in cases["test_fails"].iter("system-out"))
+    assert sim_env.token not in out + (pytester.path / "out.xml").read_text()
+
+
+def test_under_xdist_every_skip_for_want_of_a_token_counts(pytester: pytest.Pytester):
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.parametrize("i", range(4))
+        def test_client(rerobots_client, i): pass
+        @pytest.mark.parametrize("i", range(3))
+        @pytest.mark.rerobots("basic_kobuki")
+        def test_instance(rerobots_instance, i): pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:cacheprovider")
+    result.assert_outcomes(skipped=7)
+    result.stdout.fnmatch_lines(["rerobots: 7 test(s) skipped: no API token*"])
