@@ -21,6 +21,7 @@ from .errors import (
     MalformedResponse,
     NotFound,
     RateLimited,
+    RemoteFileError,
     RerobotsError,
     ReservationNotFound,
     ServerError,

@@ -20,15 +20,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import paramiko
 import tenacity
 
 from . import retry, ssh
 from .errors import (
+    APIError,
     BusyWorkspaceDeployment,
     BusyWorkspaceInstance,
+    DeploymentNotFound,
     InstanceError,
     InstanceFailed,
     InstanceNotFound,
@@ -41,6 +43,9 @@ from .errors import (
     UnreadableNewAnswer,
 )
 from .outcome import ENDED_OUTCOMES, Outcome
+from .ssh import DEFAULT as DEFAULT_TIMEOUT
+from .ssh import Timeout
+from .transcript import Transcript
 
 if TYPE_CHECKING:
     from .client import NewInstance, RerobotsClient
@@ -88,6 +93,8 @@ class InstanceOptions:
     notfound_grace: float = 30.0
     connect_timeout: float = 60.0
     terminate_timeout: float = 120.0
+    #: The timeout of a ``run`` that names none; ``None`` waits for ever.
+    command_timeout: float | None = ssh.DEFAULT_COMMAND_TIMEOUT
     connect: bool = True
     fast_polling: bool = False
 
@@ -106,7 +113,7 @@ class InstanceOptions:
 _OPTION_NAMES = frozenset(f.name for f in fields(InstanceOptions))
 #: ``Instance`` keywords that are not options (see :meth:`Instance.build`).
 _OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing", "shared_key",
-                           "known_ids", "hint_busy", "sleep"})
+                           "known_ids", "hint_busy", "sleep", "transcript"})
 
 
 def end(
@@ -157,6 +164,17 @@ def _private_key(text: str) -> paramiko.PKey:
         except (paramiko.SSHException, ValueError):
             continue
     raise MalformedResponse("GET /instance/:id/sshkey: not a private key paramiko can read")
+
+
+_E = TypeVar("_E", bound=APIError)
+
+
+def _explained(error: _E, hint: str, sep: str = "\n") -> _E:
+    """A copy of the API error ``error`` whose message goes on with ``hint``."""
+    again = type(error)(error.message, status=error.status, payload=error.payload,
+                        method=error.method, path=error.path)
+    again.args = (f"{error}{sep}{hint}",)
+    return again
 
 
 def is_deployment_id(target: str) -> bool:
@@ -325,6 +343,8 @@ class Instance:
     #: progress line and the error after the queue timeout.
     hint_busy: Callable[[Instance], str | None] | None = field(default=None, repr=False)
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
+    #: Where its connection records the commands and transfers of tests (a run's).
+    transcript: Transcript | None = field(default=None, repr=False)
 
     id: str | None = field(default=None, init=False)
     deployment: str | None = field(default=None, init=False)
@@ -579,13 +599,16 @@ class Instance:
         wds = self._others_than(avoid) if avoid and self.deployment is None else None
         try:
             answer: NewInstance | None = self._new(self.target, wds=wds)
+        except DeploymentNotFound as missing:
+            raise self._not_found(missing) from None
         except BusyWorkspaceDeployment as busy:
             if self.options.queue_timeout <= 0:
-                raise BusyWorkspaceDeployment(
-                    f"{busy}. {self.label} is in use, perhaps still being released (the "
-                    "service holds a robot for up to 2 minutes while it terminates); "
-                    "wait for it with queue_timeout (--rerobots-queue-timeout S, 0 fails "
-                    "at once)", status=busy.status) from None
+                on = f" ({self.deployment[:8]})" if self.deployment else ""
+                raise _explained(busy, (
+                    f"{self.label}{on} is in use, perhaps still being released (the service "
+                    "holds a robot for up to 2 minutes while it terminates); to wait for it: "
+                    "queue_timeout (--rerobots-queue-timeout S, or the ini option "
+                    "rerobots_queue_timeout; 0, as now, fails at once)"), sep=". ") from None
             answer = None
         if answer is None:
             # Busy: wait for any deployment of the type, the one that just failed
@@ -596,6 +619,24 @@ class Instance:
             self._rented(answer.id)
         else:
             self._follow_reservation(answer.id, self.deployment or "")
+
+    def _not_found(self, missing: DeploymentNotFound) -> DeploymentNotFound:
+        """The error for a workspace type (or deployment) the API does not know, with the
+        valid types (``GET /workspaces``), the closest to ours first."""
+        from .listing import closest_first
+
+        if is_deployment_id(self.target):
+            return missing  # a deployment id: there is no list of them to suggest from
+        try:
+            types = self.client.workspace_types()
+        except RerobotsError as exc:
+            known = f"(the list of valid types is not available: {exc})"
+        else:
+            known = "valid types: " + (", ".join(closest_first(self.target, types)) or "none")
+        return _explained(missing, (
+            f"There is no workspace type {self.target!r}; {known}.\nChoose one in "
+            "@pytest.mark.rerobots(...) or --rerobots-wtype (pytest --rerobots-list shows "
+            "the types and their deployments)"))
 
     def _usable_deployments(self) -> list[str]:
         """The deployments of our type that are not locked out (ids only: a listing
@@ -883,7 +924,17 @@ class Instance:
             if hint is None:
                 raise
             raise SSHConnectError(f"{exc}; {hint}") from exc
-        self._connection = ssh.Connection(client)
+        conn = ssh.Connection(client)
+        conn.transcript = self.transcript
+        conn.label = self.where
+        conn.command_timeout = self.options.command_timeout
+        self._connection = conn
+
+    @property
+    def where(self) -> str:
+        """Its type, id and deployment (short), as messages and transcripts name it."""
+        on = f" (deployment {self.deployment[:8]})" if self.deployment else ""
+        return f"{self.label} {(self.id or '(no id)')[:8]}{on}"
 
     # -- using it -------------------------------------------------------------
 
@@ -917,9 +968,11 @@ class Instance:
         """One SFTP session on that connection, opened on first use."""
         return self.connection.sftp
 
-    def run(self, command: str, timeout: float | None = None, check: bool = False,
+    def run(self, command: str, timeout: Timeout = DEFAULT_TIMEOUT, check: bool = False,
             stdin: bytes | str | None = None) -> CommandResult:
-        """Run ``command`` through the host's shell (see :meth:`.ssh.Connection.run`)."""
+        """Run ``command`` through the host's shell (see :meth:`.ssh.Connection.run`).
+        Without ``timeout``, the ``command_timeout`` option applies (default 300 s);
+        ``timeout=None`` waits for ever."""
         return self.connection.run(command, timeout=timeout, check=check, stdin=stdin)
 
     def put(self, local: str, remote: str) -> None:

@@ -22,8 +22,9 @@ import pytest
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
 from . import guard, report
-from .errors import ConfigurationError, is_infrastructure
+from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .settings import OPTIONS, Settings, allow_warnings, resolve
+from .transcript import Transcript
 
 if TYPE_CHECKING:
     import paramiko
@@ -159,14 +160,12 @@ class XdistHooks:
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
             output["rerobots_rows"] = report.rows(self.plugin.records)
-            output["rerobots_skipped_for_token"] = self.plugin.skipped_for_token
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """Controller: collect what a worker sent (nothing if it crashed)."""
         output = getattr(node, "workeroutput", None) or {}
         self.plugin.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
-        self.plugin.skipped_for_token += int(output.get("rerobots_skipped_for_token", 0))
 
     def pytest_configure_node(self, node: Any) -> None:
         """Hand the run id and the controller's simulator to each worker (through
@@ -259,7 +258,7 @@ class RerobotsPlugin:
             ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout,
             init_retries=s.init_retries, lease=s.lease, allow=s.allow,
             fast_polling=self.mode == "embedded simulator",
-            keepalive_interval=s.keepalive_interval,
+            keepalive_interval=s.keepalive_interval, command_timeout=s.command_timeout,
         )
 
     def _start_simulator(self) -> Simulator:
@@ -302,7 +301,8 @@ class RerobotsPlugin:
         if not self._token:
             if self.settings.require:
                 pytest.fail(f"{NO_CREDENTIALS} (--rerobots-require)", pytrace=False)
-            self.skipped_for_token += 1
+            # Counted from the test reports (pytest_runtest_logreport): a session-scoped
+            # fixture skips once and pytest replays the skip for the other tests.
             pytest.skip(NO_CREDENTIALS)
         return self.run
 
@@ -409,14 +409,37 @@ class RerobotsPlugin:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Iterator[None]:
+        self._add_transcript(item, call.when)
         outcome: Any = yield
         rep = outcome.get_result()
+        if rep.failed and call.excinfo is not None \
+                and isinstance(call.excinfo.value, RerobotsError):
+            short = report.short_failure(call.excinfo, self.config)
+            if short is not None:
+                rep.longrepr = short
         if rep.when == "call" and rep.failed and call.excinfo is not None \
                 and is_infrastructure(call.excinfo.value):
             # Marked on the report (it travels to the xdist controller), shown as an error.
             rep.rerobots_infrastructure = True  # type: ignore[attr-defined]
             rep.sections.append(("rerobots", "infrastructure trouble, not a test failure: "
                                  f"{type(call.excinfo.value).__name__}"))
+
+    def _add_transcript(self, item: pytest.Item, when: str) -> None:
+        """What this phase of the test did on robots, as a report section of its own
+        ("Captured rerobots transcript call"), shown like captured output."""
+        if self._run is None:
+            return
+        entries, dropped = self._run.transcript.take()
+        if entries or dropped:
+            text = report.redact(Transcript.render(entries, dropped), self._token)
+            item.add_report_section(when, TRANSCRIPT_KEY, text)
+
+    @pytest.hookimpl(tryfirst=True)  # before junitxml closes the test case
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not self.is_worker and report.skipped and _skipped_for_token(report):
+            self.skipped_for_token += 1
+        if report.when == "teardown":
+            junit_transcript(self.config, report)
 
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
                                  ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
@@ -436,7 +459,40 @@ class RerobotsPlugin:
         if self.is_worker:
             return
         report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
-        report.github_step_summary(self.records)
+        report.github_step_summary(self.records, report.Tally.of(terminalreporter.stats),
+                                   skipped_for_token=self.skipped_for_token,
+                                   token=bool(self._token))
+
+
+#: The key of the transcript's report section: pytest names it "Captured <key> <when>".
+TRANSCRIPT_KEY = "rerobots transcript"
+
+
+def _skipped_for_token(rep: pytest.TestReport) -> bool:
+    longrepr = rep.longrepr
+    return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
+
+
+def junit_transcript(config: pytest.Config, rep: pytest.TestReport) -> None:
+    """Put the test's transcript sections into its JUnit XML ``system-out`` (when
+    ``--junitxml`` is on), whatever ``junit_logging`` says: it is what the test did
+    on the robot, not the test's own output."""
+    text = "\n".join(content for name, content in rep.sections
+                     if name.startswith(f"Captured {TRANSCRIPT_KEY} "))
+    if not text:
+        return
+    try:  # junitxml has no public way to add a system-out element
+        from xml.etree import ElementTree
+
+        from _pytest.junitxml import bin_xml_escape, xml_key
+    except ImportError:  # pragma: no cover (a pytest that moved it)
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    node = ElementTree.Element("system-out")
+    node.text = bin_xml_escape(text)
+    xml.node_reporter(rep).append(node)
 
 
 #: The fixtures that hand a test the pooled instance.

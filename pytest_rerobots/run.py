@@ -44,6 +44,7 @@ from .instance import (
     wait_all,
 )
 from .share import SharedPool
+from .transcript import Transcript
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
 
@@ -95,6 +96,8 @@ class Run:
         self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
         self.run_id = run_id or str(uuid.uuid4())
         self.records = records if records is not None else report.Records()
+        #: What tests did on this run's robots (every instance's connection records here).
+        self.transcript = Transcript()
         self.listeners: list[InstanceListener] = [self.records, *listeners]
         if ledger is _DEFAULT:
             ledger = DEFAULT_LEDGER
@@ -154,6 +157,7 @@ class Run:
         settings.setdefault("listeners", [*self.listeners, *self._layers()])
         settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
         settings.setdefault("hint_busy", self.why_busy)
+        settings.setdefault("transcript", self.transcript)
         if deployment is not None:
             settings.setdefault("wtype", target)
             target = deployment

@@ -75,6 +75,7 @@ class Settings:
     prefetch: bool = True
     lease: int = 3600
     keepalive_interval: float = 40.0
+    command_timeout: float = 300.0
     allow: tuple[str, ...] = ()
     scope: str = "session"
     xdist: str = "per-worker"
@@ -236,6 +237,9 @@ OPTIONS: tuple[Option, ...] = (
            "rerobots_keepalive_interval", _seconds(0.05),
            "seconds between keepalive pings (default 40; the server ends an instance "
            "60 s after the last one)"),
+    Option("command_timeout", "--rerobots-command-timeout", None, "rerobots_command_timeout",
+           _seconds(0.001), "seconds a command run on a robot may take when the test names "
+           "no timeout (default 300; run(..., timeout=None) waits for ever)"),
     Option("allow", "--rerobots-allow", None, "rerobots_allow", _cidrs,
            "firewall source (CIDR) to accept; repeatable (default: this runner's address)"),
     Option("scope", "--rerobots-scope", None, "rerobots_scope", _choice(SCOPES),
