@@ -307,7 +307,10 @@ class Process:
             if self._closed:
                 return self.exit_status
             self._closed = True
-        if not self._chan.exit_status_ready():
+        transport = self._conn.client.get_transport()
+        if transport is None or not transport.is_active():
+            self._note = "the SSH connection was gone"  # and the session with it
+        elif not self._chan.exit_status_ready():
             self._note = "ended by close()"
             pgid = self._signal_group("TERM", None)
             _paramiko_compat.wait_for_exit_status(self._chan, grace)

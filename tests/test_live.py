@@ -10,13 +10,17 @@ import time
 import urllib.request
 
 import pytest
-
-# The robot fixtures of test_ssh: a simulated host of each backend and a connection to it.
-from test_ssh import Robot, backend, client_key, conn, robot  # noqa: F401
+import test_ssh
 
 from pytest_rerobots import ssh
 from pytest_rerobots.errors import CommandTimeout, ExpectEOF, ExpectTimeout, is_infrastructure
 from pytest_rerobots.transcript import Transcript
+
+# The robot fixtures of test_ssh: a simulated host of each backend and a connection to it.
+backend = test_ssh.backend
+client_key = test_ssh.client_key
+robot = test_ssh.robot
+conn = test_ssh.conn
 
 PROMPT = "printf 'name? '; read name; echo \"hello $name\"; sleep 30"
 
