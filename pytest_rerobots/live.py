@@ -312,6 +312,8 @@ class Process:
             self._note = "the SSH connection was gone"  # and the session with it
         elif not self._chan.exit_status_ready():
             self._note = "ended by close()"
+            with self._cond:  # just spawned: its PID line may still be on its way
+                self._cond.wait_for(lambda: self.pid is not None or self._eof, grace)
             pgid = self._signal_group("TERM", None)
             _paramiko_compat.wait_for_exit_status(self._chan, grace)
             # Also when it ended: what it started may linger in its group.
