@@ -806,14 +806,12 @@ def row_expect(backend: str, n: int) -> list[Row]:
         cat.expect("warm\n", timeout=10)
         pairs: list[float] = []
         runs: list[float] = []
+        def pair(line: str) -> None:
+            cat.sendline(line)
+            cat.expect(line + "\n", timeout=10)
+
         for i in range(n):
-            line = f"line {i}"
-
-            def pair() -> None:
-                cat.sendline(line)
-                cat.expect(line + "\n", timeout=10)
-
-            pairs.append(timed(pair))
+            pairs.append(timed(lambda i=i: pair(f"line {i}")))
             runs.append(timed(lambda: robot.run("echo x", check=True)))
         cat.close()
         lives: list[float] = []

@@ -145,12 +145,20 @@ class Process:
             self._chan.exec_command(
                 f"echo {_PID_MARK} $$; exec /bin/sh -c {shlex.quote(command)}")
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise SSHError(f"cannot spawn {command!r}: {exc or type(exc).__name__}") from exc
+            self._chan_close_quietly()
+            how = " with a pty" if pty else ""
+            raise SSHError(f"cannot spawn {command!r}{how}: {exc or type(exc).__name__}"
+                           ) from exc
         self._reader = threading.Thread(target=self._read, name="rerobots-spawn", daemon=True)
         self._reader.start()
 
     def __repr__(self) -> str:
         return f"<Process {self.command!r} pid={self.pid}>"
+
+    def _chan_close_quietly(self) -> None:
+        chan = getattr(self, "_chan", None)
+        if chan is not None:
+            chan.close()
 
     # -- reading ---------------------------------------------------------------
 
@@ -245,7 +253,9 @@ class Process:
                             for p in patterns)
         printed = tail("".join(self._kept)) or "(nothing)"
         if cls is ExpectEOF:
-            status = self._chan.exit_status if self._chan.exit_status_ready() else None
+            # sshd sends the exit status just after the EOF.
+            ended = _paramiko_compat.wait_for_exit_status(self._chan, 1.0)
+            status = self._chan.exit_status if ended and self._chan.exit_status >= 0 else None
             why = "ended" + (f" with status {status}" if status is not None else "")
             head = f"{self.command!r} {why} before printing {shown}"
         else:

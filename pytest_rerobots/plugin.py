@@ -563,8 +563,10 @@ def rerobots_host(rerobots_instance: Instance) -> Any:
     try:
         from .testinfra_host import host_for
     except ImportError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    return host_for(rerobots_instance)
+        missing = str(exc)
+    else:
+        return host_for(rerobots_instance)
+    pytest.fail(missing, pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,13 @@ import pytest
 import test_ssh
 
 from pytest_rerobots import ssh
-from pytest_rerobots.errors import CommandTimeout, ExpectEOF, ExpectTimeout, is_infrastructure
+from pytest_rerobots.errors import (
+    CommandTimeout,
+    ExpectEOF,
+    ExpectTimeout,
+    SSHError,
+    is_infrastructure,
+)
 from pytest_rerobots.transcript import Transcript
 
 # The robot fixtures of test_ssh: a simulated host of each backend and a connection to it.
@@ -184,3 +190,11 @@ def test_forward_to_a_closed_port_closes_the_local_connection(conn: ssh.Connecti
     port = conn.forward(free)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         assert sock.recv(1) == b""
+
+
+def test_pty_refused_is_one_clear_error(conn: ssh.Connection, backend: str) -> None:
+    if backend == "openssh":
+        pytest.skip("the simulator's OpenSSH backend grants a pty")
+    with pytest.raises(SSHError, match=r"cannot spawn 'true' with a pty: "):
+        conn.spawn("true", pty=True)
+    assert conn.run("echo still usable").stdout == "still usable\n"

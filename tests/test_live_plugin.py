@@ -73,3 +73,26 @@ def test_rerobots_host_is_testinfra_on_the_pinned_connection(pytester: pytest.Py
     )
     result = pytester.runpytest()
     result.assert_outcomes(passed=1)
+
+
+def test_rerobots_host_without_testinfra_says_what_to_install(pytester: pytest.Pytester,
+                                                               sim_env: Simulator) -> None:
+    pytester.makeconftest(
+        """
+        import sys
+        sys.modules["testinfra"] = None  # as if pytest-testinfra were not installed
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        pytestmark = pytest.mark.rerobots("basic_kobuki")
+        def test_host(rerobots_host):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:testinfra")
+    result.assert_outcomes(errors=1)
+    assert ("rerobots_host needs pytest-testinfra: pip install 'pytest-rerobots[testinfra]'"
+            in result.stdout.str())
+    assert "During handling" not in result.stdout.str()
