@@ -442,7 +442,12 @@ class Connection:
         return self._closed
 
     def close(self) -> None:
-        """Close the SFTP session and the connection. Idempotent."""
+        """End what it spawned or forwarded, close the SFTP session and the connection.
+        Idempotent."""
+        tracker: live.Tracker | None = self.__dict__.get("_live")
+        if tracker is not None and not self._closed:
+            # Before the connection goes: a process without a pty would outlive it.
+            tracker.close_since(0)
         with self._lock:
             if self._closed:
                 return

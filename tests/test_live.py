@@ -198,3 +198,16 @@ def test_pty_refused_is_one_clear_error(conn: ssh.Connection, backend: str) -> N
     with pytest.raises(SSHError, match=r"cannot spawn 'true' with a pty: "):
         conn.spawn("true", pty=True)
     assert conn.run("echo still usable").stdout == "still usable\n"
+
+
+def test_closing_the_connection_ends_its_processes_and_forwards(robot: test_ssh.Robot) -> None:
+    first = ssh.Connection(robot.connect())
+    proc = first.spawn("echo up; sleep 31")
+    proc.expect("up", timeout=10)
+    port = first.forward(22)
+    first.close()
+    assert proc.exit_status is not None
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).recv(1)
+    with ssh.Connection(robot.connect()) as second:
+        assert _gone(second, "[s]leep 31")
