@@ -69,6 +69,8 @@ def test_rerobots_host_is_testinfra_on_the_pinned_connection(pytester: pytest.Py
             assert (out.rc, out.stdout) == (4, "a b\\n")
             assert rerobots_host.check_output("echo hi") == "hi"
             assert rerobots_host.exists("sh")
+            assert rerobots_host.system_info.type == "linux"
+            assert not rerobots_host.service("rerobots-no-such-unit").is_running
         """
     )
     result = pytester.runpytest()
