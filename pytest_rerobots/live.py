@@ -76,15 +76,14 @@ class Tracker:
     plugin end what one test opened."""
 
     def __init__(self) -> None:
-        self._handles: list[Process | Forward] = []
+        self._handles: list[tuple[int, Process | Forward]] = []
         self._opened = 0
         self._lock = threading.Lock()
 
     def add(self, handle: Process | Forward) -> None:
         with self._lock:
             self._opened += 1
-            handle._seq = self._opened
-            self._handles.append(handle)
+            self._handles.append((self._opened, handle))
 
     def mark(self) -> int:
         """A number that :meth:`close_since` takes: handles opened later than now."""
@@ -94,8 +93,8 @@ class Tracker:
     def close_since(self, mark: int = 0) -> list[Exception]:
         """Close every handle opened after ``mark`` (newest first); the errors, if any."""
         with self._lock:
-            closing = [h for h in self._handles if h._seq > mark]
-            self._handles = [h for h in self._handles if h._seq <= mark]
+            closing = [h for seq, h in self._handles if seq > mark]
+            self._handles = [(seq, h) for seq, h in self._handles if seq <= mark]
         errors: list[Exception] = []
         for handle in reversed(closing):
             try:
@@ -112,8 +111,6 @@ class Process:
     UTF-8 (undecodable bytes replaced). Thread-safe enough for one test thread beside the
     reader thread.
     """
-
-    _seq = 0
 
     def __init__(self, conn: Connection, command: str, *, pty: bool = False,
                  timeout: float = 10.0) -> None:
@@ -380,11 +377,9 @@ class Process:
 class Forward:
     """``127.0.0.1:port`` here, carried to ``remote_host:remote_port`` on the robot.
 
-    One thread accepts; each connection gets a ``direct-tcpip`` channel and a thread that
-    copies both ways, so several connections are served at once.
+    One thread accepts; each connection gets a ``direct-tcpip`` channel and two threads
+    that copy one way each, so several connections are served at once.
     """
-
-    _seq = 0
 
     def __init__(self, conn: Connection, remote_port: int, remote_host: str = "127.0.0.1",
                  *, local_port: int = 0) -> None:
