@@ -26,13 +26,15 @@ boundary each and chained with ``raise ... from exc``::
         ├── HostKeyMismatch           the host key is not the one the API reported
         ├── SSHConnectError           could not connect or log in
         ├── CommandTimeout            a command outran its timeout
+        │   └── ExpectTimeout         a live process did not print what expect() waited for
+        │       └── ExpectEOF         ... and ended first
         ├── CommandFailed             ``run(..., check=True)`` saw a non-zero exit status
         └── RemoteFileError           ``put``/``get``: no such remote path, or no permission
 
 Whether a retry is safe is a property of the request, not the error: see
 :mod:`pytest_rerobots.retry`. The messages never contain the API token.
 
-Every error here except ``CommandFailed``, ``CommandTimeout`` and
+Every error here except ``CommandFailed``, ``CommandTimeout`` (with its kinds) and
 ``RemoteFileError`` is trouble with the infrastructure, not a verdict on the code
 under test; the pytest plugin reports it as a test *error*
 (:func:`is_infrastructure`). Those three are what the product did (a firmware
@@ -56,6 +58,8 @@ __all__ = [
     "CommandTimeout",
     "ConfigurationError",
     "DeploymentNotFound",
+    "ExpectEOF",
+    "ExpectTimeout",
     "HostKeyMismatch",
     "InstanceError",
     "InstanceFailed",
@@ -235,6 +239,27 @@ class CommandTimeout(SSHError):
         super().__init__(f"{message}\n{_tails(stdout, stderr)}\n"
                          "(a longer timeout: run(..., timeout=S), or --rerobots-command-timeout "
                          "S for every command)")
+
+
+class ExpectTimeout(CommandTimeout):
+    """``Process.expect()`` waited ``timeout`` seconds and the process never printed the
+    pattern: a verdict on the code under test, not infrastructure trouble. ``output`` is
+    the tail of what it printed, also shown in the message."""
+
+    def __init__(self, message: str, *, command: str = "", timeout: float | None = None,
+                 output: str = "") -> None:
+        # Not CommandTimeout's message: its hint names the command timeout, not expect's.
+        SSHError.__init__(self, message)
+        self.command = command
+        self.timeout = timeout
+        self.stdout = output
+        self.stderr = ""
+        self.output = output
+
+
+class ExpectEOF(ExpectTimeout):
+    """The process ended (or its channel closed) before printing what ``expect()`` waited
+    for; ``except ExpectTimeout`` catches it too."""
 
 
 class CommandFailed(SSHError):

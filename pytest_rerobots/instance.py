@@ -48,6 +48,7 @@ from .ssh import Timeout
 from .transcript import Transcript
 
 if TYPE_CHECKING:
+    from . import live
     from .client import NewInstance, RerobotsClient
     from .ssh import CommandResult
 
@@ -1071,6 +1072,35 @@ class Instance:
                 handler(self, *args)
             except Exception:  # a reporting bug must never stop a terminate
                 log.exception("listener %r failed on %s", listener, event)
+
+    # -- live processes and forwarded ports (pytest_rerobots.live) ------------
+
+    def spawn(self, command: str, *, pty: bool = False) -> live.Process:
+        """Start ``command`` on the host and return a :class:`.live.Process` to ``expect``
+        its output, ``sendline`` to it, ``wait`` for it or ``close`` it. Under the plugin it
+        ends at the teardown of the test that spawned it."""
+        return self.connection.spawn(command, pty=pty)
+
+    def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
+        """A port on 127.0.0.1 that reaches ``remote_host:remote_port`` from the robot's
+        host through the SSH connection; several connections at once. Under the plugin it
+        closes at the teardown of the test that opened it."""
+        return self.connection.forward(remote_port, remote_host)
+
+    def live_mark(self) -> int:
+        """For :meth:`end_live`: what is opened from now on."""
+        conn = self._connection
+        return conn.tracker.mark() if conn is not None else 0
+
+    def end_live(self, since: int = 0) -> None:
+        """End the processes and close the forwards opened after ``since`` (a
+        :meth:`live_mark`); the first error, if any, is raised after all were tried."""
+        conn = self._connection
+        if conn is None:
+            return
+        errors = conn.tracker.close_since(since)
+        if errors:
+            raise errors[0]
 
 
 def start_all(instances: Sequence[Instance]) -> list[Instance]:

@@ -558,13 +558,17 @@ def rerobots_run(pytestconfig: pytest.Config) -> Run:
 
 
 @pytest.fixture
-def rerobots_instance(request: pytest.FixtureRequest) -> Instance:
+def rerobots_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
     """A READY ``Instance`` of this test's workspace type: firewall open, SSH connected.
 
     One instance per (type, deployment) within ``--rerobots-scope`` (session by
-    default); terminated when that scope ends, whatever happens.
+    default); terminated when that scope ends, whatever happens. What the test spawned
+    or forwarded on it ends at the test's teardown, whatever the scope.
     """
-    return _plugin(request.config).pooled(request)
+    inst = _plugin(request.config).pooled(request)
+    mark = inst.live_mark()
+    yield inst
+    inst.end_live(mark)
 
 
 @pytest.fixture
@@ -602,7 +606,25 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
     try:
         yield acquire
     finally:
-        end_all(made)
+        try:
+            for inst in made:
+                inst.end_live()
+        finally:
+            end_all(made)
+
+
+@pytest.fixture
+def rerobots_host(rerobots_instance: Instance) -> Any:
+    """A testinfra ``Host`` on the instance's SSH connection (host key pinned):
+    ``rerobots_host.file("/etc/os-release").contains("Debian")``, ``.service("ssh")``,
+    ``.run("uname -a")``. Needs ``pip install 'pytest-rerobots[testinfra]'``."""
+    try:
+        from .testinfra_host import host_for
+    except ImportError as exc:
+        missing = str(exc)
+    else:
+        return host_for(rerobots_instance)
+    pytest.fail(missing, pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -620,6 +642,7 @@ __all__ = [
     "marker_args",
     "rerobots_acquire",
     "rerobots_client",
+    "rerobots_host",
     "rerobots_instance",
     "rerobots_run",
     "rerobots_sftp",

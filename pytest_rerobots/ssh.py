@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from paramiko.pkey import UnknownKeyType
 
-from . import _paramiko_compat, retry
+from . import _paramiko_compat, live, retry
 from .errors import (
     CommandFailed,
     CommandTimeout,
@@ -547,7 +547,12 @@ class Connection:
         return self._closed
 
     def close(self) -> None:
-        """Close the SFTP session and the connection. Idempotent."""
+        """End what it spawned or forwarded, close the SFTP session and the connection.
+        Idempotent."""
+        tracker: live.Tracker | None = self.__dict__.get("_live")
+        if tracker is not None and not self._closed:
+            # Before the connection goes: a process without a pty would outlive it.
+            tracker.close_since(0)
         with self._lock:
             if self._closed:
                 return
@@ -562,3 +567,26 @@ class Connection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- live processes and forwarded ports (pytest_rerobots.live) --------------------
+
+    @property
+    def tracker(self) -> live.Tracker:
+        """The processes and forwards this connection opened (the plugin ends a test's)."""
+        tracker: live.Tracker | None = self.__dict__.get("_live")
+        if tracker is None:
+            tracker = self.__dict__.setdefault("_live", live.Tracker())
+        return tracker
+
+    def spawn(self, command: str, *, pty: bool = False) -> live.Process:
+        """Start ``command`` and return its :class:`.live.Process` handle."""
+        process = live.Process(self, command, pty=pty)
+        self.tracker.add(process)
+        return process
+
+    def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
+        """Listen on a free port of 127.0.0.1 that reaches ``remote_host:remote_port`` as
+        seen from the host; return that local port (see :class:`.live.Forward`)."""
+        fwd = live.Forward(self, remote_port, remote_host)
+        self.tracker.add(fwd)
+        return fwd.port

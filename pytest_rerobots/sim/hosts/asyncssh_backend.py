@@ -172,6 +172,11 @@ class _SSHServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return self._host.allows(username, key)
 
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        # direct-tcpip (Instance.forward), as sshd's "AllowTcpForwarding local" allows it.
+        return True
+
 
 class _HomeSFTPServer(asyncssh.SFTPServer):
     """SFTP with relative paths resolved against the host's directory, like sftp-server.

@@ -98,11 +98,12 @@ KbdInteractiveAuthentication no
 StrictModes no
 UsePAM no
 UseDNS no
-PermitTTY no
+PermitTTY yes
 PrintMotd no
 PrintLastLog no
 X11Forwarding no
-AllowTcpForwarding no
+# Local forwarding (direct-tcpip) as a real robot allows it: Instance.forward().
+AllowTcpForwarding local
 AllowAgentForwarding no
 PermitTunnel no
 PermitUserEnvironment no
