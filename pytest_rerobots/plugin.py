@@ -49,7 +49,7 @@ NO_CREDENTIALS = (
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rerobots", "hardware-in-the-loop tests on rerobots instances")
     for opt in OPTIONS:
-        if opt.name in ("sim", "require"):
+        if opt.name in ("sim", "require", "keep_on_failure"):
             env_hint = f" [env {opt.env}=1]" if opt.env else ""
             group.addoption(opt.flag, action="store_true", default=None,
                             dest=f"rerobots_{opt.name}", help=opt.help + env_hint)
