@@ -129,6 +129,7 @@ class Simulator:
         self.world = World(catalog, clock=clock, tick_interval=tick_interval)
         self.token = self.world.accounts.add_token(user, token or secrets.token_urlsafe(32))
         self._server: BaseWSGIServer | None = None
+        self._app: SimApp | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._root: Path | None = None
@@ -157,7 +158,8 @@ class Simulator:
         self.world.hosts = self._make_hosts(self._root)
         self.world.start()
         try:
-            self._server = make_server(self.host, self.port, SimApp(self.world), threaded=True,
+            self._app = SimApp(self.world)
+            self._server = make_server(self.host, self.port, self._app, threaded=True,
                                        request_handler=RequestHandler)
         except SystemExit as exc:
             # werkzeug reports a failed bind on stderr and exits; turn that into our error.
@@ -234,6 +236,14 @@ class Simulator:
     def add_user(self, name: str) -> str:
         """Register another user; returns a fresh token of theirs."""
         return self.world.accounts.add_token(name)
+
+    def request_count(self, endpoint: str) -> int:
+        """How many requests of ``endpoint`` (a name of :data:`~.endpoints.ENDPOINTS`, e.g.
+        ``"new"``) the API has answered since it started."""
+        if self._app is None:
+            return 0
+        with self._app._counts_lock:
+            return self._app.counts[endpoint]
 
     def live_instances(self) -> list[InstanceSnapshot]:
         """Instances not TERMINATING, TERMINATED or INIT_FAIL (i.e. INIT or READY)."""
