@@ -497,12 +497,12 @@ class RerobotsPlugin:
         """What the terminal says of the instances this process kept or reused."""
         if self._run is None:
             return []
+        from . import keep
+
         lines = [f"rerobots: reused {i.id} ({i.label}) kept by an earlier run: no POST /new, "
                  "no READY wait" for i in self.records.instances if i.reused]
         for inst in self._run.kept_instances():
             assert inst.kept is not None
-            from . import keep
-
             lines += keep.describe(inst.kept)
         return lines
 
