@@ -132,7 +132,8 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
         # Kept instances first lose their keepers (which would keep them alive), then end
         # with the rest of the ledger, then lose their key files.
         store = keep.KeptStore(keep.kept_dir(settings.ledger), api_url=api.api_url)
-        store.stop_keepers(print)
+        if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
+            store.stop_keepers(print)
         failed = guard.sweep(api, ledger, print)
         live = {r["id"] for r in ledger.live()}
         for record in store.records():
@@ -354,8 +355,12 @@ class RerobotsPlugin:
         inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
                         reuse=isinstance(scope_node, pytest.Session))
         report.record_properties(request.node, inst)
-        self._given.append(inst)
+        self.given(inst)
         return inst
+
+    def given(self, inst: Instance) -> None:
+        """``inst`` was handed to the current test by a fixture (keep-on-failure)."""
+        self._given.append(inst)
 
     @property
     def _shared(self) -> bool:
@@ -600,7 +605,8 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
     teardown."""
     from .instance import end_all
 
-    run = _plugin(request.config).need_run()
+    plugin = _plugin(request.config)
+    run = plugin.need_run()
     made: list[Instance] = []
 
     def acquire(wtype: str, *more: str, deployment: str | None = None,
@@ -608,6 +614,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
         insts = run.acquire(wtype, *more, deployment=deployment, **options)
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
+            plugin.given(inst)
             report.record_properties(request.node, inst)
         return insts
 
