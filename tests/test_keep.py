@@ -297,3 +297,45 @@ def test_no_keeper_gets_the_token_in_argv_or_environment(
     assert not log.exists() or sim.token not in log.read_text()
     sweep(pytester)
     assert keeper_gone(pid)
+
+
+ACQUIRED = '''
+import pathlib
+import pytest
+pytestmark = pytest.mark.rerobots("basic_kobuki")
+
+@pytest.fixture(scope="module")
+def module_robot(rerobots_run):
+    with rerobots_run.acquire("basic_kobuki") as robot:
+        yield robot
+
+def test_fails(module_robot, rerobots_acquire):
+    other = rerobots_acquire("fixed_misty2")
+    pathlib.Path("ids.txt").write_text(module_robot.id + " " + other.id)
+    module_robot.run("true")  # used here, though a module fixture rented it
+    assert False
+
+def test_idle(rerobots_acquire):
+    pathlib.Path("idle.txt").write_text(rerobots_acquire("basic_kobuki").id)
+'''
+
+
+def test_keep_on_failure_keeps_what_the_test_used_however_it_got_it(
+        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+    pytester.makepyfile(ACQUIRED)
+    result = pytester.runpytest("--rerobots-keep-on-failure",
+                                f"--rerobots-keepalive-interval={PING}")
+    result.assert_outcomes(passed=1, failed=1)
+    used = set(ids(pytester))
+    assert {r["id"] for r in records(pytester)} == used
+    assert all(r["kind"] == "failure" for r in records(pytester))
+    assert result.stdout.str().count("rerobots: kept for debugging:") == 2
+    idle = (pytester.path / "idle.txt").read_text()
+    assert status(sim, idle) not in LIVE  # the passing test's own robot ended
+    ledger = Ledger(pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl")
+    assert {r["id"] for r in ledger.live()} == used
+    assert ledger.live(include_kept=False) == []
+    assert [r["kind"] for r in ledger.records() if r["event"] == "kept"] == ["failure"] * 2
+    sweep(pytester)
+    assert all(status(sim, ident) not in LIVE for ident in used)
+    assert records(pytester) == []
