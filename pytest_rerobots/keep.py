@@ -59,9 +59,9 @@ log = logging.getLogger("pytest_rerobots.keep")
 #: Kinds of kept instance.
 FAILURE, REUSE = "failure", "reuse"
 
-#: A kept instance whose lease ends sooner than this (s) is not attached to: it would end
+#: A kept instance whose lease ends sooner than this (s) is not attached to: it could end
 #: under the run. It is ended instead, so that its robot is free for a new rental.
-LEASE_MARGIN = 120.0
+LEASE_MARGIN = 600.0
 
 #: How long :meth:`KeptStore.stop_keepers` waits for a keeper to exit (s).
 STOP_WAIT = 5.0
@@ -407,7 +407,7 @@ def _launch(stream: IO[bytes]) -> int:
                         format="%(asctime)s keeper %(levelname)s %(message)s")
     try:
         code = _keeper_main(header)
-    except BaseException:  # noqa: BLE001 (logged; a keeper never raises into nowhere)
+    except BaseException:  # logged: a keeper has nobody to raise to
         log.exception("keeper of %s failed", header.get("id"))
         code = 1
     os._exit(code)

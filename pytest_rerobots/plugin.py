@@ -124,9 +124,8 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = load_settings(config)
     assert settings.ledger is not None
     ledger = guard.Ledger(settings.ledger)
-    from .client import RerobotsClient
-
     from . import keep
+    from .client import RerobotsClient
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
         # Kept instances first lose their keepers (which would keep them alive), then end
