@@ -339,3 +339,21 @@ def test_keep_on_failure_keeps_what_the_test_used_however_it_got_it(
     sweep(pytester)
     assert all(status(sim, ident) not in LIVE for ident in used)
     assert records(pytester) == []
+
+
+def test_under_xdist_each_worker_keeps_its_own_and_the_controller_says_so(
+        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+    pytester.makepyfile(SUITE.replace("def test_robot", "def test_one") + '''
+def test_two(rerobots_instance):
+    with pathlib.Path("ids.txt").open("a") as fh:
+        fh.write(rerobots_instance.id + "\\n")
+''')
+    result = pytester.runpytest_subprocess("-n", "2", "--rerobots-reuse=1",
+                                           f"--rerobots-keepalive-interval={PING}")
+    result.assert_outcomes(passed=2)
+    kept = {r["id"] for r in records(pytester)}
+    assert kept == set(ids(pytester)) and kept
+    for ident in kept:
+        result.stdout.fnmatch_lines([f"rerobots: kept for reuse: {ident} (basic_kobuki*"])
+    sweep(pytester)
+    assert records(pytester) == []
