@@ -357,3 +357,38 @@ def test_two(rerobots_instance):
         result.stdout.fnmatch_lines([f"rerobots: kept for reuse: {ident} (basic_kobuki*"])
     sweep(pytester)
     assert records(pytester) == []
+
+
+def test_a_kept_instance_lasts_until_its_lease_and_its_keeper_then_cleans_up(
+        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+    pytester.makepyfile(FAILING)
+    result = pytester.runpytest("--rerobots-keep-on-failure", "--rerobots-lease=5",
+                                f"--rerobots-keepalive-interval={PING}")
+    result.assert_outcomes(passed=1, failed=1)
+    [record] = records(pytester)
+    ident = record["id"]
+    assert status(sim, ident) == "READY"
+    # The server ends it when its lease of 5 s runs out; its keeper notices and tidies up.
+    assert wait_until(lambda: status(sim, ident) not in LIVE, 15)
+    assert wait_until(lambda: keeper_gone(record["keeper"]), 5)
+    assert records(pytester) == []
+    ledger = Ledger(pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl")
+    assert ledger.live() == []
+    assert [(r["by"], r["outcome"]) for r in ledger.records()
+            if r["event"] == "ended" and r["id"] == ident] == [("keeper", "already ended")]
+
+
+def test_a_keeper_stopped_by_its_pid_leaves_the_instance_to_the_sweep(
+        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+    pytester.makepyfile(FAILING)
+    pytester.runpytest("--rerobots-keep-on-failure", f"--rerobots-keepalive-interval={PING}"
+                       ).assert_outcomes(passed=1, failed=1)
+    [record] = records(pytester)
+    sim.configure(keepalive_timeout=60.0)  # (what ends it now must be the keeper, or nothing)
+    assert keep.stop_keeper(record["keeper"])
+    assert keeper_gone(record["keeper"])
+    assert status(sim, record["id"]) == "READY"  # not ended by the keeper
+    assert [r["id"] for r in records(pytester)] == [record["id"]]
+    swept = sweep(pytester)
+    swept.stdout.fnmatch_lines([f"rerobots sweep: {record['id']} (basic_kobuki) *"])
+    assert status(sim, record["id"]) not in LIVE and records(pytester) == []
