@@ -295,8 +295,9 @@ class KeptStore:
                 continue
             pid = record.get("keeper")
             if isinstance(pid, int) and stop_keeper(pid) and write is not None:
+                why = "debugging" if record.get("kind") == FAILURE else record.get("kind")
                 write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}) "
-                      f"kept for {record.get('kind')}: its keeper {pid} stopped")
+                      f"kept for {why}: its keeper {pid} stopped")
             stopped.append(record)
         return stopped
 

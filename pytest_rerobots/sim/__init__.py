@@ -8,6 +8,7 @@
         api = RerobotsClient(token=sim.token, api_url=sim.url)
         sim.lose_new_responses(1)                 # inject a fault at run time
         ...
+        assert sim.request_count("new") == 1      # requests answered, per endpoint
         assert sim.live_instances() == []
 
 The parts: :mod:`.catalog` (the TOML catalog), :mod:`.endpoints` (the one table of
