@@ -392,3 +392,17 @@ def test_a_keeper_stopped_by_its_pid_leaves_the_instance_to_the_sweep(
     swept = sweep(pytester)
     swept.stdout.fnmatch_lines([f"rerobots sweep: {record['id']} (basic_kobuki) *"])
     assert status(sim, record["id"]) not in LIVE and records(pytester) == []
+
+
+def test_under_the_embedded_simulator_nothing_is_kept_and_the_header_says_so(
+        pytester: pytest.Pytester):
+    pytester.makepyfile(FAILING)
+    result = pytester.runpytest("--rerobots-sim", "--rerobots-keep-on-failure",
+                                "--rerobots-reuse=1")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["rerobots: --rerobots-keep-on-failure and --rerobots-reuse do "
+                                 "nothing here: the embedded simulator ends with the run"])
+    out = result.stdout.str()
+    assert "rerobots: kept for" not in out and "kept (for" not in out
+    assert re.search(r"\s{2}terminated\n", out)
+    assert records(pytester) == []
