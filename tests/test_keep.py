@@ -406,3 +406,32 @@ def test_under_the_embedded_simulator_nothing_is_kept_and_the_header_says_so(
     assert "rerobots: kept for" not in out and "kept (for" not in out
     assert re.search(r"\s{2}terminated\n", out)
     assert records(pytester) == []
+
+
+def test_claim_takes_only_this_origin_token_checkout_type_and_deployment(tmp_path: Path):
+    """What a run may attach to, from records alone (no keeper, no API)."""
+    base = {"kind": "reuse", "wtype": "basic_kobuki", "deployment": "d-1", "api_url": "http://a",
+            "token_sha256": "t" * 64, "checkout": "/co", "lease_end": time.time() + 3600,
+            "kept_at": 0.0}
+    variants = {
+        "other-origin": {"api_url": "http://b"},
+        "other-token": {"token_sha256": "u" * 64},
+        "other-checkout": {"checkout": "/elsewhere"},
+        "other-type": {"wtype": "fixed_misty2"},
+        "for-debugging": {"kind": "failure"},
+        "lease-nearly-over": {"lease_end": time.time() + 60},
+        "mine": {},
+    }
+    store = keep.KeptStore(tmp_path, api_url="http://a", token_sha256="t" * 64, checkout="/co")
+    for n, (ident, change) in enumerate(variants.items()):
+        directory = tmp_path / ident
+        directory.mkdir()
+        (directory / "key").write_text(f"key of {ident}")
+        keep.KeptStore._write(directory, {**base, **change, "id": ident, "kept_at": float(n)})
+    assert store.claim("basic_kobuki", "d-2") is None  # another deployment, when pinned
+    record, key = store.claim("basic_kobuki") or ({}, "")
+    assert record["id"] == "mine" and key == "key of mine"
+    assert not (tmp_path / "mine").exists()  # claimed: gone from the store
+    # The one whose lease is nearly over was dropped (a client would also have ended it).
+    assert store.claim("basic_kobuki") is None
+    assert {r["id"] for r in store.records()} == set(variants) - {"mine", "lease-nearly-over"}
