@@ -25,6 +25,7 @@ import pytest
 from pytest_rerobots import keep
 from pytest_rerobots.guard import Ledger
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.sim.hosts import SSHD
 
 pytest_plugins = ["pytester"]
 
@@ -53,10 +54,16 @@ def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
 
 
 @pytest.fixture
-def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
+def sim(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
     """A fast simulator with a short keepalive window, the plugin pointed at it; after the
-    test, no instance of it may be alive and no keeper running."""
-    with Simulator(ready_delay=0.05, terminate_delay=0.05,
+    test, no instance of it may be alive. Its SSH backend is asyncssh, unless a test asks
+    for "openssh" (indirect parametrization)."""
+    backend = getattr(request, "param", "asyncssh")
+    if backend == "openssh" and not os.access(SSHD, os.X_OK):
+        if os.environ.get("REROBOTS_REQUIRE_OPENSSH") == "1":
+            pytest.fail(f"REROBOTS_REQUIRE_OPENSSH=1 but {SSHD} is missing")
+        pytest.skip(f"{SSHD} is missing")
+    with Simulator(ready_delay=0.05, terminate_delay=0.05, ssh_backend=backend,
                    keepalive_timeout=KEEPALIVE_WINDOW) as sim:
         monkeypatch.setenv("REROBOTS_API_URL", sim.url)
         monkeypatch.setenv("REROBOTS_API_TOKEN", sim.token)
@@ -211,6 +218,7 @@ def test_fails(rerobots_instance):
 '''
 
 
+@pytest.mark.parametrize("sim", ["asyncssh", "openssh"], indirect=True)
 def test_keep_on_failure_keeps_the_failing_tests_instance_with_a_working_ssh_command(
         pytester: pytest.Pytester, sim: Simulator, cleanup: None):
     pytester.makepyfile(FAILING)
