@@ -33,6 +33,9 @@ Rows:
    and with 100 ms added to each ``POST /terminate``.
 8. The simulator with 100 live instances under 50 concurrent clients: latency of
    ``GET /instance/:id`` and resident memory per instance.
+9. One ``sendline`` + ``expect`` pair on a spawned ``cat`` against one
+   ``Instance.run("echo x")``, on both host backends; and what ``spawn`` + ``close``
+   cost together.
 """
 
 from __future__ import annotations
@@ -783,7 +786,49 @@ def row_load(live: int, clients: int, per_client: int) -> list[Row]:
 # --------------------------------------------------------------------------- main
 
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8")
+# --------------------------------------------------------------------------- 9. expect
+
+
+def row_expect(backend: str, n: int) -> list[Row]:
+    """A line through a live ``cat`` (``sendline`` then ``expect`` of the echo) beside a
+    ``run("echo x")`` each, interleaved on one connection; then spawn + close."""
+    first, second = ("9a", "9b") if backend == "asyncssh" else ("9c", "9d")
+    if backend == "openssh" and not os.access(SSHD, os.X_OK):
+        return [Row(first, f"expect round trip, {backend} host", "skipped: no sshd", "-",
+                    None, "0")]
+    pkey, public, _ = client_key()
+    with SimProcess(backend=backend) as sim, \
+            RerobotsClient(sim.token, sim.url, ignore_env=True) as api, \
+            api.acquire(KOBUKI, pkey=pkey, public_key=public, fast_polling=True) as robot:
+        cat = robot.spawn("cat")
+        robot.run("echo x", check=True)  # warm up both
+        cat.sendline("warm")
+        cat.expect("warm\n", timeout=10)
+        pairs: list[float] = []
+        runs: list[float] = []
+        def pair(line: str) -> None:
+            cat.sendline(line)
+            cat.expect(line + "\n", timeout=10)
+
+        for i in range(n):
+            pairs.append(timed(lambda i=i: pair(f"line {i}")))
+            runs.append(timed(lambda: robot.run("echo x", check=True)))
+        cat.close()
+        lives: list[float] = []
+        for _ in range(max(5, n // 20)):
+            lives.append(timed(lambda: robot.spawn("cat").close()))
+    return [
+        Row(first, f"`sendline` + `expect` on a spawned `cat` vs `Instance.run(\"echo x\")`, "
+            f"{backend} host", cell(pairs, "ms", 1e3, 2), cell(runs, "ms", 1e3, 2),
+            ratio(pairs, runs), str(n)),
+        Row(second, f"`spawn(\"cat\")` + `close()` (SIGTERM to its group over a second "
+            f"channel) vs `Instance.run(\"echo x\")`, {backend} host",
+            cell(lives, "ms", 1e3, 1), cell(runs, "ms", 1e3, 2), ratio(lives, runs),
+            f"{len(lives)} / {n}"),
+    ]
+
+
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 def load() -> str:
@@ -821,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="repetitions of rows 1, 3, 5, 6 and 7 (default 25, 8, 5, 3, 5; "
                              "quick: 5, 3, 2, 1, 2)")
     parser.add_argument("-n", type=int, default=None,
-                        help="round trips per client in row 2 (default 200, quick 50)")
+                        help="round trips per client in rows 2 and 9 (default 200, quick 50)")
     parser.add_argument("--long-delay", type=float, default=None,
                         help="ready delay of row 4 in seconds (default 30, quick 10)")
     parser.add_argument("--short-delay", type=float, default=0.5,
@@ -849,6 +894,7 @@ def main(argv: list[str] | None = None) -> int:
         "6": lambda: row_sessions(reps(3, 1)),
         "7": lambda: row_teardown(reps(5, 2)) + row_teardown(reps(5, 2), latency=0.1),
         "8": lambda: row_load(100, 50, 20 if quick else 60),
+        "9": lambda: row_expect("asyncssh", n) + row_expect("openssh", n),
     }
     rows: list[Row] = []
     begun = time.perf_counter()

@@ -13,6 +13,8 @@ from .errors import (
     CommandTimeout,
     ConfigurationError,
     DeploymentNotFound,
+    ExpectEOF,
+    ExpectTimeout,
     HostKeyMismatch,
     InstanceError,
     InstanceFailed,
@@ -21,6 +23,7 @@ from .errors import (
     MalformedResponse,
     NotFound,
     RateLimited,
+    RemoteFileError,
     RerobotsError,
     ReservationNotFound,
     ServerError,
@@ -33,6 +36,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance, InstanceOptions
+    from .live import Forward, Process
     from .outcome import Outcome
     from .run import Run
     from .ssh import CommandResult
@@ -41,9 +45,11 @@ if TYPE_CHECKING:
 # every pytest run that merely has the plugin installed (see docs/architecture.md).
 _LAZY = {
     "CommandResult": "ssh",
+    "Forward": "live",
     "Instance": "instance",
     "InstanceOptions": "instance",
     "Outcome": "outcome",
+    "Process": "live",
     "RerobotsClient": "client",
     "Run": "run",
 }
@@ -69,6 +75,9 @@ __all__ = [
     "CommandTimeout",
     "ConfigurationError",
     "DeploymentNotFound",
+    "ExpectEOF",
+    "ExpectTimeout",
+    "Forward",
     "HostKeyMismatch",
     "Instance",
     "InstanceError",
@@ -79,6 +88,7 @@ __all__ = [
     "MalformedResponse",
     "NotFound",
     "Outcome",
+    "Process",
     "RateLimited",
     "RerobotsClient",
     "RerobotsError",

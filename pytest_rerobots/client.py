@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,9 +40,10 @@ from .errors import (
     ReservationNotFound,
     ServerError,
     TransportError,
+    UnreadableNewAnswer,
     WrongAuthToken,
 )
-from .settings import DEFAULT_API_URL
+from .settings import DEFAULT_API_URL, Secret
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -96,6 +99,24 @@ class NewInstance:
         key = "<redacted>" if self.sshkey else None
         return (f"NewInstance(success={self.success}, id={self.id!r}, sshkey={key}, "
                 f"reconciled={self.reconciled})")
+
+
+def valid_id(value: Any) -> bool:
+    """Whether ``value`` is an id the API may give: a UUID in its canonical text form.
+    Anything else (``"../new/basic_kobuki"``) must never reach a URL path."""
+    if not isinstance(value, str) or len(value) != 36:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def check_id(value: Any, what: str) -> str:
+    """``value`` if it is a valid id, else ``MalformedResponse`` naming ``what`` it was."""
+    if not valid_id(value):
+        raise MalformedResponse(f"{what}: {str(value)[:80]!r} is not an instance id (a UUID)")
+    return str(value)
 
 
 def _message(payload: Any) -> str:
@@ -162,11 +183,11 @@ class _BearerAuth(requests.auth.AuthBase):
     local variable of ours holds it (pytest prints the arguments of traceback frames),
     and this object's repr hides it."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: Secret) -> None:
         self._token = token
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = f"Bearer {self._token}"
+        request.headers["Authorization"] = f"Bearer {self._token.reveal()}"
         return request
 
     def __repr__(self) -> str:
@@ -216,7 +237,8 @@ class RerobotsClient:
         env = {} if ignore_env else os.environ
         if token is None:
             token = env.get("REROBOTS_API_TOKEN") or None
-        self._token = token.strip() if token else None
+        # Held as a Secret: vars(client) (and pytest's -l locals) never show it.
+        self._token = Secret(token.strip()) if token and token.strip() else None
         self.api_url = (api_url or env.get("REROBOTS_API_URL") or DEFAULT_API_URL).rstrip("/")
         self.timeout = timeout
         self.retries = retries
@@ -269,7 +291,7 @@ class RerobotsClient:
         """The SHA-256 of the token, as ``POST /revoke`` takes it."""
         if not self._token:
             raise WrongAuthToken("no API token is configured")
-        return hashlib.sha256(self._token.encode()).hexdigest()
+        return hashlib.sha256(self._token.reveal().encode()).hexdigest()
 
     def _pace(self) -> None:
         """Wait for the budget to refill instead of sending a call that will be refused."""
@@ -289,13 +311,8 @@ class RerobotsClient:
         self.sleep(wait)
 
     def _note_rate(self, headers: Mapping[str, str]) -> None:
-        try:
-            rate = RateLimit(
-                limit=int(headers["X-RateLimit-Limit"]),
-                remaining=int(headers["X-RateLimit-Remaining"]),
-                reset=float(headers["X-RateLimit-Reset"]),
-            )
-        except (KeyError, ValueError):
+        rate = _parse_rate(headers)
+        if rate is None:
             return
         with self._rate_lock:
             self._rate = rate
@@ -519,12 +536,38 @@ class RerobotsClient:
             except ServerError as failed:
                 # A gateway or server error may come after the server acted.
                 return self._adopt(target, sent_at, known_ids, failed)
+            except MalformedResponse as unreadable:
+                return self._adopt_unreadable(target, sent_at, known_ids, unreadable)
             break
-        success = self._expect(payload, "success", bool, f"POST {path}")
-        ident = self._expect(payload, "id", str, f"POST {path}")
+        try:
+            success = self._expect(payload, "success", bool, f"POST {path}")
+            ident = check_id(self._expect(payload, "id", str, f"POST {path}"), f"POST {path}")
+        except MalformedResponse as unreadable:
+            return self._adopt_unreadable(target, sent_at, known_ids, unreadable)
         self._issued.add(ident)  # (a reservation's id becomes its instance's id)
         key = payload.get("sshkey")
         return NewInstance(success=success, id=ident, sshkey=key if isinstance(key, str) else None)
+
+    def _adopt_unreadable(
+        self,
+        target: str,
+        sent_at: float,
+        known_ids: Callable[[], Iterable[str]] | None,
+        cause: MalformedResponse,
+    ) -> NewInstance:
+        """A 200 answer to ``POST /new`` that cannot be read: the server acted, but what it
+        made is unknown. Reconciled like a lost answer; always raises
+        :class:`UnreadableNewAnswer`, whose ``made`` is the instance found (to be ended)."""
+        try:
+            found = self._adopt(target, sent_at, known_ids, cause)
+        except MalformedResponse:
+            raise UnreadableNewAnswer(
+                f"{cause}; GET /instances shows no instance it made") from None
+        except RerobotsError as exc:
+            raise UnreadableNewAnswer(f"{cause}; and looking for what it made: {exc}") from None
+        raise UnreadableNewAnswer(
+            f"{cause}; GET /instances shows it made instance {found.id}, which is ended",
+            made=found.id)
 
     def _adopt(
         self,
@@ -576,6 +619,7 @@ class RerobotsClient:
         candidates = [
             str(item["id"]) for item in listing.get("workspace_instances", [])
             if isinstance(item, Mapping)
+            and valid_id(item.get("id"))
             and item.get("id") not in known
             and target in (item.get("type"), item.get("deployment"))
             and _epoch(item.get("starttime")) >= since
@@ -587,14 +631,17 @@ class RerobotsClient:
             )
         return candidates[0] if candidates else None
 
-    def terminate(self, instance_id: str) -> bool:
+    def terminate(self, instance_id: str, *, once: bool = False) -> bool:
         """``POST /terminate/:id``. True if this call ended it, False if it was already ending.
 
         Safe to retry; ``BusyWorkspaceInstance`` means the instance is still in
-        INIT (the server refuses to terminate it then).
+        INIT (the server refuses to terminate it then). ``once``: send it once, no
+        retries here (the caller retries on its own, bounded, schedule).
         """
         try:
-            self._request("POST", f"/terminate/{instance_id}")
+            # once: no sleep for a spent budget either (teardown must not stall on it).
+            self._request("POST", f"/terminate/{check_id(instance_id, 'a path')}",
+                          idempotent=not once, pace=not once)
         except APIError as exc:
             if type(exc) is APIError and _starts(exc.message, _ALREADY_ENDED):
                 return False
@@ -631,20 +678,21 @@ class RerobotsClient:
 
     def instance(self, instance_id: str) -> dict[str, Any]:
         """``GET /instance/:id``: status, ``fwd``, ``hostkeys`` and the rest."""
-        payload = self._request("GET", f"/instance/{instance_id}")
+        payload = self._request("GET", f"/instance/{check_id(instance_id, 'a path')}")
         self._expect(payload, "status", str, "GET /instance")
         return dict(payload)
 
     def instance_sshkey(self, instance_id: str) -> str:
         """``GET /instance/:id/sshkey``: the private key the server generated."""
-        payload = self._request("GET", f"/instance/{instance_id}/sshkey")
+        payload = self._request("GET", f"/instance/{check_id(instance_id, 'a path')}/sshkey")
         return str(self._expect(payload, "key", str, "GET /instance/:id/sshkey"))
 
     def keepalive(self, instance_id: str) -> None:
         """``POST /instance/:id/ka``: ping an instance created with ``keepalive: true``.
 
         Not retried here: the caller pings on its own schedule."""
-        self._request("POST", f"/instance/{instance_id}/ka", idempotent=False, pace=False)
+        self._request("POST", f"/instance/{check_id(instance_id, 'a path')}/ka",
+                      idempotent=False, pace=False)
 
     def acquire(self, target: str, **settings: Any) -> Instance:
         """An unstarted :class:`~pytest_rerobots.instance.Instance` for ``target`` (a
@@ -664,7 +712,7 @@ class RerobotsClient:
 
     def firewall_rules(self, instance_id: str) -> list[list[str]] | None:
         """``GET /firewall/:id``: ordered ``[source, action]`` rules, or None if no chain yet."""
-        payload = self._request("GET", f"/firewall/{instance_id}")
+        payload = self._request("GET", f"/firewall/{check_id(instance_id, 'a path')}")
         if not isinstance(payload, Mapping) or "rules" not in payload:
             raise MalformedResponse(f"GET /firewall: expected 'rules', got {payload!r}"[:400])
         rules = payload["rules"]
@@ -681,7 +729,7 @@ class RerobotsClient:
         if src is not None:
             body["src"] = src
         # Appending twice is harmless for an allow rule, so transient errors may retry.
-        self._request("POST", f"/firewall/{instance_id}", body=body or None)
+        self._request("POST", f"/firewall/{check_id(instance_id, 'a path')}", body=body or None)
 
     def flush_firewall(self, instance_id: str) -> None:
         """``DELETE /firewall/:id``: remove every rule.
@@ -690,7 +738,7 @@ class RerobotsClient:
         everything; the official client: accept everything; docs/contract.md,
         "Firewall"); add the rules you need after.
         """
-        self._request("DELETE", f"/firewall/{instance_id}")
+        self._request("DELETE", f"/firewall/{check_id(instance_id, 'a path')}")
 
     # -- VPN ------------------------------------------------------------------
 
@@ -699,7 +747,7 @@ class RerobotsClient:
         (both the API summary's shape and the server's 400 are understood; docs/contract.md,
         "VPN, reservations, CI")."""
         try:
-            payload = self._request("GET", f"/vpn/{instance_id}")
+            payload = self._request("GET", f"/vpn/{check_id(instance_id, 'a path')}")
         except APIError as exc:
             if exc.status == 400 and exc.message == "instance does not have VPN":
                 return {"status": "nil"}
@@ -709,7 +757,7 @@ class RerobotsClient:
 
     def new_vpn_client(self, instance_id: str) -> dict[str, Any]:
         """``POST /vpn/:id``: ``{"client_id", "ovpn"}`` credentials for one new client."""
-        payload = self._request("POST", f"/vpn/{instance_id}", idempotent=False)
+        payload = self._request("POST", f"/vpn/{check_id(instance_id, 'a path')}", idempotent=False)
         self._expect(payload, "ovpn", str, "POST /vpn")
         return dict(payload)
 
@@ -722,7 +770,7 @@ class RerobotsClient:
 
     def cancel_reservation(self, reservation_id: str) -> None:
         """``DELETE /reservation/:id``."""
-        self._request("DELETE", f"/reservation/{reservation_id}")
+        self._request("DELETE", f"/reservation/{check_id(reservation_id, 'a path')}")
 
     # -- CI -------------------------------------------------------------------
 
@@ -733,11 +781,35 @@ class RerobotsClient:
         return dict(payload)
 
 
-def _remaining(headers: Mapping[str, str]) -> int | None:
-    try:
-        return int(headers["X-RateLimit-Remaining"])
-    except (KeyError, ValueError):
+def _header_number(headers: Mapping[str, str], name: str) -> float | None:
+    """A finite, non-negative number from a rate-limit header; None for anything else
+    (absent, garbage, ``nan``, ``inf``, negative): a hostile or broken header is ignored."""
+    raw = headers.get(name)
+    if raw is None:
         return None
+    try:
+        value = float(str(raw).strip())
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value) or value < 0:
+        return None
+    return value
+
+
+def _parse_rate(headers: Mapping[str, str]) -> RateLimit | None:
+    """The ``X-RateLimit-*`` headers as a :class:`RateLimit`, or None unless all three
+    are readable."""
+    limit = _header_number(headers, "X-RateLimit-Limit")
+    remaining = _header_number(headers, "X-RateLimit-Remaining")
+    reset = _header_number(headers, "X-RateLimit-Reset")
+    if limit is None or remaining is None or reset is None:
+        return None
+    return RateLimit(limit=int(limit), remaining=int(remaining), reset=reset)
+
+
+def _remaining(headers: Mapping[str, str]) -> int | None:
+    value = _header_number(headers, "X-RateLimit-Remaining")
+    return None if value is None else int(value)
 
 
 def _epoch(stamp: Any) -> float:

@@ -18,6 +18,7 @@ boundary each and chained with ``raise ... from exc``::
     │   └── ServerError               5xx
     ├── TransportError                no answer: connection refused, reset, timed out
     ├── MalformedResponse             an answer that is not the JSON the API documents
+    │   └── UnreadableNewAnswer       ... to POST /new: reconciled; ``made`` is what it made
     ├── InstanceError                 an instance did not become usable
     │   ├── InstanceFailed            it reached INIT_FAIL, TERMINATING or TERMINATED
     │   └── InstanceTimeout           the deadline passed; carries the last status seen
@@ -25,19 +26,26 @@ boundary each and chained with ``raise ... from exc``::
         ├── HostKeyMismatch           the host key is not the one the API reported
         ├── SSHConnectError           could not connect or log in
         ├── CommandTimeout            a command outran its timeout
-        └── CommandFailed             ``run(..., check=True)`` saw a non-zero exit status
+        │   └── ExpectTimeout         a live process did not print what expect() waited for
+        │       └── ExpectEOF         ... and ended first
+        ├── CommandFailed             ``run(..., check=True)`` saw a non-zero exit status
+        └── RemoteFileError           ``put``/``get``: no such remote path, or no permission
 
 Whether a retry is safe is a property of the request, not the error: see
 :mod:`pytest_rerobots.retry`. The messages never contain the API token.
 
-Every error here except ``CommandFailed`` and ``CommandTimeout`` is trouble with
-the infrastructure, not a verdict on the code under test; the pytest plugin
-reports it as a test *error* (:func:`is_infrastructure`).
+Every error here except ``CommandFailed``, ``CommandTimeout`` (with its kinds) and
+``RemoteFileError`` is trouble with the infrastructure, not a verdict on the code
+under test; the pytest plugin reports it as a test *error*
+(:func:`is_infrastructure`). Those three are what the product did (a firmware
+whose boot log is missing is a product bug), so they are test *failures*.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
+
+from .transcript import tail
 
 if TYPE_CHECKING:
     from .ssh import CommandResult
@@ -50,6 +58,8 @@ __all__ = [
     "CommandTimeout",
     "ConfigurationError",
     "DeploymentNotFound",
+    "ExpectEOF",
+    "ExpectTimeout",
     "HostKeyMismatch",
     "InstanceError",
     "InstanceFailed",
@@ -58,12 +68,14 @@ __all__ = [
     "MalformedResponse",
     "NotFound",
     "RateLimited",
+    "RemoteFileError",
     "RerobotsError",
     "ReservationNotFound",
     "SSHConnectError",
     "SSHError",
     "ServerError",
     "TransportError",
+    "UnreadableNewAnswer",
     "WrongAuthToken",
     "is_infrastructure",
 ]
@@ -201,28 +213,97 @@ class SSHConnectError(SSHError):
     """Could not connect or authenticate to the robot's host."""
 
 
-class CommandTimeout(SSHError):
-    """A command did not finish within its timeout. The connection stays usable."""
+def _tails(stdout: str, stderr: str) -> str:
+    """The message lines that show both streams' tails (empty streams left out)."""
+    parts = []
+    for name, text in (("stdout", stdout), ("stderr", stderr)):
+        if text.strip():
+            body = "\n".join(f"  {line}" for line in tail(text).splitlines())
+            parts.append(f"{name} (last lines):\n{body}")
+    return "\n".join(parts) if parts else "(no output on stdout or stderr)"
 
-    def __init__(self, message: str, *, command: str = "", timeout: float | None = None) -> None:
-        super().__init__(message)
+
+class CommandTimeout(SSHError):
+    """A command did not finish within its timeout. The connection stays usable.
+
+    ``stdout`` and ``stderr`` hold what it printed before the timeout (whole; the
+    message shows their tails). ``where`` names the instance, when known.
+    """
+
+    def __init__(self, message: str, *, command: str = "", timeout: float | None = None,
+                 stdout: str = "", stderr: str = "") -> None:
         self.command = command
         self.timeout = timeout
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(f"{message}\n{_tails(stdout, stderr)}\n"
+                         "(a longer timeout: run(..., timeout=S), or --rerobots-command-timeout "
+                         "S for every command)")
+
+
+class ExpectTimeout(CommandTimeout):
+    """``Process.expect()`` waited ``timeout`` seconds and the process never printed the
+    pattern: a verdict on the code under test, not infrastructure trouble. ``output`` is
+    the tail of what it printed, also shown in the message."""
+
+    def __init__(self, message: str, *, command: str = "", timeout: float | None = None,
+                 output: str = "") -> None:
+        # Not CommandTimeout's message: its hint names the command timeout, not expect's.
+        SSHError.__init__(self, message)
+        self.command = command
+        self.timeout = timeout
+        self.stdout = output
+        self.stderr = ""
+        self.output = output
+
+
+class ExpectEOF(ExpectTimeout):
+    """The process ended (or its channel closed) before printing what ``expect()`` waited
+    for; ``except ExpectTimeout`` catches it too."""
 
 
 class CommandFailed(SSHError):
-    """``run(..., check=True)`` saw a non-zero exit status; ``result`` holds the output."""
+    """``run(..., check=True)`` saw a non-zero exit status; ``result`` holds the output.
 
-    def __init__(self, result: CommandResult) -> None:
+    The message shows the tails of both streams (a flasher that prints progress on
+    stdout and the error on stderr is understood from both)."""
+
+    def __init__(self, result: CommandResult, where: str = "") -> None:
         self.result = result
-        tail = (result.stderr or result.stdout or "").strip()[-2000:]
-        msg = f"command {result.command!r} exited with status {result.exit_status}"
-        if tail:
-            msg = f"{msg}:\n{tail}"
-        super().__init__(msg)
+        on = f" on {where}" if where else ""
+        super().__init__(
+            f"command {result.command!r}{on} exited with status {result.exit_status} "
+            f"after {result.duration:.2f} s\n{_tails(result.stdout, result.stderr)}")
+
+
+class RemoteFileError(RerobotsError, OSError):
+    """``put`` or ``get`` found no such remote path, or was not allowed to use it.
+
+    A test failure, not infrastructure trouble: a missing boot log is what the
+    product did. ``path`` is the remote path, ``reason`` what went wrong.
+    """
+
+    def __init__(self, message: str, *, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+    def __str__(self) -> str:  # OSError's own __str__ would want errno and strerror
+        return str(self.args[0]) if self.args else ""
 
 
 def is_infrastructure(exc: BaseException) -> bool:
     """Whether ``exc`` is infrastructure trouble (the API, the network, the robot's host)
     rather than the outcome of a command under test."""
-    return isinstance(exc, RerobotsError) and not isinstance(exc, (CommandFailed, CommandTimeout))
+    return isinstance(exc, RerobotsError) and not isinstance(
+        exc, (CommandFailed, CommandTimeout, RemoteFileError))
+
+
+class UnreadableNewAnswer(MalformedResponse):
+    """``POST /new`` answered 200 with something that cannot be read (not JSON, no ``id``,
+    an id that is not a UUID). The answer was treated as lost and reconciled: ``made`` is
+    the instance ``GET /instances`` showed it created (which the caller must end), or None."""
+
+    def __init__(self, message: str, *, made: str | None = None) -> None:
+        super().__init__(message)
+        self.made = made

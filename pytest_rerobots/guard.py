@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .outcome import ENDED_OUTCOMES, Outcome
+from .settings import Secret
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
@@ -333,6 +334,15 @@ class SignalGuard:
 # -- layer 3: the watchdog -----------------------------------------------------------
 
 
+#: Variables a child process never inherits: the token reaches the watchdog on its pipe.
+SECRET_VARIABLES = ("REROBOTS_API_TOKEN",)
+
+
+def _child_env() -> dict[str, str]:
+    """This process's environment without the secrets."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
+
+
 class Watchdog:
     """A detached process that terminates what this process did not release.
 
@@ -349,7 +359,7 @@ class Watchdog:
     def __init__(self, api_url: str, token: str | None, *, ledger: Ledger | None = None,
                  deadline: float = 180.0, notfound_grace: float = 30.0) -> None:
         self.api_url = api_url
-        self._token = token
+        self._token = Secret(token) if token else None  # vars(watchdog) never shows it
         self.ledger = ledger
         self.deadline = deadline
         self.notfound_grace = notfound_grace
@@ -391,13 +401,16 @@ class Watchdog:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            cwd=package_root, start_new_session=True, close_fds=True,
+            cwd=package_root, start_new_session=True, close_fds=True, env=_child_env(),
         )
         ledger = None
         if self.ledger is not None:
             ledger = {"path": os.path.abspath(self.ledger.path), "run": self.ledger.run_id,
                       "api_url": self.ledger.api_url}
-        self._write({"api_url": self.api_url, "token": self._token, "deadline": self.deadline,
+        # (No local variable holds the token: pytest's -l would print it.)
+        self._write({"api_url": self.api_url,
+                     "token": self._token.reveal() if self._token else None,
+                     "deadline": self.deadline,
                      "notfound_grace": self.notfound_grace, "ledger": ledger,
                      "parent": os.getpid()})
         for message in self._rented.values():

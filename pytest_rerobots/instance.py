@@ -13,20 +13,24 @@ are idempotent.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import paramiko
 import tenacity
 
 from . import retry, ssh
 from .errors import (
+    APIError,
     BusyWorkspaceDeployment,
     BusyWorkspaceInstance,
+    DeploymentNotFound,
     InstanceError,
     InstanceFailed,
     InstanceNotFound,
@@ -35,10 +39,16 @@ from .errors import (
     NotFound,
     RerobotsError,
     ReservationNotFound,
+    SSHConnectError,
+    UnreadableNewAnswer,
 )
 from .outcome import ENDED_OUTCOMES, Outcome
+from .ssh import DEFAULT as DEFAULT_TIMEOUT
+from .ssh import Timeout
+from .transcript import Transcript
 
 if TYPE_CHECKING:
+    from . import live
     from .client import NewInstance, RerobotsClient
     from .ssh import CommandResult
 
@@ -84,6 +94,8 @@ class InstanceOptions:
     notfound_grace: float = 30.0
     connect_timeout: float = 60.0
     terminate_timeout: float = 120.0
+    #: The timeout of a ``run`` that names none; ``None`` waits for ever.
+    command_timeout: float | None = ssh.DEFAULT_COMMAND_TIMEOUT
     connect: bool = True
     fast_polling: bool = False
 
@@ -102,7 +114,7 @@ class InstanceOptions:
 _OPTION_NAMES = frozenset(f.name for f in fields(InstanceOptions))
 #: ``Instance`` keywords that are not options (see :meth:`Instance.build`).
 _OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing", "shared_key",
-                           "known_ids", "hint_busy", "sleep", "kept_record",
+                           "known_ids", "hint_busy", "sleep", "transcript", "kept_record",
                            "private_key_text", "keep_hook"})
 
 #: Seconds to log in to a kept instance and run ``true`` on it before it counts as
@@ -128,7 +140,7 @@ def end(
     for attempt in retry.terminating(deadline=deadline, sleep=sleep):
         with attempt:
             try:
-                ended_now = client.terminate(instance_id)
+                ended_now = client.terminate(instance_id, once=True)
             except InstanceNotFound:
                 if _cancelled_reservation(client, instance_id):
                     return Outcome.NOT_FOUND  # a reservation not served yet: now never
@@ -158,6 +170,17 @@ def _private_key(text: str) -> paramiko.PKey:
         except (paramiko.SSHException, ValueError):
             continue
     raise MalformedResponse("GET /instance/:id/sshkey: not a private key paramiko can read")
+
+
+_E = TypeVar("_E", bound=APIError)
+
+
+def _explained(error: _E, hint: str, sep: str = "\n") -> _E:
+    """A copy of the API error ``error`` whose message goes on with ``hint``."""
+    again = type(error)(error.message, status=error.status, payload=error.payload,
+                        method=error.method, path=error.path)
+    again.args = (f"{error}{sep}{hint}",)
+    return again
 
 
 def is_deployment_id(target: str) -> bool:
@@ -248,9 +271,53 @@ def poll_interval(waited: float, time_left: float, rate: Any, now: float,
     if rate is not None and rate.reset > now:
         horizon = max(0.0, min(rate.reset - now, time_left))
         spare = rate.remaining - 20
+        if spare <= 0:
+            # Spent (or down to the teardown's share): wait for the reset in steps, so that
+            # the progress line says so and the ready timeout still bounds the wait.
+            return max(FAST_POLL, min(horizon, RATE_STEP))
         if spare * base < horizon:
             base = max(base, horizon / max(spare, 1))
     return base
+
+
+#: The longest single sleep while the rate-limit budget is spent.
+RATE_STEP = 5.0
+
+
+def rate_wait(rate: Any, now: float) -> str | None:
+    """What the progress line says while the budget is spent (``Remaining: 0`` with a
+    ``Reset`` to come), or None while there is budget."""
+    if rate is None or rate.remaining > 0 or rate.reset <= now:
+        return None
+    at = time.strftime("%H:%M:%S", time.gmtime(rate.reset))
+    return f"API rate limit spent: waiting for its reset at {at} UTC, in {rate.reset - now:.0f} s"
+
+
+def _source_address(host: str, port: int) -> str | None:
+    """The local address this machine sends from to ``host`` (a UDP socket's choice of
+    route; no packet is sent), or None. Behind NAT the robot sees another one."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            return str(probe.getsockname()[0])
+    except OSError:
+        return None
+
+
+def firewall_hint(allow: Sequence[str], source: str | None) -> str | None:
+    """What to say when SSH could not connect while the firewall rules (``--rerobots-allow``)
+    admit none of this runner's addresses; None when no rule was given or one admits it."""
+    if not allow or source is None:
+        return None
+    try:
+        address = ipaddress.IPv4Address(source)
+    except ValueError:
+        return None
+    if any(address in ipaddress.IPv4Network(block, strict=False) for block in allow):
+        return None
+    return (f"the instance's firewall admits only {', '.join(allow)} (--rerobots-allow), "
+            f"which excludes this runner's address {source}: add it, or drop the option "
+            "to admit the address the API sees this runner at")
 
 
 @dataclass(eq=False)
@@ -282,6 +349,8 @@ class Instance:
     #: progress line and the error after the queue timeout.
     hint_busy: Callable[[Instance], str | None] | None = field(default=None, repr=False)
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
+    #: Where its connection records the commands and transfers of tests (a run's).
+    transcript: Transcript | None = field(default=None, repr=False)
     #: The record of an instance an earlier run kept (``pytest_rerobots.keep``): start()
     #: attaches to it (no ``POST /new``, no READY wait) with ``private_key_text``.
     kept_record: Mapping[str, Any] | None = field(default=None, repr=False)
@@ -462,8 +531,10 @@ class Instance:
         client = ssh.connect(self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
                              deadline=min(self.options.connect_timeout, KEPT_CHECK_TIMEOUT),
                              sleep=self._nap)
-        self._connection = ssh.Connection(client)
-        result = self._connection.run("true", timeout=KEPT_CHECK_TIMEOUT)
+        conn = self._connection = self._wrap(client)
+        conn.transcript = None  # (the check is no test's doing)
+        result = conn.run("true", timeout=KEPT_CHECK_TIMEOUT)
+        conn.transcript = self.transcript
         if result.exit_status != 0:
             raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
                                  instance_id=ident, status=self.status)
@@ -497,6 +568,13 @@ class Instance:
                 target, sshkey=self.public_key, expire_d=self.options.lease, keepalive=True,
                 reserve=reserve, wds=wds, known_ids=self._known_ids,
             )
+        except UnreadableNewAnswer as unreadable:
+            # The server acted on it but its answer cannot be read: what reconciliation
+            # found is this instance's now, so that start() ends it at once (and the
+            # summary says it was rented and terminated, not "never rented").
+            if unreadable.made is not None:
+                self._rented(unreadable.made)
+            raise
         except KeyboardInterrupt:
             # Ctrl-C while POST /new was in flight: the server may have acted. A quick
             # look, so that what it made is ended now, not a keepalive window later.
@@ -590,13 +668,16 @@ class Instance:
         wds = self._others_than(avoid) if avoid and self.deployment is None else None
         try:
             answer: NewInstance | None = self._new(self.target, wds=wds)
+        except DeploymentNotFound as missing:
+            raise self._not_found(missing) from None
         except BusyWorkspaceDeployment as busy:
             if self.options.queue_timeout <= 0:
-                raise BusyWorkspaceDeployment(
-                    f"{busy}. {self.label} is in use, perhaps still being released (the "
-                    "service holds a robot for up to 2 minutes while it terminates); "
-                    "wait for it with queue_timeout (--rerobots-queue-timeout S, 0 fails "
-                    "at once)", status=busy.status) from None
+                on = f" ({self.deployment[:8]})" if self.deployment else ""
+                raise _explained(busy, (
+                    f"{self.label}{on} is in use, perhaps still being released (the service "
+                    "holds a robot for up to 2 minutes while it terminates); to wait for it: "
+                    "queue_timeout (--rerobots-queue-timeout S, or the ini option "
+                    "rerobots_queue_timeout; 0, as now, fails at once)"), sep=". ") from None
             answer = None
         if answer is None:
             # Busy: wait for any deployment of the type, the one that just failed
@@ -607,6 +688,24 @@ class Instance:
             self._rented(answer.id)
         else:
             self._follow_reservation(answer.id, self.deployment or "")
+
+    def _not_found(self, missing: DeploymentNotFound) -> DeploymentNotFound:
+        """The error for a workspace type (or deployment) the API does not know, with the
+        valid types (``GET /workspaces``), the closest to ours first."""
+        from .listing import closest_first
+
+        if is_deployment_id(self.target):
+            return missing  # a deployment id: there is no list of them to suggest from
+        try:
+            types = self.client.workspace_types()
+        except RerobotsError as exc:
+            known = f"(the list of valid types is not available: {exc})"
+        else:
+            known = "valid types: " + (", ".join(closest_first(self.target, types)) or "none")
+        return _explained(missing, (
+            f"There is no workspace type {self.target!r}; {known}.\nChoose one in "
+            "@pytest.mark.rerobots(...) or --rerobots-wtype (pytest --rerobots-list shows "
+            "the types and their deployments)"))
 
     def _usable_deployments(self) -> list[str]:
         """The deployments of our type that are not locked out (ids only: a listing
@@ -808,6 +907,14 @@ class Instance:
         begun = time.monotonic()
 
         def poll() -> str:
+            spent = rate_wait(self.client.rate_limit, self.client.clock())
+            if spent is not None:
+                # No call until the budget resets (the client would sleep there, silently
+                # and past the ready timeout): the progress line shows the wait instead.
+                self.busy_reason = spent
+                return "PENDING"
+            if self.busy_reason and self.busy_reason.startswith("API rate limit spent"):
+                self.busy_reason = None
             try:
                 info = self.client.instance(self.id or "")
             except InstanceNotFound:
@@ -876,11 +983,32 @@ class Instance:
 
     def _connect(self) -> None:
         assert self.host is not None and self.port is not None and self.pkey is not None
-        client = ssh.connect(
-            self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
-            deadline=self.options.connect_timeout, sleep=self._nap,
-        )
-        self._connection = ssh.Connection(client)
+        try:
+            client = ssh.connect(
+                self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
+                deadline=self.options.connect_timeout, sleep=self._nap,
+            )
+        except SSHConnectError as exc:
+            hint = firewall_hint(self.options.allow, _source_address(self.host, self.port))
+            if hint is None:
+                raise
+            raise SSHConnectError(f"{exc}; {hint}") from exc
+        self._connection = self._wrap(client)
+
+    def _wrap(self, client: paramiko.SSHClient) -> ssh.Connection:
+        """A connection on ``client`` that records to the run's transcript, with the
+        default command timeout."""
+        conn = ssh.Connection(client)
+        conn.transcript = self.transcript
+        conn.label = self.where
+        conn.command_timeout = self.options.command_timeout
+        return conn
+
+    @property
+    def where(self) -> str:
+        """Its type, id and deployment (short), as messages and transcripts name it."""
+        on = f" (deployment {self.deployment[:8]})" if self.deployment else ""
+        return f"{self.label} {(self.id or '(no id)')[:8]}{on}"
 
     # -- using it -------------------------------------------------------------
 
@@ -915,9 +1043,11 @@ class Instance:
         """One SFTP session on that connection, opened on first use."""
         return self.connection.sftp
 
-    def run(self, command: str, timeout: float | None = None, check: bool = False,
+    def run(self, command: str, timeout: Timeout = DEFAULT_TIMEOUT, check: bool = False,
             stdin: bytes | str | None = None) -> CommandResult:
-        """Run ``command`` through the host's shell (see :meth:`.ssh.Connection.run`)."""
+        """Run ``command`` through the host's shell (see :meth:`.ssh.Connection.run`).
+        Without ``timeout``, the ``command_timeout`` option applies (default 300 s);
+        ``timeout=None`` waits for ever."""
         return self.connection.run(command, timeout=timeout, check=check, stdin=stdin)
 
     def put(self, local: str, remote: str) -> None:
@@ -1017,6 +1147,35 @@ class Instance:
                 handler(self, *args)
             except Exception:  # a reporting bug must never stop a terminate
                 log.exception("listener %r failed on %s", listener, event)
+
+    # -- live processes and forwarded ports (pytest_rerobots.live) ------------
+
+    def spawn(self, command: str, *, pty: bool = False) -> live.Process:
+        """Start ``command`` on the host and return a :class:`.live.Process` to ``expect``
+        its output, ``sendline`` to it, ``wait`` for it or ``close`` it. Under the plugin it
+        ends at the teardown of the test that spawned it."""
+        return self.connection.spawn(command, pty=pty)
+
+    def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
+        """A port on 127.0.0.1 that reaches ``remote_host:remote_port`` from the robot's
+        host through the SSH connection; several connections at once. Under the plugin it
+        closes at the teardown of the test that opened it."""
+        return self.connection.forward(remote_port, remote_host)
+
+    def live_mark(self) -> int:
+        """For :meth:`end_live`: what is opened from now on."""
+        conn = self._connection
+        return conn.tracker.mark() if conn is not None else 0
+
+    def end_live(self, since: int = 0) -> None:
+        """End the processes and close the forwards opened after ``since`` (a
+        :meth:`live_mark`); the first error, if any, is raised after all were tried."""
+        conn = self._connection
+        if conn is None:
+            return
+        errors = conn.tracker.close_since(since)
+        if errors:
+            raise errors[0]
 
 
 def start_all(instances: Sequence[Instance]) -> list[Instance]:

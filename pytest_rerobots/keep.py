@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .client import RerobotsClient
     from .guard import Ledger
     from .instance import Instance
+    from .settings import Secret
 
 __all__ = ["KeptStore", "describe", "kept_dir", "ssh_command"]
 
@@ -203,11 +204,12 @@ class KeptStore:
 
     # -- keeping ----------------------------------------------------------------
 
-    def keep(self, inst: Instance, kind: str, *, token: str | None, interval: float,
+    def keep(self, inst: Instance, kind: str, *, secret: Secret | None, interval: float,
              idle: float | None = None, ledger: Ledger | None = None) -> dict[str, Any]:
-        """Write ``inst``'s record, key and known-hosts file and start its keeper; the
-        record (with the keeper's pid). The instance itself is left to the caller
-        (:meth:`.Instance.detach` with ``Outcome.KEPT``)."""
+        """Write ``inst``'s record, key and known-hosts file and start its keeper (which
+        gets the token, ``secret``, on its pipe); the record (with the keeper's pid). The
+        instance itself is left to the caller (:meth:`.Instance.detach` with
+        ``Outcome.KEPT``)."""
         ident, text = inst.id, inst.private_key_text
         if ident is None or inst.host is None or inst.port is None or not inst.hostkeys:
             raise ValueError(f"instance {ident} is not up: nothing to keep")
@@ -230,13 +232,13 @@ class KeptStore:
                 "".join(_known_hosts_line(inst.host, inst.port, k) for k in inst.hostkeys))
             self._write(directory, record)
         header = {"id": ident, "dir": str(self.directory), "api_url": self.api_url,
-                  "token": token, "interval": interval, "idle": record["idle"],
+                  "interval": interval, "idle": record["idle"],
                   "lease_end": lease_end, "ledger": None}
         if ledger is not None:
             header["ledger"] = {"path": os.path.abspath(ledger.path), "run": ledger.run_id,
                                 "api_url": ledger.api_url}
         try:
-            pid = spawn_keeper(header)
+            pid = spawn_keeper(header, secret)
         except BaseException:
             with self.lock():
                 shutil.rmtree(directory, ignore_errors=True)
@@ -364,18 +366,23 @@ def stop_keeper(pid: int, wait: float = STOP_WAIT) -> bool:
 # -- the keeper process ----------------------------------------------------------------
 
 
-def spawn_keeper(header: Mapping[str, Any], timeout: float = 30.0) -> int:
-    """Start a keeper for ``header["id"]``; its pid. The header (with the token) goes down
-    a pipe; the launcher forks the keeper into a session of its own, prints its pid and
-    exits, so the keeper is nobody's child and outlives the run."""
+def spawn_keeper(header: Mapping[str, Any], secret: Secret | None = None,
+                 timeout: float = 30.0) -> int:
+    """Start a keeper for ``header["id"]``; its pid. The header, with the token
+    (``secret``), goes down a pipe, as the watchdog's does; the launcher forks the keeper
+    into a session of its own, prints its pid and exits, so the keeper is nobody's child
+    and outlives the run."""
+    from .guard import _child_env
+
     package_root = Path(__file__).resolve().parent.parent
-    # The token goes down the pipe only: not in the child's environment either.
-    env = {k: v for k, v in os.environ.items() if k != "REROBOTS_API_TOKEN"}
+    # The token goes down the pipe only: not on the command line, not in the child's
+    # environment. (No local variable holds it: pytest's -l would print it.)
     done = subprocess.run(
         [sys.executable, "-m", "pytest_rerobots.keep", "keeper"],
-        input=json.dumps(dict(header)).encode(), stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, cwd=package_root, env=env, close_fds=True,
-        timeout=timeout, check=False,
+        input=json.dumps({**header,
+                          "token": secret.reveal() if secret else None}).encode(),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=package_root,
+        env=_child_env(), close_fds=True, timeout=timeout, check=False,
     )
     try:
         return int(done.stdout.decode().strip())
@@ -414,12 +421,15 @@ def _launch(stream: IO[bytes]) -> int:
     os._exit(code)
 
 
-def _keeper_main(header: Mapping[str, Any]) -> int:
+def _keeper_main(header: dict[str, Any]) -> int:
     """Keep one instance alive until it should end (see the module docstring)."""
     from .client import RerobotsClient
     from .errors import NotFound, RerobotsError
     from .guard import Ledger
+    from .settings import Secret
 
+    # Held as a Secret from here on (the header keeps no copy), revealed to the client.
+    secret = Secret(str(header.pop("token"))) if header.get("token") else None
     ident = str(header["id"])
     store = KeptStore(header["dir"])
     record_path = store.directory / ident / "record.json"
@@ -431,8 +441,8 @@ def _keeper_main(header: Mapping[str, Any]) -> int:
         ledger = Ledger(info["path"], run_id=info.get("run", ""), api_url=info.get("api_url", ""))
     me = os.getpid()
     next_ping = 0.0
-    with RerobotsClient(header.get("token"), header.get("api_url"), ignore_env=True,
-                        retries=1) as client:
+    with RerobotsClient(secret.reveal() if secret else None, header.get("api_url"),
+                        ignore_env=True, retries=1) as client:
 
         def over(outcome: str, by: str) -> int:
             with store.lock():

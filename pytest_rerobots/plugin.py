@@ -22,8 +22,9 @@ import pytest
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
 from . import guard, report
-from .errors import ConfigurationError, is_infrastructure
-from .settings import OPTIONS, Settings, resolve
+from .errors import ConfigurationError, RerobotsError, is_infrastructure
+from .settings import OPTIONS, Settings, allow_warnings, resolve
+from .transcript import Transcript
 
 if TYPE_CHECKING:
     import paramiko
@@ -94,6 +95,8 @@ def load_settings(config: pytest.Config) -> Settings:
                            sweep=bool(config.getoption("rerobots_sweep")))
     except ConfigurationError as exc:
         raise pytest.UsageError(str(exc)) from None
+    for warning in allow_warnings(settings.allow):
+        config.issue_config_time_warning(pytest.PytestConfigWarning(warning), stacklevel=2)
     if settings.ledger is None:
         settings = _with_default_ledger(config, settings)
     return settings
@@ -181,7 +184,6 @@ class XdistHooks:
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
             output["rerobots_rows"] = report.rows(self.plugin.records)
-            output["rerobots_skipped_for_token"] = self.plugin.skipped_for_token
             output["rerobots_kept_lines"] = self.plugin.kept_summary()
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -189,7 +191,6 @@ class XdistHooks:
         output = getattr(node, "workeroutput", None) or {}
         self.plugin.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
-        self.plugin.skipped_for_token += int(output.get("rerobots_skipped_for_token", 0))
         self.plugin.kept_lines.extend(output.get("rerobots_kept_lines", []))
 
     def pytest_configure_node(self, node: Any) -> None:
@@ -296,7 +297,7 @@ class RerobotsPlugin:
             ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout,
             init_retries=s.init_retries, lease=s.lease, allow=s.allow,
             fast_polling=self.mode == "embedded simulator",
-            keepalive_interval=s.keepalive_interval,
+            keepalive_interval=s.keepalive_interval, command_timeout=s.command_timeout,
             keep_on_failure=s.keep_on_failure and keeping,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
         )
@@ -341,7 +342,8 @@ class RerobotsPlugin:
         if not self._token:
             if self.settings.require:
                 pytest.fail(f"{NO_CREDENTIALS} (--rerobots-require)", pytrace=False)
-            self.skipped_for_token += 1
+            # Counted from the test reports (pytest_runtest_logreport): a session-scoped
+            # fixture skips once and pytest replays the skip for the other tests.
             pytest.skip(NO_CREDENTIALS)
         return self.run
 
@@ -470,17 +472,40 @@ class RerobotsPlugin:
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Iterator[None]:
+        self._add_transcript(item, call.when)
         outcome: Any = yield
         rep = outcome.get_result()
         if rep.failed and self._run is not None and self.settings.keep_on_failure:
             # Kept at the end of its scope instead of terminated.
             self._run.mark_kept_on_failure(self._used_by_this_test())
+        if rep.failed and call.excinfo is not None \
+                and isinstance(call.excinfo.value, RerobotsError):
+            short = report.short_failure(call.excinfo, self.config)
+            if short is not None:
+                rep.longrepr = short
         if rep.when == "call" and rep.failed and call.excinfo is not None \
                 and is_infrastructure(call.excinfo.value):
             # Marked on the report (it travels to the xdist controller), shown as an error.
             rep.rerobots_infrastructure = True  # type: ignore[attr-defined]
             rep.sections.append(("rerobots", "infrastructure trouble, not a test failure: "
                                  f"{type(call.excinfo.value).__name__}"))
+
+    def _add_transcript(self, item: pytest.Item, when: str) -> None:
+        """What this phase of the test did on robots, as a report section of its own
+        ("Captured rerobots transcript call"), shown like captured output."""
+        if self._run is None:
+            return
+        entries, dropped = self._run.transcript.take()
+        if entries or dropped:
+            text = report.redact(Transcript.render(entries, dropped), self._token)
+            item.add_report_section(when, TRANSCRIPT_KEY, text)
+
+    @pytest.hookimpl(tryfirst=True)  # before junitxml closes the test case
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not self.is_worker and report.skipped and _skipped_for_token(report):
+            self.skipped_for_token += 1
+        if report.when == "teardown":
+            junit_transcript(self.config, report)
 
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
                                  ) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
@@ -507,7 +532,9 @@ class RerobotsPlugin:
         report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
         for line in [*self.kept_lines, *self.kept_summary()]:
             terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
-        report.github_step_summary(self.records)
+        report.github_step_summary(self.records, report.Tally.of(terminalreporter.stats),
+                                   skipped_for_token=self.skipped_for_token,
+                                   token=bool(self._token))
 
     def kept_summary(self) -> list[str]:
         """What the terminal says of the instances this process kept or reused."""
@@ -521,6 +548,37 @@ class RerobotsPlugin:
             assert inst.kept is not None
             lines += keep.describe(inst.kept)
         return lines
+
+
+#: The key of the transcript's report section: pytest names it "Captured <key> <when>".
+TRANSCRIPT_KEY = "rerobots transcript"
+
+
+def _skipped_for_token(rep: pytest.TestReport) -> bool:
+    longrepr = rep.longrepr
+    return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
+
+
+def junit_transcript(config: pytest.Config, rep: pytest.TestReport) -> None:
+    """Put the test's transcript sections into its JUnit XML ``system-out`` (when
+    ``--junitxml`` is on), whatever ``junit_logging`` says: it is what the test did
+    on the robot, not the test's own output."""
+    text = "\n".join(content for name, content in rep.sections
+                     if name.startswith(f"Captured {TRANSCRIPT_KEY} "))
+    if not text:
+        return
+    try:  # junitxml has no public way to add a system-out element
+        from xml.etree import ElementTree
+
+        from _pytest.junitxml import bin_xml_escape, xml_key
+    except ImportError:  # pragma: no cover (a pytest that moved it)
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    node = ElementTree.Element("system-out")
+    node.text = bin_xml_escape(text)
+    xml.node_reporter(rep).append(node)
 
 
 #: The fixtures that hand a test the pooled instance.
@@ -586,13 +644,17 @@ def rerobots_run(pytestconfig: pytest.Config) -> Run:
 
 
 @pytest.fixture
-def rerobots_instance(request: pytest.FixtureRequest) -> Instance:
+def rerobots_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
     """A READY ``Instance`` of this test's workspace type: firewall open, SSH connected.
 
     One instance per (type, deployment) within ``--rerobots-scope`` (session by
-    default); terminated when that scope ends, whatever happens.
+    default); terminated when that scope ends, whatever happens. What the test spawned
+    or forwarded on it ends at the test's teardown, whatever the scope.
     """
-    return _plugin(request.config).pooled(request)
+    inst = _plugin(request.config).pooled(request)
+    mark = inst.live_mark()
+    yield inst
+    inst.end_live(mark)
 
 
 @pytest.fixture
@@ -632,7 +694,25 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
     try:
         yield acquire
     finally:
-        end_all(made)
+        try:
+            for inst in made:
+                inst.end_live()
+        finally:
+            end_all(made)
+
+
+@pytest.fixture
+def rerobots_host(rerobots_instance: Instance) -> Any:
+    """A testinfra ``Host`` on the instance's SSH connection (host key pinned):
+    ``rerobots_host.file("/etc/os-release").contains("Debian")``, ``.service("ssh")``,
+    ``.run("uname -a")``. Needs ``pip install 'pytest-rerobots[testinfra]'``."""
+    try:
+        from .testinfra_host import host_for
+    except ImportError as exc:
+        missing = str(exc)
+    else:
+        return host_for(rerobots_instance)
+    pytest.fail(missing, pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -650,6 +730,7 @@ __all__ = [
     "marker_args",
     "rerobots_acquire",
     "rerobots_client",
+    "rerobots_host",
     "rerobots_instance",
     "rerobots_run",
     "rerobots_sftp",

@@ -1,5 +1,5 @@
-"""What a run tells its user: live progress, the terminal summary, JUnit properties
-and the GitHub step summary. Never the token."""
+"""What a run tells its user: live progress, short failure reports, the terminal
+summary, JUnit properties and the GitHub step summary. Never the token."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .outcome import ENDED_OUTCOMES, Outcome
 
@@ -18,7 +21,8 @@ if TYPE_CHECKING:  # pytest's objects (this module does not import pytest), and 
 
     from .instance import FailedRental, Instance
 
-__all__ = ["Progress", "Records", "github_step_summary", "record_properties", "terminal_summary"]
+__all__ = ["Progress", "Records", "Tally", "github_step_summary", "record_properties", "redact",
+           "short_failure", "terminal_summary"]
 
 #: In a CI log (no terminal), print a progress line at most this often.
 CI_PROGRESS_EVERY = 10.0
@@ -232,17 +236,108 @@ def terminal_summary(reporter: TerminalReporter, records: Records,
                 "Run `pytest --rerobots-sweep`.", red=True, bold=True)
 
 
-def github_step_summary(records: Records) -> None:
-    """Append the instance table in Markdown to ``$GITHUB_STEP_SUMMARY``, when set."""
+@dataclass(frozen=True)
+class Tally:
+    """How the tests of a run ended, as pytest's summary line counts them."""
+
+    passed: int = 0
+    failed: int = 0
+    errors: int = 0
+    skipped: int = 0
+    failed_names: tuple[str, ...] = ()
+    errored_names: tuple[str, ...] = ()
+    extra: Mapping[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, stats: Mapping[str, Sequence[Any]]) -> Tally:
+        """From ``TerminalReporter.stats`` (category -> reports)."""
+        def names(key: str) -> tuple[str, ...]:
+            seen = dict.fromkeys(str(getattr(r, "nodeid", "")) for r in stats.get(key, ()))
+            return tuple(n for n in seen if n)
+
+        counted = ("passed", "failed", "error", "skipped")
+        extra = {k: len(v) for k, v in stats.items()
+                 if k in ("xfailed", "xpassed", "deselected") and v}
+        return cls(len(stats.get("passed", ())), len(stats.get("failed", ())),
+                   len(stats.get("error", ())), len(stats.get("skipped", ())),
+                   names(counted[1]), names(counted[2]), extra)
+
+    @property
+    def line(self) -> str:
+        parts = [f"{self.passed} passed", f"{self.failed} failed", f"{self.errors} errors",
+                 f"{self.skipped} skipped", *(f"{n} {k}" for k, n in self.extra.items())]
+        return ", ".join(parts)
+
+
+def github_step_summary(records: Records, tally: Tally | None = None, *,
+                        skipped_for_token: int = 0, token: bool = True) -> None:
+    """Append the run's outcome in Markdown to ``$GITHUB_STEP_SUMMARY``, when set: the
+    counts, the failed tests, then the instance table; or, when nothing was rented for
+    want of a token (a fork's pull request gets no secrets), one line saying so."""
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     table_rows = rows(records)
-    if not path or not table_rows:
+    no_token = not table_rows and not token and skipped_for_token > 0
+    if not path or not (table_rows or no_token):
         return
-    lines = ["### rerobots instances", "", "| " + " | ".join(HEADERS) + " |",
-             "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows]
+    lines = []
+    if tally is not None:
+        lines += [f"### rerobots: {tally.line}", ""]
+        for title, names in (("Failed", tally.failed_names), ("Errors", tally.errored_names)):
+            if names:
+                lines += [f"{title}:", "", *(f"- `{name}`" for name in names), ""]
+    if no_token:
+        lines.append(f"No robot was rented: no API token (REROBOTS_API_TOKEN is not set; a "
+                     f"pull request from a fork gets no secrets), so {skipped_for_token} "
+                     "test(s) were skipped.")
+    else:
+        lines += ["### rerobots instances", "", "| " + " | ".join(HEADERS) + " |",
+                  "|" + "---|" * len(HEADERS)]
+        lines += ["| " + " | ".join(row) + " |" for row in table_rows]
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
     except OSError as exc:
         print(f"rerobots: cannot write GITHUB_STEP_SUMMARY: {exc}", file=sys.stderr)
+
+
+def redact(text: str, token: str | None) -> str:
+    """``text`` with every occurrence of ``token`` replaced by ``***``."""
+    return text.replace(token, "***") if token else text
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _in(path: object, directory: Path) -> bool:
+    try:
+        return Path(str(path)).resolve().is_relative_to(directory)
+    except (OSError, ValueError):
+        return False
+
+
+def short_failure(excinfo: pytest.ExceptionInfo[BaseException], config: pytest.Config
+                  ) -> Any | None:
+    """A report of one of this package's errors that shows the test's own frames and
+    the message: not the package's frames beneath them, nor the foreign exceptions
+    they were raised from. None (pytest's own report) under ``--full-trace``, and for
+    ``--tb`` styles that show no frames anyway (``line``, ``no``, ``native``)."""
+    if config.getoption("fulltrace", False):
+        return None
+    style = config.getoption("tbstyle", "auto")
+    if style in ("line", "no", "native"):
+        return None
+    import _pytest
+    import pluggy
+
+    internal = [Path(m.__file__ or "").resolve().parent for m in (_pytest, pluggy)]
+    kept = []
+    for entry in excinfo.traceback:
+        if _in(entry.path, _PACKAGE):
+            break  # from here down it is this package (and what it called)
+        if not any(_in(entry.path, d) for d in internal) and not entry.ishidden(excinfo):
+            kept.append(entry)
+    mine = excinfo.traceback.filter(lambda entry: any(entry is k for k in kept))
+    return excinfo.getrepr(
+        style="short" if style == "short" else "long",
+        showlocals=bool(config.getoption("showlocals", False)),
+        tbfilter=lambda _info: mine, chain=False, funcargs=True)

@@ -59,11 +59,34 @@ def idempotent(
     )
 
 
-def terminating(*, deadline: float = 120.0, sleep: Sleep = time.sleep) -> Retrying:
-    """Policy for terminate: keep trying through INIT and transient errors until ``deadline`` s."""
+#: How many transient errors (5xx, no answer) one instance's terminate tolerates before it
+#: gives up (then the LEAKED line): an API that keeps answering 503 must not hold teardown.
+TERMINATE_ERRORS = 8
+
+
+class _stop_after_errors(stop_base):
+    """Stop once ``limit`` attempts have failed with a transient error (INIT's refusals,
+    which end by themselves, are not counted)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen = 0
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is not None and isinstance(outcome.exception(), TRANSIENT):
+            self.seen += 1
+        return self.seen >= self.limit
+
+
+def terminating(*, deadline: float = 120.0, sleep: Sleep = time.sleep,
+                max_errors: int = TERMINATE_ERRORS) -> Retrying:
+    """Policy for terminate: keep trying through INIT until ``deadline`` s, and through
+    transient errors until ``max_errors`` of them (each call is sent once: see
+    ``RerobotsClient.terminate(once=True)``)."""
     return Retrying(
         retry=retry_if_exception_type((*TRANSIENT, BusyWorkspaceInstance)),
-        stop=stop_after_delay(deadline),
+        stop=stop_after_delay(deadline) | _stop_after_errors(max_errors),
         # Capped at 2 s: an instance leaving INIT should be ended without delay.
         wait=_backoff(0.2, 2.0),
         sleep=sleep,

@@ -45,7 +45,9 @@ from .instance import (
     start_all,
     wait_all,
 )
+from .settings import Secret
 from .share import SharedPool
+from .transcript import Transcript
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
 
@@ -104,6 +106,8 @@ class Run:
         self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
         self.run_id = run_id or str(uuid.uuid4())
         self.records = records if records is not None else report.Records()
+        #: What tests did on this run's robots (every instance's connection records here).
+        self.transcript = Transcript()
         self.listeners: list[InstanceListener] = [self.records, *listeners]
         if ledger is _DEFAULT:
             ledger = DEFAULT_LEDGER
@@ -121,7 +125,8 @@ class Run:
             self.watchdog = guard.Watchdog(
                 self.client.api_url, token, ledger=self.ledger,
                 deadline=max(180.0, self.defaults.ready_timeout + 60.0))
-        self._token = token
+        # Held as a Secret (vars(run) never shows it), for the keepers' pipes only.
+        self._secret = Secret(token) if token else None
         self.keep_on_failure = keep_on_failure
         self.reuse = reuse
         self.kept: keep.KeptStore | None = None
@@ -172,6 +177,7 @@ class Run:
         settings.setdefault("listeners", [*self.listeners, *self._layers()])
         settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
         settings.setdefault("hint_busy", self.why_busy)
+        settings.setdefault("transcript", self.transcript)
         if self.kept is not None:
             settings.setdefault("keep_hook", self._keep)
         if deployment is not None:
@@ -307,7 +313,7 @@ class Run:
         minutes = self.reuse if inst.keep_for == "reuse" else None
         if inst.keep_for == "reuse" and minutes is None:
             return False
-        inst.kept = self.kept.keep(inst, inst.keep_for, token=self._token,
+        inst.kept = self.kept.keep(inst, inst.keep_for, secret=self._secret,
                                    interval=inst.options.keepalive_interval,
                                    idle=minutes * 60.0 if minutes is not None else None,
                                    ledger=self.ledger)

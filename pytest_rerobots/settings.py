@@ -21,20 +21,52 @@ from .errors import ConfigurationError
 #: The rerobots API's origin.
 DEFAULT_API_URL = "https://api.rerobots.net"
 
-__all__ = ["OPTIONS", "Option", "Settings", "resolve"]
+__all__ = ["OPTIONS", "Option", "Secret", "Settings", "resolve"]
 
 SCOPES = ("session", "module", "function")
 XDIST_MODES = ("per-worker", "shared")
 
 
+class Secret:
+    """A secret string (the API token) that no ``repr``, ``str`` or ``vars`` shows: pytest's
+    ``-l`` prints the locals of failing frames, and objects holding one among them."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that sends it."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "<redacted>"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:  # never pickled along with an object that holds it
+        raise TypeError("a Secret is not pickled")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Every setting of a run, after resolution. ``token`` is never printed."""
+    """Every setting of a run, after resolution. ``token`` is never printed, and not a
+    field either (``vars(settings)`` shows only the :class:`Secret` that holds it)."""
 
     wtype: str | None = None
     deployment: str | None = None
     api_url: str = DEFAULT_API_URL
-    token: str | None = field(default=None, repr=False)
+    secret: Secret | None = field(default=None, repr=False)
     sim: bool = False
     sim_config: Path | None = None
     ready_timeout: float = 600.0
@@ -43,6 +75,7 @@ class Settings:
     prefetch: bool = True
     lease: int = 3600
     keepalive_interval: float = 40.0
+    command_timeout: float = 300.0
     allow: tuple[str, ...] = ()
     scope: str = "session"
     xdist: str = "per-worker"
@@ -54,6 +87,11 @@ class Settings:
     #: Keep session instances between runs; idle ones end after this many minutes.
     reuse: float | None = None
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def token(self) -> str | None:
+        """The API token, if one is set."""
+        return self.secret.reveal() if self.secret else None
 
 
 def _text(value: Any) -> str:
@@ -141,6 +179,22 @@ def _cidrs(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: A firewall source broader than this prefix (a /8 is 16 million addresses) is warned about.
+BROADEST_PREFIX = 8
+
+
+def allow_warnings(allow: Sequence[str]) -> list[str]:
+    """One warning for each ``--rerobots-allow`` block shorter than /8: it opens the robot's
+    SSH port to much of the internet (``0.0.0.0/0``: to all of it)."""
+    return [
+        f"--rerobots-allow {block} admits {ipaddress.IPv4Network(block).num_addresses:,} "
+        f"addresses to the robot's SSH port (a prefix shorter than /{BROADEST_PREFIX}); "
+        "name this runner's own address or network instead"
+        for block in allow
+        if ipaddress.IPv4Network(block).prefixlen < BROADEST_PREFIX
+    ]
+
+
 def _minutes(value: Any) -> float:
     try:
         number = float(str(value).strip())
@@ -197,6 +251,9 @@ OPTIONS: tuple[Option, ...] = (
            "rerobots_keepalive_interval", _seconds(0.05),
            "seconds between keepalive pings (default 40; the server ends an instance "
            "60 s after the last one)"),
+    Option("command_timeout", "--rerobots-command-timeout", None, "rerobots_command_timeout",
+           _seconds(0.001), "seconds a command run on a robot may take when the test names "
+           "no timeout (default 300; run(..., timeout=None) waits for ever)"),
     Option("allow", "--rerobots-allow", None, "rerobots_allow", _cidrs,
            "firewall source (CIDR) to accept; repeatable (default: this runner's address)"),
     Option("scope", "--rerobots-scope", None, "rerobots_scope", _choice(SCOPES),
@@ -249,7 +306,8 @@ def resolve(
                 raise ConfigurationError(f"{opt.flag} (from {source}): {exc}") from None
             sources[opt.name] = source
             break
-    values["token"] = _token(token_file, env)
+    token = _token(token_file, env)
+    values["secret"] = Secret(token) if token else None
     return Settings(**values, sweep=sweep, sources=sources)
 
 

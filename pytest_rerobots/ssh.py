@@ -10,7 +10,9 @@ The one place where paramiko and socket errors become pytest-rerobots errors
   out connections are retried with bounded backoff while the host's sshd comes
   up; a wrong host key (:class:`HostKeyMismatch`) or a refused login
   (:class:`SSHConnectError`) is not retried, as retrying cannot help.
-* :func:`run` executes one command and returns a :class:`CommandResult`.
+* :func:`run` executes one command and returns a :class:`CommandResult`; unless
+  told otherwise it gives up after :data:`DEFAULT_COMMAND_TIMEOUT` seconds
+  (``timeout=None`` waits for ever, and only when asked for).
 * :class:`Connection` holds one logged-in client and its SFTP session; an
   ``Instance`` delegates ``run``, ``put``, ``get``, ``sftp`` and ``close`` to
   it, and its ``ssh`` is the connection's ``client``.
@@ -25,7 +27,9 @@ tens of milliseconds each; with ``TCP_NODELAY``, no pty and no polling sleeps a
 from __future__ import annotations
 
 import base64
+import contextlib
 import binascii
+import enum
 import io
 import os
 import socket
@@ -33,18 +37,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from paramiko.pkey import UnknownKeyType
 
-from . import _paramiko_compat, retry
-from .errors import CommandFailed, CommandTimeout, HostKeyMismatch, SSHConnectError, SSHError
-from .transcript import Transcript
+from . import _paramiko_compat, live, retry
+from .errors import (
+    CommandFailed,
+    CommandTimeout,
+    HostKeyMismatch,
+    RemoteFileError,
+    SSHConnectError,
+    SSHError,
+)
+from .transcript import Entry, Transcript, tail
 
 __all__ = [
+    "DEFAULT",
+    "DEFAULT_COMMAND_TIMEOUT",
     "CommandResult",
     "Connection",
     "connect",
@@ -55,6 +68,23 @@ __all__ = [
 
 _CHUNK = 65536
 KEY_COMMENT = "pytest-rerobots"
+
+#: Seconds a command may run when its caller names no timeout: a hung command
+#: must not hold a whole test run (and its robots) until someone presses Ctrl-C.
+DEFAULT_COMMAND_TIMEOUT = 300.0
+
+
+class _Default(enum.Enum):
+    DEFAULT = "default"
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+#: "No timeout named": the connection's ``command_timeout`` (else
+#: :data:`DEFAULT_COMMAND_TIMEOUT`) applies. ``None`` means no timeout at all.
+DEFAULT = _Default.DEFAULT
+Timeout = float | None | Literal[_Default.DEFAULT]
 
 
 @dataclass(frozen=True)
@@ -259,9 +289,11 @@ def _describe(exc: BaseException | None) -> str:
 def run(
     client: paramiko.SSHClient,
     command: str,
-    timeout: float | None = None,
+    timeout: Timeout = DEFAULT,
     check: bool = False,
     stdin: bytes | str | None = None,
+    *,
+    where: str = "",
 ) -> CommandResult:
     """Run ``command`` on the host (through its shell) and wait for it to end.
 
@@ -270,12 +302,16 @@ def run(
     is closed at once (like ``ssh -n``), so a command that reads it does not
     hang. No pty is requested.
 
-    Raises :class:`CommandTimeout` when ``timeout`` seconds pass first: only
-    this command's channel is closed, the connection stays usable. With
-    ``check=True`` a non-zero status raises :class:`CommandFailed` carrying the
-    result. A lost connection is an :class:`SSHError`. Not retried: a command
-    may not be safe to run twice.
+    Raises :class:`CommandTimeout` when ``timeout`` seconds pass first
+    (:data:`DEFAULT_COMMAND_TIMEOUT` unless given; ``None`` waits for ever),
+    carrying what the command printed until then: only this command's channel
+    is closed, the connection stays usable. With ``check=True`` a non-zero
+    status raises :class:`CommandFailed` carrying the result. ``where`` names
+    the host in those messages. A lost connection is an :class:`SSHError`. Not
+    retried: a command may not be safe to run twice.
     """
+    if timeout is DEFAULT:
+        timeout = DEFAULT_COMMAND_TIMEOUT
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     transport = client.get_transport()
@@ -305,10 +341,13 @@ def run(
         if status == -1 and not transport.is_active():
             raise SSHError(f"the SSH connection was lost while running {command!r}")
         if status is None:
+            on = f" on {where}" if where else ""
             raise CommandTimeout(
-                f"command {command!r} did not finish within {timeout:g} s",
+                f"command {command!r}{on} did not finish within {timeout or 0:g} s",
                 command=command,
                 timeout=timeout,
+                stdout=stdout.decode("utf-8", "replace"),
+                stderr=stderr.decode("utf-8", "replace"),
             )
     finally:
         chan.close()
@@ -322,7 +361,7 @@ def run(
         duration=time.monotonic() - started,
     )
     if check and result.exit_status != 0:
-        raise CommandFailed(result)
+        raise CommandFailed(result, where)
     return result
 
 
@@ -335,7 +374,8 @@ def _feed(chan: paramiko.Channel, data: bytes) -> None:
 
 
 def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, bytes, int | None]:
-    """Read stdout and stderr until EOF, then the exit status; None on timeout."""
+    """Read stdout and stderr until EOF, then the exit status; on timeout, what was
+    read until then and None."""
     # One event that both buffers set when data (or EOF) arrives, so one thread
     # waits on both with no polling interval. Not chan.fileno(): its OS pipe is
     # closed by chan.close() while paramiko's thread may still write to it for
@@ -363,14 +403,14 @@ def _collect(chan: paramiko.Channel, deadline: float | None) -> tuple[bytes, byt
             break
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
-            return b"", b"", None
+            return b"".join(out), b"".join(err), None
         # Only this thread clears the event (by reading a buffer empty), and it
         # checked both buffers since: a set event means new data or EOF.
         ready.wait(remaining)
         ready.clear()
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     if not _paramiko_compat.wait_for_exit_status(chan, remaining):
-        return b"", b"", None
+        return b"".join(out), b"".join(err), None
     return b"".join(out), b"".join(err), chan.exit_status
 
 
@@ -390,6 +430,8 @@ class Connection:
         #: anywhere (the plugin sets its run's transcript), and the name entries carry.
         self.transcript: Transcript | None = None
         self.label = ""
+        #: The timeout of a ``run`` that names none (``None``: wait for ever).
+        self.command_timeout: float | None = DEFAULT_COMMAND_TIMEOUT
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -420,30 +462,93 @@ class Connection:
     def run(
         self,
         command: str,
-        timeout: float | None = None,
+        timeout: Timeout = DEFAULT,
         check: bool = False,
         stdin: bytes | str | None = None,
     ) -> CommandResult:
-        """Run ``command``; see :func:`run`."""
-        return run(self._client, command, timeout=timeout, check=check, stdin=stdin)
+        """Run ``command``; see :func:`run`. Without ``timeout``, ``command_timeout``
+        applies. Recorded in ``transcript``, if set."""
+        if timeout is DEFAULT:
+            timeout = self.command_timeout
+        at, begun = time.time(), time.monotonic()
+        try:
+            result = run(self._client, command, timeout=timeout, check=check, stdin=stdin,
+                         where=self.label)
+        except CommandFailed as exc:
+            self._record_result(at, exc.result)
+            raise
+        except CommandTimeout as exc:
+            self._record(at, "run", command, None, begun, stdout=exc.stdout, stderr=exc.stderr,
+                         note=f"timed out after {timeout or 0:g} s")
+            raise
+        except SSHError as exc:
+            self._record(at, "run", command, None, begun, note=str(exc))
+            raise
+        self._record_result(at, result)
+        return result
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
-        """Copy the local file ``local`` to ``remote`` on the host (relative: to its home)."""
-        sftp = self.sftp
-        try:
-            sftp.put(os.fspath(local), remote)
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            detail = _describe(exc)
-            raise SSHError(f"cannot put {os.fspath(local)!r} to {remote!r}: {detail}") from exc
+        """Copy the local file ``local`` to ``remote`` on the host (relative: to its home).
+
+        A remote path that does not exist (its directory) or may not be written is a
+        :class:`RemoteFileError`; a missing local file, the ``OSError`` of ``open``."""
+        local = os.fspath(local)
+        self._transfer("put", f"{local} -> {remote}", remote, local,
+                       lambda sftp: sftp.put(local, remote))
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy ``remote`` on the host to the local file ``local``."""
-        sftp = self.sftp
+        """Copy ``remote`` on the host to the local file ``local``.
+
+        A remote file that does not exist or may not be read is a
+        :class:`RemoteFileError` (and leaves no empty local file behind)."""
+        local = os.fspath(local)
+        existed = os.path.exists(local)
         try:
-            sftp.get(remote, os.fspath(local))
+            self._transfer("get", f"{remote} -> {local}", remote, local,
+                           lambda sftp: sftp.get(remote, local))
+        except RemoteFileError:
+            if not existed:  # paramiko opened (made) it before asking for the remote file
+                with contextlib.suppress(OSError):
+                    os.remove(local)
+            raise
+
+    def _transfer(self, kind: str, what: str, remote: str, local: str,
+                  move: Callable[[paramiko.SFTPClient], object]) -> None:
+        at, begun = time.time(), time.monotonic()
+        on = f" on {self.label}" if self.label else ""
+        try:
+            move(self.sftp)
+        except (FileNotFoundError, PermissionError) as exc:
+            if exc.filename is not None and os.fspath(exc.filename) == local:
+                self._record(at, kind, what, None, begun, note=_describe(exc))
+                raise  # the local file: Python's own error says it
+            reason = "no such file or directory" if isinstance(exc, FileNotFoundError) \
+                else "permission denied"
+            self._record(at, kind, what, None, begun, note=f"{remote}: {reason}")
+            raise RemoteFileError(f"remote path {remote!r}{on}: {reason} ({kind} {what})",
+                                  path=remote, reason=reason) from exc
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            detail = _describe(exc)
-            raise SSHError(f"cannot get {remote!r} to {os.fspath(local)!r}: {detail}") from exc
+            self._record(at, kind, what, None, begun, note=_describe(exc))
+            raise SSHError(f"cannot {kind} {what}{on}: {_describe(exc)}") from exc
+        except SSHError as exc:  # no SFTP session
+            self._record(at, kind, what, None, begun, note=str(exc))
+            raise
+        self._record(at, kind, what, None, begun)
+
+    def _record_result(self, at: float, result: CommandResult) -> None:
+        if self.transcript is not None:
+            self.transcript.record(Entry(
+                at=at, kind="run", command=result.command, instance=self.label,
+                status=result.exit_status, duration=result.duration,
+                stdout=tail(result.stdout), stderr=tail(result.stderr)))
+
+    def _record(self, at: float, kind: str, command: str, status: int | None, begun: float,
+                *, stdout: str = "", stderr: str = "", note: str = "") -> None:
+        if self.transcript is not None:
+            self.transcript.record(Entry(
+                at=at, kind=kind, command=command, instance=self.label, status=status,
+                duration=time.monotonic() - begun, stdout=tail(stdout), stderr=tail(stderr),
+                note=note.splitlines()[0] if note else ""))
 
     @property
     def closed(self) -> bool:
@@ -451,7 +556,12 @@ class Connection:
         return self._closed
 
     def close(self) -> None:
-        """Close the SFTP session and the connection. Idempotent."""
+        """End what it spawned or forwarded, close the SFTP session and the connection.
+        Idempotent."""
+        tracker: live.Tracker | None = self.__dict__.get("_live")
+        if tracker is not None and not self._closed:
+            # Before the connection goes: a process without a pty would outlive it.
+            tracker.close_since(0)
         with self._lock:
             if self._closed:
                 return
@@ -466,3 +576,26 @@ class Connection:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- live processes and forwarded ports (pytest_rerobots.live) --------------------
+
+    @property
+    def tracker(self) -> live.Tracker:
+        """The processes and forwards this connection opened (the plugin ends a test's)."""
+        tracker: live.Tracker | None = self.__dict__.get("_live")
+        if tracker is None:
+            tracker = self.__dict__.setdefault("_live", live.Tracker())
+        return tracker
+
+    def spawn(self, command: str, *, pty: bool = False) -> live.Process:
+        """Start ``command`` and return its :class:`.live.Process` handle."""
+        process = live.Process(self, command, pty=pty)
+        self.tracker.add(process)
+        return process
+
+    def forward(self, remote_port: int, remote_host: str = "127.0.0.1") -> int:
+        """Listen on a free port of 127.0.0.1 that reaches ``remote_host:remote_port`` as
+        seen from the host; return that local port (see :class:`.live.Forward`)."""
+        fwd = live.Forward(self, remote_port, remote_host)
+        self.tracker.add(fwd)
+        return fwd.port

@@ -57,10 +57,11 @@ class Entry:
     def render(self) -> str:
         """The entry as the lines a report shows."""
         stamp = time.strftime("%H:%M:%S", time.localtime(self.at))
-        status = "" if self.status is None else f" exit {self.status}"
-        note = f" ({self.note})" if self.note else ""
-        head = f"{stamp} [{self.instance}] {self.kind} {self.command}{status} " \
-               f"in {self.duration:.2f} s{note}"
+        facts = [] if self.status is None else [f"exit {self.status}"]
+        facts.append(f"{self.duration:.2f} s")
+        if self.note:
+            facts.append(self.note)
+        head = f"{stamp} [{self.instance}] {self.kind}: {self.command}  [{', '.join(facts)}]"
         lines = [head]
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             if text:

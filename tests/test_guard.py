@@ -295,7 +295,8 @@ def cmdline(pid: int) -> str:
 
 
 def test_watchdog_ends_what_was_not_released_when_the_pipe_closes(
-        sim: Simulator, api: RerobotsClient, tmp_path: Path):
+        sim: Simulator, api: RerobotsClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("REROBOTS_API_TOKEN", sim.token)  # as under the plugin: inherited?
     ledger = Ledger(tmp_path / "ledger.jsonl", run_id="r", api_url=sim.url)
     watchdog = Watchdog(sim.url, sim.token, ledger=ledger)
     assert watchdog.pid is None  # nothing rented yet: no process
@@ -310,6 +311,8 @@ def test_watchdog_ends_what_was_not_released_when_the_pipe_closes(
     assert proc is not None and watchdog.pid == proc.pid
     if Path("/proc").is_dir():
         assert sim.token not in cmdline(proc.pid)  # the token came through the pipe
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        assert sim.token.encode() not in environ and b"REROBOTS_API_TOKEN" not in environ
     assert status(api, in_init) == "INIT"
 
     begun = time.monotonic()

@@ -33,9 +33,14 @@ def backend(request: pytest.FixtureRequest) -> str:
     return _backend_param(request.param)
 
 
+def sandbox_mode() -> str:
+    """Sandboxed where the machine can; REROBOTS_REQUIRE_SANDBOX=1 (as CI sets) insists."""
+    return "require" if os.environ.get("REROBOTS_REQUIRE_SANDBOX") == "1" else "auto"
+
+
 @pytest.fixture
 def hosts(tmp_path: pathlib.Path, backend: str) -> Iterator[HostManager]:
-    manager = HostManager(tmp_path / "hosts", backend)
+    manager = HostManager(tmp_path / "hosts", backend, sandbox_mode())
     try:
         yield manager
     finally:
@@ -109,7 +114,7 @@ _ANCESTRY = 'p=$$; while [ "$p" -gt 1 ]; do echo "$p"; read -r _ _ _ p _ < /proc
 
 def _child_of_ours(ancestry: str) -> int:
     """From ``_ANCESTRY``'s output, the ancestor that this test process started:
-    sshd's listener for the openssh backend, the command's shell for asyncssh."""
+    sshd -i for the openssh backend, the command's shell for asyncssh."""
     chain = [int(pid) for pid in ancestry.split()]
     index = chain.index(os.getpid())
     return chain[index - 1]
@@ -339,7 +344,9 @@ def test_close_leaves_no_process_or_thread(
     tmp_path: pathlib.Path, backend: str, client_key: tuple[paramiko.PKey, str]
 ) -> None:
     before = {t.ident for t in threading.enumerate()}
-    hosts = HostManager(tmp_path, backend)
+    # Unsandboxed: the pids a command sees are this machine's (test_sandbox.py has the
+    # sandboxed counterpart).
+    hosts = HostManager(tmp_path, backend, "off")
     try:
         info = _start(hosts, [client_key[1]])
         with _connect(hosts, info, client_key[0]) as conn:
@@ -378,21 +385,21 @@ def test_openssh_backend_without_sshd_is_a_configuration_error(
 
 
 _EXIT_WITHOUT_CLOSE = """
-import os, pathlib, re, sys
+import os, pathlib, sys
 from pytest_rerobots import ssh
 from pytest_rerobots.sim.hosts import HostManager
 pkey, public = ssh.generate_client_key()
-hosts = HostManager(pathlib.Path(sys.argv[1]), sys.argv[2])
+hosts = HostManager(pathlib.Path(sys.argv[1]), sys.argv[2], "off")
 info = hosts.start_host("i-1", authorized_keys=[public], firewall=lambda src: "ACCEPT",
                         files={}, commands=[])
 client = ssh.connect("127.0.0.1", info.port, hostkeys=[info.hostkey], pkey=pkey,
                      username=hosts.login_user)
 orphan = ssh.run(client, "sleep 300 >/dev/null 2>&1 </dev/null & echo $!").stdout.strip()
 chain = [int(pid) for pid in ssh.run(client, sys.argv[3]).stdout.split()]
-server = chain[chain.index(os.getpid()) - 1]  # sshd's listener, or the command's shell
-title = open(f"/proc/{server}/cmdline").read() if sys.argv[2] == "openssh" else ""
-private = re.search(r"/\\S*rerobots-sshd-\\w+", title)
-print(orphan, server, private.group(0) if private else "-", flush=True)
+server = chain[chain.index(os.getpid()) - 1]  # sshd -i, or the command's shell
+# sshd -i retitles itself; the manager's own record names its private directory.
+private = [str(d) for d in hosts._leftovers.dirs if "rerobots-sshd-" in d.name]
+print(orphan, server, private[0] if private else "-", flush=True)
 # No close(): the interpreter exits with the host running.
 """
 

@@ -21,6 +21,7 @@ VALUES = {
     "prefetch": ("off", False),
     "lease": ("120", 120),
     "keepalive_interval": ("12", 12.0),
+    "command_timeout": ("2.5", 2.5),
     "allow": ("192.0.2.0/24", ["192.0.2.0/24"]),
     "scope": ("module", "module"),
     "xdist": ("shared", "shared"),

@@ -123,7 +123,7 @@ def test_instance_options_are_frozen_and_checked():
     with pytest.raises(AttributeError):
         options.ready_timeout = 1  # type: ignore[misc]
     assert options.updated(ready_timeout=5).ready_timeout == 5
-    with pytest.raises(TypeError, match="known: allow, connect"):
+    with pytest.raises(TypeError, match="known: allow, command_timeout, connect"):
         options.updated(nope=1)
 
 

@@ -72,3 +72,20 @@ def test_unreadable_or_empty_token_file_is_an_error(tmp_path: Path):
     empty.write_text("  \n")
     with pytest.raises(ConfigurationError, match="is empty"):
         resolve({}, {}, {}, token_file=empty)
+
+
+def test_a_block_broader_than_a_slash_8_is_warned_about() -> None:
+    from pytest_rerobots.settings import allow_warnings
+
+    s = resolve({"allow": ["0.0.0.0/0", "10.0.0.0/8", "192.0.2.7"]}, {}, {})
+    warned = allow_warnings(s.allow)
+    assert len(warned) == 1 and "0.0.0.0/0 admits 4,294,967,296 addresses" in warned[0]
+    assert allow_warnings(resolve({"allow": ["4.0.0.0/7"]}, {}, {}).allow)
+
+
+def test_the_plugin_prints_the_allow_warning(pytester) -> None:
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--rerobots-allow",
+                                           "0.0.0.0/0")
+    result.stdout.fnmatch_lines(["*--rerobots-allow 0.0.0.0/0 admits 4,294,967,296*"])
+    assert result.ret == 0

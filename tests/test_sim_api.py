@@ -31,7 +31,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from pytest_rerobots.errors import ConfigurationError
-from pytest_rerobots.sim import Simulator
+from pytest_rerobots.sim import ServerLimits, Simulator
 from pytest_rerobots.sim.catalog import default_catalog, load_catalog
 from pytest_rerobots.sim.state import ManualClock, firewall_decision
 
@@ -773,9 +773,10 @@ def test_firewall(capi: Api, clock: ManualClock, csim: Simulator) -> None:
         "rules": [["127.0.0.1", "ACCEPT"], ["10.0.0.0/8", "REJECT"], ["192.0.2.7", "DROP"]]}
     assert csim.world.firewall_action(iid, "127.0.0.1") == "ACCEPT"
     assert csim.world.firewall_action(iid, "10.1.2.3") == "REJECT"
+    # X-Forwarded-For is not believed unless a setting says so (tests/test_sim_limits.py).
     forwarded = capi.post(f"/firewall/{iid}", headers={"X-Forwarded-For": "198.51.100.9"})
     assert forwarded.status_code == 200
-    assert capi.get(f"/firewall/{iid}").json()["rules"][-1] == ["198.51.100.9", "ACCEPT"]
+    assert capi.get(f"/firewall/{iid}").json()["rules"][-1] == ["127.0.0.1", "ACCEPT"]
     for body, message in [
         ({"src": 17}, "value for option `src` has wrong type"),
         # The server's check is a pattern (section 8, item 13): no netmask forms.
@@ -907,8 +908,10 @@ def test_rate_limit_per_token(clock: ManualClock) -> None:
             other.close()
 
 
-def test_rate_limit_anonymous_per_ip(clock: ManualClock) -> None:
-    with Simulator(ssh_backend="none", clock=clock, ip_budget=2) as sim:
+@pytest.mark.parametrize("trusted", [False, True])
+def test_rate_limit_anonymous_per_ip(clock: ManualClock, trusted: bool) -> None:
+    limits = ServerLimits(trust_forwarded_for=trusted)
+    with Simulator(ssh_backend="none", clock=clock, ip_budget=2, limits=limits) as sim:
         anon = Api(sim.url)
         try:
             reset = int(anon.get("/workspaces").headers["X-RateLimit-Reset"])
@@ -918,9 +921,11 @@ def test_rate_limit_anonymous_per_ip(clock: ManualClock) -> None:
             res = anon.get("/workspaces")
             assert res.status_code == 403
             assert res.content == b""
-            # Another address (as X-Forwarded-For says) has its own window.
+            # Another address (as a trusted X-Forwarded-For says) has its own window; an
+            # untrusted one changes nothing.
             assert anon.get("/workspaces",
-                            headers={"X-Forwarded-For": "203.0.113.5"}).status_code == 200
+                            headers={"X-Forwarded-For": "203.0.113.5"}
+                            ).status_code == (200 if trusted else 403)
             # A call that needs a user is refused for that first.
             assert anon.get("/instances").status_code == 400
         finally:
@@ -1209,13 +1214,18 @@ def test_port_in_use() -> None:
                 pass
 
 
-def test_command_line_serves_and_stops_on_sigterm() -> None:
+def test_command_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
-         "--token", "cli-token"],
+         "--token-file", str(token_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
+        # The token is nowhere on the command line other local users can read.
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+            assert b"cli-token" not in cmdline.read()
         lines = _read_lines(proc, 2, timeout=15)
         assert lines[0].startswith("REROBOTS_API_URL=http://127.0.0.1:")
         assert lines[1] == "REROBOTS_API_TOKEN=cli-token"
@@ -1229,6 +1239,35 @@ def test_command_line_serves_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=10)
+
+
+def test_command_line_token_from_the_environment_and_argv_refused(tmp_path: Path) -> None:
+    env = {**os.environ, "REROBOTS_SIM_TOKEN": "env-token"}
+    env.pop("REROBOTS_API_TOKEN", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        assert _read_lines(proc, 2, timeout=15)[1] == "REROBOTS_API_TOKEN=env-token"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+    refused = subprocess.run(
+        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
+         "--token", "argv-token"], capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert "--token is not accepted" in refused.stderr
+    assert "--token-file PATH" in refused.stderr and "REROBOTS_SIM_TOKEN" in refused.stderr
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for path, message in [(empty, "has no token"), (tmp_path / "missing", "cannot read")]:
+        bad = subprocess.run(
+            [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend",
+             "none", "--token-file", str(path)], capture_output=True, text=True, timeout=30)
+        assert bad.returncode == 2, bad.stderr
+        assert message in bad.stderr
 
 
 def _read_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[str]:

@@ -1,19 +1,24 @@
-"""Catalog files add to the built-in catalog; per-deployment faults; duration ranges; profiles.
+"""Catalog files add to the built-in catalog; per-deployment faults; duration ranges; profiles;
+host files, commands and serial devices inside the robots' sandbox.
 
 The format is docs/simulator-catalog.md; these tests pin what it promises.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
+from pytest_rerobots import RerobotsClient
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.catalog import default_catalog, load_catalog, profile_catalog
+from pytest_rerobots.sim.hosts import SSHD
+from pytest_rerobots.sim.hosts import sandbox as sandbox_module
 from pytest_rerobots.sim.state import ManualClock
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
@@ -220,3 +225,103 @@ def test_profiles() -> None:
     with pytest.raises(ConfigurationError, match="cannot read the catalog"):
         Simulator("nope", ssh_backend="none")
     assert Simulator(Path("realistic"), ssh_backend="none").world.switches.busy_race is True
+
+
+# -- host files, commands and devices in the sandbox ------------------------------------
+
+DEVICE_LAB = """
+replace_builtin = true
+
+[types.lab_arm]
+commands = ["mkdir -p /opt/arm", "bin/calibrate > /opt/arm/offsets"]
+
+[types.lab_arm.files]
+"bin/calibrate" = '''
+#!/bin/sh
+echo "offsets=1,2,3 host=$(hostname)"
+'''
+"bin/console" = '''
+#!/bin/sh
+printf 'ARM boot rom 2.0\\n'
+while IFS= read -r line; do printf 'arm: %s\\n' "$line"; done
+'''
+
+[types.lab_arm.devices]
+"/dev/ttyACM0" = "bin/console"
+
+[[deployments]]
+type = "lab_arm"
+"""
+
+
+def _sandboxed_backend(name: str) -> str:
+    problem = sandbox_module.SandboxSetup.probe()
+    if isinstance(problem, str):
+        if os.environ.get("REROBOTS_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"REROBOTS_REQUIRE_SANDBOX=1 but this machine cannot sandbox: {problem}")
+        pytest.skip(f"this machine cannot sandbox: {problem}")
+    if name == "openssh" and not os.access(SSHD, os.X_OK):
+        if os.environ.get("REROBOTS_REQUIRE_OPENSSH") == "1":
+            pytest.fail(f"REROBOTS_REQUIRE_OPENSSH=1 but {SSHD} is missing")
+        pytest.skip(f"{SSHD} is missing")
+    return name
+
+
+@pytest.mark.parametrize("backend", ["asyncssh", "openssh"])
+def test_host_files_commands_and_devices_work_in_the_sandbox(tmp_path: Path,
+                                                            backend: str) -> None:
+    with Simulator(write(tmp_path, DEVICE_LAB), ssh_backend=_sandboxed_backend(backend),
+                   require_sandbox=True, ready_delay=0.05, not_found_window=0) as sim:
+        client = RerobotsClient(token=sim.token, api_url=sim.url)
+        with client.acquire("lab_arm") as robot:
+            # The setup commands ran inside the robot: its hostname, its own /opt.
+            offsets = robot.run("cat /opt/arm/offsets").stdout
+            assert offsets.startswith("offsets=1,2,3 host=sim-")
+            assert not Path("/opt/arm/offsets").exists() or (
+                Path("/opt/arm/offsets").read_text() != offsets)
+            assert robot.run("bin/calibrate").stdout == offsets
+            assert robot.run("timeout 5 head -n1 /dev/ttyACM0").stdout == "ARM boot rom 2.0\n"
+            reply = robot.run("exec 3<>/dev/ttyACM0; echo home >&3; timeout 5 head -n1 <&3")
+            assert reply.stdout == "arm: home\n"
+
+
+def test_the_default_kobuki_has_a_serial_console(tmp_path: Path) -> None:
+    with Simulator(ssh_backend=_sandboxed_backend("asyncssh"), require_sandbox=True,
+                   ready_delay=0.05, not_found_window=0) as sim:
+        client = RerobotsClient(token=sim.token, api_url=sim.url)
+        with client.acquire("basic_kobuki") as robot:
+            assert robot.run("timeout 5 head -n1 /dev/ttyUSB0").stdout == (
+                "Kobuki bootloader 1.4.2\r\n")
+            image = tmp_path / "fw.bin"
+            image.write_text("VERSION=2.1.0\n")
+            robot.put(str(image), "fw.bin")
+            robot.run("bin/flash-fw fw.bin", check=True)
+            # Line by line: the console answers each command, then prompts again.
+            answer = robot.run("exec 3<>/dev/ttyUSB0; timeout 5 head -n1 <&3 >/dev/null;"
+                               " printf 'version\\r\\n' >&3; timeout 5 head -n1 <&3")
+            assert answer.stdout.endswith("2.1.0\r\n")
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('"/etc/passwd" = "true"', "a device path is /dev/NAME"),
+        ('"/dev/../etc/x" = "true"', "a device path is /dev/NAME"),
+        ('"/dev/ttyUSB0" = 3', "types.lab_arm.devices./dev/ttyUSB0"),
+    ],
+)
+def test_device_entries_are_checked(tmp_path: Path, text: str, problem: str) -> None:
+    path = write(tmp_path, f"[types.lab_arm.devices]\n{text}\n")
+    with pytest.raises(ConfigurationError, match=problem.replace(".", r"\.")):
+        load_catalog(path)
+
+
+def test_require_sandbox_makes_an_unsandboxable_machine_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("asyncssh")
+    monkeypatch.setattr(sandbox_module, "BWRAP", str(tmp_path / "no-bwrap"))
+    path = write(tmp_path, "[switches]\nrequire_sandbox = true\n")
+    assert load_catalog(path).switches.require_sandbox is True
+    with pytest.raises(ConfigurationError, match="cannot sandbox its robots"), Simulator(path):
+        pass  # __enter__ undoes the half-made start

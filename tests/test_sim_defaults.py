@@ -623,9 +623,10 @@ def test_realistic_profile_by_name_on_the_command_line(tmp_path: Path) -> None:
     assert "realistic" in done.stdout
     # A bare profile name is never read as a file, even where one has that name.
     (tmp_path / "realistic").write_text("this is not TOML [")
+    (tmp_path / "token").write_text("t0k3n\n")
     proc = subprocess.Popen(
         [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
-         "--config", "realistic", "--token", "t0k3n"],
+         "--config", "realistic", "--token-file", str(tmp_path / "token")],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path,
     )
     try:

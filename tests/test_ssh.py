@@ -19,9 +19,13 @@ from pytest_rerobots.errors import (
     CommandFailed,
     CommandTimeout,
     HostKeyMismatch,
+    RemoteFileError,
+    RerobotsError,
     SSHConnectError,
     SSHError,
+    is_infrastructure,
 )
+from pytest_rerobots.transcript import Transcript
 from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager
 
 MB = 1_000_000
@@ -160,6 +164,58 @@ def test_timeout_closes_only_that_channel(conn: ssh.Connection) -> None:
     assert conn.run("echo and here").stdout == "and here\n"
 
 
+def test_failure_and_timeout_show_both_streams(conn: ssh.Connection) -> None:
+    with pytest.raises(CommandFailed) as failed:
+        conn.run("echo flashing...; echo 'E: CRC mismatch at 0x4000' >&2; exit 3", check=True)
+    text = str(failed.value)
+    assert "flashing..." in text and "E: CRC mismatch at 0x4000" in text
+    assert "stdout" in text and "stderr" in text and "status 3" in text
+    # What a command printed before its timeout is kept and shown.
+    with pytest.raises(CommandTimeout) as timed_out:
+        conn.run("echo started; echo half way >&2; exec sleep 10", timeout=0.5)
+    assert (timed_out.value.stdout, timed_out.value.stderr) == ("started\n", "half way\n")
+    assert "started" in str(timed_out.value) and "half way" in str(timed_out.value)
+    assert "--rerobots-command-timeout" in str(timed_out.value)
+
+
+def test_default_timeout_and_explicit_none(conn: ssh.Connection) -> None:
+    assert conn.command_timeout == ssh.DEFAULT_COMMAND_TIMEOUT
+    conn.command_timeout = 0.3
+    with pytest.raises(CommandTimeout, match=r"within 0\.3 s"):
+        conn.run("sleep 10")  # no timeout named: the connection's default
+    # Only an explicit None waits without a limit.
+    assert conn.run("sleep 0.6; echo done", timeout=None).stdout == "done\n"
+
+
+def test_transcript_records_runs_and_transfers(conn: ssh.Connection,
+                                               tmp_path: pathlib.Path) -> None:
+    conn.transcript, conn.label = Transcript(), "basic_kobuki 1a2b3c4d"
+    conn.run("echo out; echo err >&2")
+    with pytest.raises(CommandFailed):
+        conn.run("exit 4", check=True)
+    with pytest.raises(CommandTimeout):
+        conn.run("echo before; exec sleep 10", timeout=0.3)
+    local = tmp_path / "fw.bin"
+    local.write_text("fw")
+    conn.put(local, "fw.bin")
+    with pytest.raises(RemoteFileError):
+        conn.get("missing.log", tmp_path / "missing.log")
+    entries, dropped = conn.transcript.take()
+    assert dropped == 0
+    got = [(e.kind, e.status, e.stdout, e.stderr, e.note, e.instance) for e in entries]
+    label = "basic_kobuki 1a2b3c4d"
+    assert got == [
+        ("run", 0, "out", "err", "", label),
+        ("run", 4, "", "", "", label),
+        ("run", None, "before", "", "timed out after 0.3 s", label),
+        ("put", None, "", "", "", label),
+        ("get", None, "", "", "missing.log: no such file or directory", label),
+    ]
+    assert entries[3].command == f"{local} -> fw.bin"
+    assert all(e.duration >= 0 and e.at > 0 for e in entries)
+    assert "timed out after 0.3 s" in Transcript.render(entries)
+
+
 def test_run_on_a_closed_connection(robot: Robot) -> None:
     client = robot.connect()
     client.close()
@@ -206,8 +262,38 @@ def test_sftp_round_trip_10_mb(conn: ssh.Connection, tmp_path: pathlib.Path) -> 
 
 
 def test_sftp_errors_are_ssh_errors(conn: ssh.Connection, tmp_path: pathlib.Path) -> None:
-    with pytest.raises(SSHError, match="cannot get 'no-such-file'"):
-        conn.get("no-such-file", tmp_path / "x")
+    conn.close()
+    with pytest.raises(SSHError, match="closed") as info:
+        conn.get("anything", tmp_path / "x")
+    assert is_infrastructure(info.value)
+
+
+def test_missing_remote_path_is_a_test_failure_naming_it(
+    conn: ssh.Connection, tmp_path: pathlib.Path
+) -> None:
+    local = tmp_path / "boot.log"
+    with pytest.raises(RemoteFileError, match=r"remote path 'no-such\.log'.*no such file") as info:
+        conn.get("no-such.log", local)
+    assert not is_infrastructure(info.value) and info.value.path == "no-such.log"
+    assert not local.exists()  # no empty file left behind
+    local.write_text("firmware")
+    with pytest.raises(RemoteFileError, match=r"remote path 'no-dir/fw\.bin'"):
+        conn.put(local, "no-dir/fw.bin")
+    # A missing *local* file is Python's own error, with the local path.
+    with pytest.raises(FileNotFoundError) as missing:
+        conn.put(tmp_path / "absent.bin", "fw.bin")
+    assert not isinstance(missing.value, RerobotsError)
+
+
+def test_remote_permission_error_is_a_test_failure(
+    conn: ssh.Connection, tmp_path: pathlib.Path
+) -> None:
+    local = tmp_path / "x"
+    local.write_text("x")
+    # Read-only for root too (sysfs has no write handler for it).
+    with pytest.raises(RemoteFileError, match="'/sys/kernel/notes'.*permission denied") as info:
+        conn.put(local, "/sys/kernel/notes")
+    assert not is_infrastructure(info.value) and info.value.reason == "permission denied"
 
 
 def test_connection_close_is_idempotent(robot: Robot) -> None:

@@ -32,8 +32,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from werkzeug.serving import BaseWSGIServer, make_server
-
 from ..errors import ConfigurationError
 from .api import RequestHandler, SimApp
 from .catalog import (
@@ -46,9 +44,10 @@ from .catalog import (
 )
 from .hostapi import HostBackend, NullHostManager
 from .model import InstanceSnapshot
+from .server import LimitedServer, ServerLimits
 from .state import ManualClock, World
 
-__all__ = ["SSH_BACKENDS", "Catalog", "ManualClock", "Simulator", "World"]
+__all__ = ["SSH_BACKENDS", "Catalog", "ManualClock", "ServerLimits", "Simulator", "World"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,9 @@ class Simulator:
     with :mod:`secrets` unless given). ``ssh_backend`` is one of :data:`SSH_BACKENDS`.
     ``clock`` replaces :func:`time.time` (see :class:`~.state.ManualClock`). ``overrides``
     replace catalog settings by their flat names (``ready_delay=0.05``, ``token_budget=5``,
-    ``stuck_init=True``, ...; see :data:`~.catalog.OVERRIDE_KEYS`).
+    ``stuck_init=True``, ...; see :data:`~.catalog.OVERRIDE_KEYS`). ``limits`` bounds what a
+caller may cost the HTTP server (:class:`~.server.ServerLimits`: body size, JSON depth,
+connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` is believed).
 
     A context manager: ``__enter__`` starts (and cleans up a half-finished start),
     ``__exit__`` stops. :meth:`stop` is idempotent.
@@ -108,6 +109,7 @@ class Simulator:
         clock: Callable[[], float] | None = None,
         user: str = "tester",
         tick_interval: float = 0.025,
+        limits: ServerLimits | None = None,
         **overrides: Any,
     ) -> None:
         if not _is_loopback(host):
@@ -119,6 +121,9 @@ class Simulator:
                 f"simulator ssh_backend: {ssh_backend!r} is not one of {', '.join(SSH_BACKENDS)}")
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigurationError(f"simulator port: expected 0..65535, got {port!r}")
+        if limits is not None and not isinstance(limits, ServerLimits):
+            raise ConfigurationError(f"simulator limits: expected ServerLimits, got {limits!r}")
+        self.limits = limits if limits is not None else ServerLimits()
         catalog = _resolve_catalog(config)
         if overrides:
             catalog = apply_overrides(catalog, overrides, "Simulator()")
@@ -128,8 +133,9 @@ class Simulator:
         self.ssh_backend = ssh_backend
         self.user = user
         self.world = World(catalog, clock=clock, tick_interval=tick_interval)
+        self.world.accounts.max_windows = self.limits.rate_table_max
         self.token = self.world.accounts.add_token(user, token or secrets.token_urlsafe(32))
-        self._server: BaseWSGIServer | None = None
+        self._server: LimitedServer | None = None
         self._app: SimApp | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -158,14 +164,16 @@ class Simulator:
         self._root = Path(tempfile.mkdtemp(prefix="rerobots-sim-"))
         self.world.hosts = self._make_hosts(self._root)
         self.world.start()
+        app = self._app = SimApp(self.world, self.limits)
         try:
-            self._app = SimApp(self.world)
-            self._server = make_server(self.host, self.port, self._app, threaded=True,
-                                       request_handler=RequestHandler)
+            self._server = LimitedServer(self.host, self.port, app, self.limits,
+                                         handler=RequestHandler)
         except SystemExit as exc:
             # werkzeug reports a failed bind on stderr and exits; turn that into our error.
             raise ConfigurationError(
                 f"simulator: cannot listen on {self.host}:{self.port}") from exc
+        app.on_body_read = self._server.body_read
+        app.on_body_refused = self._server.refused_body
         self._thread = threading.Thread(target=self._serve, name="rerobots-sim-http",
                                         daemon=True)
         self._thread.start()
@@ -183,7 +191,8 @@ class Simulator:
             raise ConfigurationError(
                 f"simulator ssh_backend {self.ssh_backend!r} needs the 'sim' extra "
                 f"(pip install 'pytest-rerobots[sim]'): {exc}") from exc
-        return HostManager(root, backend=self.ssh_backend)
+        sandbox = "require" if self.catalog.switches.require_sandbox else "auto"
+        return HostManager(root, backend=self.ssh_backend, sandbox=sandbox)
 
     def _serve(self) -> None:
         assert self._server is not None

@@ -5,11 +5,13 @@ remembered by its SHA-256, as on the server, so an unknown digest can be revoked
 time. Every request is charged to a rate window: per token for a valid token, else per
 caller address; the ``X-RateLimit-*`` headers show the window as :class:`RateState`. As on
 the server, the request after the last one of the budget is still served (Remaining then
-reads -1); the one after that is refused.
+reads -1); the one after that is refused. The table of windows is bounded
+(``max_windows``): expired windows go first, then the oldest.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -57,7 +59,9 @@ class Accounts:
         self._lock = threading.Lock()
         self._tokens: dict[str, str] = dict(tokens)
         self._revoked: set[str] = set()
-        self._windows: dict[str, _RateWindow] = {}
+        self._windows: collections.OrderedDict[str, _RateWindow] = collections.OrderedDict()
+        #: Most windows kept (callers seen within a window); see :meth:`charge`.
+        self.max_windows = 10_000
 
     def add_token(self, user: str, token: str | None = None) -> str:
         """Give ``user`` (new or known) one more valid token (generated unless given);
@@ -111,6 +115,9 @@ class Accounts:
             window = self._windows.get(key)
             if window is None or now >= window.start + self.limits.rate_window:
                 window = self._windows[key] = _RateWindow(start=now)
+                # Oldest first: a new or restarted window goes to the end.
+                self._windows.move_to_end(key)
+                self._bound_windows(now)
             if count:
                 window.count += 1
             remaining = budget - window.count
@@ -122,3 +129,22 @@ class Accounts:
                 # its check is ``>``, so request number budget + 1 is still served.
                 allowed=remaining >= -1,
             )
+
+    def _bound_windows(self, now: float) -> None:
+        """Drop expired windows (oldest first), then, past ``max_windows``, the oldest."""
+        windows = self._windows
+        if len(windows) <= self.max_windows:
+            return
+        span = self.limits.rate_window
+        while windows:
+            oldest = next(iter(windows.values()))
+            if now < oldest.start + span:
+                break
+            windows.popitem(last=False)
+        while len(windows) > self.max_windows:
+            windows.popitem(last=False)
+
+    def window_count(self) -> int:
+        """How many rate windows are kept now."""
+        with self._lock:
+            return len(self._windows)

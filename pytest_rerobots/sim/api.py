@@ -6,6 +6,10 @@ digests, workspace type names), so a malformed id fails to match and gets the ca
 answer, 400 ``{"error_message": "unrecognized command"}``, as on the real
 server. Each request, in order:
 
+0. is held to the :class:`~.server.ServerLimits`: a body past ``max_body`` is a 413 (by its
+   ``Content-Length`` before anything is read; a chunked one while reading) that closes the
+   connection, and the body is read before anything else, so the server's request deadline
+   ends there;
 1. ticks the world, so time-driven transitions are never stale;
 2. answers ``OPTIONS`` (CORS preflight) at once, uncharged and without rate-limit headers
    (``OPTIONS /`` is a 405, as the server has no preflight route for ``/``);
@@ -38,10 +42,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.routing import BaseConverter, Map, Rule
-from werkzeug.serving import WSGIRequestHandler
 from werkzeug.wrappers import Request, Response
 
 from .accounts import RateState
@@ -60,6 +63,7 @@ from .model import (
     format_time,
     utc,
 )
+from .server import LimitedHandler, ServerLimits
 from .state import World
 
 __all__ = ["RequestHandler", "SimApp"]
@@ -86,6 +90,8 @@ _OPTION_TYPES: tuple[tuple[str, type], ...] = (
 _SRC = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}(/[0-9]{1,2})?")
 #: ``GET /``'s ``deployment_details``, which the server names literally.
 DEPLOYMENT_DETAILS = "https://api.rerobots.net/deployment/:deploymentID"
+# Cached GET /deployments answers kept at most (one per path and query string).
+_DEPLOYMENTS_CACHE_MAX = 1024
 _SORT_KEYS = {"inc_wtype", "dec_wtype", "inc_created", "dec_created", "inc_count", "dec_count"}
 
 
@@ -230,11 +236,44 @@ def _filter_types(found: list[Deployment], types: str) -> list[Deployment]:
     return found if selected is None else [d for d in found if d in selected]
 
 
-def _caller_ip(request: Request) -> str:
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    if forwarded.strip():
-        return forwarded.split(",")[0].strip()
+def _caller_ip(request: Request, trust_forwarded_for: bool) -> str:
+    """The caller's address: the socket's, or with ``trust_forwarded_for`` the first one of
+    ``X-Forwarded-For`` (which any caller can write, so it is off by default)."""
+    if trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        if forwarded.strip():
+            return forwarded.split(",")[0].strip()
     return request.remote_addr or "127.0.0.1"
+
+
+def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in ``raw`` nest deeper than ``limit`` (brackets inside
+    strings do not count); one linear pass, so a hostile body cannot make the parser recurse."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def _too_large(limit: int) -> Response:
+    """413 for a body past ``limit`` bytes; werkzeug's server then closes the connection."""
+    return _json(413, {"error_message": f"request body larger than {limit} bytes"})
 
 
 def _bearer(request: Request) -> str | None:
@@ -246,13 +285,19 @@ def _bearer(request: Request) -> str | None:
 
 
 def _body(request: Request) -> dict[str, Any]:
-    """The JSON body whatever the Content-Type; a missing body is ``{}``."""
+    """The JSON body whatever the Content-Type; a missing body is ``{}``.
+
+    The body was read (within ``max_body``) by :meth:`SimApp.__call__`; one nested past
+    ``max_json_depth`` (the request's ``json_depth``) is a 400 and never reaches the parser."""
     raw = request.get_data(cache=True)
     if not raw.strip():
         return {}
+    limit = getattr(request, "json_depth", ServerLimits.max_json_depth)
+    if _json_depth_exceeds(raw, limit):
+        raise Refusal(400, f"request body nests deeper than {limit} levels")
     try:
         data = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise Refusal(400, "request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise Refusal(400, "request body must be a JSON object")
@@ -296,8 +341,14 @@ class SimApp:
     the model objects the world hands out.
     """
 
-    def __init__(self, world: World) -> None:
+    def __init__(self, world: World, limits: ServerLimits | None = None) -> None:
         self.world = world
+        self.limits = limits if limits is not None else ServerLimits()
+        #: Told each connection's socket once its request body is read (the server's
+        #: request deadline ends there); set by the server.
+        self.on_body_read: Callable[[Any], None] = lambda sock: None
+        #: Told each connection's socket whose body is refused (413); set by the server.
+        self.on_body_refused: Callable[[Any], None] = lambda sock: None
         #: Requests answered, by endpoint name (what a test asks: "no POST /new?").
         self.counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
@@ -328,6 +379,21 @@ class SimApp:
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]
                  ) -> Iterable[bytes]:
         request = Request(environ)
+        limits = self.limits
+        # One byte over: a chunked body cut off at the limit is then known to be too large.
+        request.max_content_length = limits.max_body + 1
+        request.json_depth = limits.max_json_depth  # type: ignore[attr-defined]
+        length = request.content_length
+        too_large = length is not None and length > limits.max_body
+        if not too_large:
+            try:
+                too_large = len(request.get_data(cache=True)) > limits.max_body
+            except RequestEntityTooLarge:
+                too_large = True
+        if too_large:
+            self.on_body_refused(environ.get("werkzeug.socket"))
+            return _too_large(limits.max_body)(environ, start_response)
+        self.on_body_read(environ.get("werkzeug.socket"))
         try:
             response = self.dispatch(request)
         except _DropConnection:
@@ -352,7 +418,8 @@ class SimApp:
             return _preflight(request)
         token = _bearer(request)
         user = accounts.authenticate(token)
-        key, budget = accounts.window_for(user, token, _caller_ip(request))
+        caller = _caller_ip(request, self.limits.trust_forwarded_for)
+        key, budget = accounts.window_for(user, token, caller)
         rate = accounts.charge(key, budget)
         match = self._match(request)
         if match is None:
@@ -479,7 +546,14 @@ class SimApp:
         body = self._list_deployments(request, wtype)
         if ttl > 0:
             with self._cache_lock:
-                self._deployments_cache[key] = (now + ttl, body)
+                cache = self._deployments_cache
+                cache[key] = (now + ttl, body)
+                if len(cache) > _DEPLOYMENTS_CACHE_MAX:
+                    # Each query string is a key: drop what expired, else start over.
+                    for stale in [k for k, (until, _) in cache.items() if now >= until]:
+                        del cache[stale]
+                    if len(cache) > _DEPLOYMENTS_CACHE_MAX:
+                        cache.clear()
         return _json(200, body)
 
     def _list_deployments(self, request: Request, wtype: str | None) -> dict[str, Any]:
@@ -659,7 +733,7 @@ class SimApp:
         """``POST /firewall/:id``: append a rule; defaults: the caller's address, ACCEPT."""
         self.world.find(user, instance_id)
         body = _body(request)
-        src = body.get("src", _caller_ip(request))
+        src = body.get("src", _caller_ip(request, self.limits.trust_forwarded_for))
         if not isinstance(src, str):
             raise _wrong_type("src")
         if "src" in body and not _SRC.fullmatch(src):
@@ -743,8 +817,9 @@ class SimApp:
         return _json(200, {"jid": self.world.ci_job(user, pid)})
 
 
-class RequestHandler(WSGIRequestHandler):
-    """werkzeug's handler, answering as ``Server: rerobots.net`` and logging quietly."""
+class RequestHandler(LimitedHandler):
+    """The server's handler (with its limits, :mod:`.server`), answering as
+    ``Server: rerobots.net`` and logging quietly."""
 
     #: Set once a request line is read; an error before that logs it empty.
     requestline = ""

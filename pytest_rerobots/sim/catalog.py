@@ -68,6 +68,7 @@ _UUID_RE = re.compile(
     r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 )
 _WTYPE_RE = re.compile(r"[A-Za-z0-9_]+")
+_DEVICE_RE = re.compile(r"/dev/[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # A fixed namespace so that a deployment without an explicit id gets the same id every run.
 _DEPLOYMENT_NS = uuid.UUID("6f1d2c3a-8b0e-4e57-9d38-2f1f3c7a9e01")
 
@@ -82,6 +83,8 @@ class WorkspaceTypeSpec:
     desc: str = ""
     files: Mapping[str, str] = field(default_factory=dict)
     commands: tuple[str, ...] = ()
+    #: Serial devices: a path on the robot (``/dev/ttyUSB0``) -> the command serving it.
+    devices: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,8 @@ class Switches:
     #: Two POST /new on one free deployment inside the 404 window both succeed; the later
     #: instance then ends INIT_FAIL.
     busy_race: bool = False
+    #: A machine that cannot sandbox the simulated robots is an error, not a warning.
+    require_sandbox: bool = False
 
 
 @dataclass
@@ -357,7 +362,14 @@ def _types(check: _Checker, data: Mapping[str, Any]) -> dict[str, WorkspaceTypeS
         if not _WTYPE_RE.fullmatch(name):
             raise check.fail(key, "a workspace type name is letters, digits and underscores")
         spec = check.table(spec, key)
-        check.known(spec, {"type_version", "supported_addons", "desc", "files", "commands"}, key)
+        check.known(spec, {"type_version", "supported_addons", "desc", "files", "commands",
+                           "devices"}, key)
+        devices = check.table(spec.get("devices", {}), f"{key}.devices")
+        for path, command in devices.items():
+            dkey = f"{key}.devices.{path}"
+            check.string(command, dkey)
+            if not _DEVICE_RE.fullmatch(path):
+                raise check.fail(dkey, "a device path is /dev/NAME (letters, digits, _ . -)")
         files = check.table(spec.get("files", {}), f"{key}.files")
         for path, text in files.items():
             fkey = f"{key}.files.{path}"
@@ -374,6 +386,7 @@ def _types(check: _Checker, data: Mapping[str, Any]) -> dict[str, WorkspaceTypeS
             desc=check.string(spec.get("desc", ""), f"{key}.desc", nonempty=False),
             files=dict(files),
             commands=check.strings(spec.get("commands", []), f"{key}.commands"),
+            devices=dict(devices),
         )
     return result
 

@@ -47,6 +47,7 @@ class HostBackend(Protocol):
         firewall: Callable[[str], str],
         files: dict[str, str],
         commands: list[str],
+        devices: dict[str, str] | None = None,
     ) -> HostInfo:
         """Start the host of ``instance_id``; return once it listens."""
         ...
@@ -82,6 +83,7 @@ class NullHostManager:
         firewall: Callable[[str], str],
         files: dict[str, str],
         commands: list[str],
+        devices: dict[str, str] | None = None,
     ) -> HostInfo:
         """Hand out the next port number and a real-looking (unused) ed25519 host key."""
         with self._lock:

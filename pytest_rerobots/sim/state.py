@@ -383,6 +383,7 @@ class World:
                 firewall=partial(self.firewall_action, instance_id),
                 files=dict(spec.files),
                 commands=list(spec.commands),
+                devices=dict(spec.devices),
             )
         except Exception as exc:
             log.warning("host of instance %s failed to start: %r", instance_id, exc)

@@ -3,7 +3,10 @@
 Logins are user ``root``, public key only, with exactly the host's keys. Commands run as
 ``/bin/sh -c CMD`` in the host's directory with ``HOME`` set to it, in a process group of
 their own; a command killed by signal ``n`` exits with status ``128 + n``, as a shell reports
-it. SFTP resolves relative paths against the same directory.
+it. SFTP resolves relative paths against the same directory. In a sandbox
+(:mod:`.sandbox`) commands run inside it, and SFTP, served in this process, reaches only
+the robot's writable directories (its home, ``/tmp``, ``/opt``, ...), each checked after
+resolving symbolic links, so that a link the robot made cannot lead it to the runner's files.
 """
 
 from __future__ import annotations
@@ -46,11 +49,14 @@ class AsyncsshHost(Host):
 
     async def _start_server(self) -> None:
         home = os.fsencode(self.directory)
+        roots = None
+        if self.sandbox is not None:
+            roots = [(os.fsencode(i), os.fsencode(o)) for i, o in self.sandbox.roots()]
         self._options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: _SSHServer(self),
             server_host_keys=[asyncssh.import_private_key(self.key_pem)],
             process_factory=self._handle_process,
-            sftp_factory=lambda chan: _HomeSFTPServer(chan, home),
+            sftp_factory=lambda chan: _HomeSFTPServer(chan, home, roots),
             encoding=None,
             allow_scp=False,
             agent_forwarding=False,
@@ -93,7 +99,7 @@ class AsyncsshHost(Host):
         argv = ["/bin/sh"] if process.command is None else ["/bin/sh", "-c", process.command]
         try:
             transport, proc = await subprocess_exec(
-                *argv,
+                *self.argv(*argv),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -102,6 +108,7 @@ class AsyncsshHost(Host):
                 # Its own process group, so that a timeout or stop_host kills
                 # the command and everything it started, and nothing else.
                 start_new_session=True,
+                pass_fds=self.pass_fds,
             )
         except OSError as exc:
             process.stderr.write(f"sh: {exc}\n".encode())
@@ -165,17 +172,47 @@ class _SSHServer(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         return self._host.allows(username, key)
 
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str,
+                             orig_port: int) -> bool:
+        # direct-tcpip (Instance.forward), as sshd's "AllowTcpForwarding local" allows it.
+        return True
+
 
 class _HomeSFTPServer(asyncssh.SFTPServer):
-    """SFTP with relative paths resolved against the host's directory, like sftp-server."""
+    """SFTP with relative paths resolved against the host's directory, like sftp-server.
 
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], home: bytes) -> None:
+    With ``roots`` (a sandbox's (inside, outside) writable directories), a path is
+    mapped into the directory that holds it, and any other path is refused.
+    """
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], home: bytes,
+                 roots: list[tuple[bytes, bytes]] | None = None) -> None:
         super().__init__(chan)
         self._home = home
+        self._roots = roots
 
     def map_path(self, path: bytes) -> bytes:
         # posixpath.join keeps absolute paths as they are, as OpenSSH does.
-        return posixpath.join(self._home, path)
+        joined = posixpath.join(self._home, path)
+        if self._roots is None:
+            return joined
+        inside = posixpath.normpath(joined)
+        for top, outside in self._roots:
+            if inside == top or inside.startswith(top + b"/"):
+                mapped = outside + inside[len(top):]
+                real = os.path.realpath(mapped)
+                if real == outside or real.startswith(outside + b"/"):
+                    return mapped
+                break
+        raise asyncssh.SFTPPermissionDenied(
+            "the simulated robot's SFTP reaches only its home and private directories")
+
+    def reverse_map_path(self, path: bytes) -> bytes:
+        if self._roots is not None:
+            for top, outside in self._roots:
+                if path == outside or path.startswith(outside + b"/"):
+                    return top + path[len(outside):]
+        return path
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> bool:

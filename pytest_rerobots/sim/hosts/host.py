@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .processes import CHUNK, MARKER_VAR, Leftovers, kill_marked
+from .sandbox import PATH, Sandbox
 
 __all__ = ["FIREWALL_VERDICTS", "Host", "HostContext", "reset"]
 
@@ -70,6 +71,8 @@ class Host:
         self.directory = directory.resolve()
         self.authorized = authorized
         self.firewall = firewall
+        #: The robot's sandbox (set by the manager before :meth:`start`), or None.
+        self.sandbox: Sandbox | None = None
         self.marker = f"{instance_id}:{uuid.uuid4().hex}"
         context.leftovers.markers.add(self.marker)
         key = ec.generate_private_key(ec.SECP256R1())
@@ -101,17 +104,29 @@ class Host:
     async def _stop_server(self) -> None:
         raise NotImplementedError
 
+    def argv(self, *command: str) -> list[str]:
+        """``command`` as run on this robot: inside its sandbox, if it has one."""
+        return self.sandbox.argv(*command) if self.sandbox is not None else list(command)
+
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        """What a process started with :meth:`argv` must inherit."""
+        return self.sandbox.pass_fds if self.sandbox is not None else ()
+
     def env(self) -> dict[str, str]:
-        """The environment of a session on this host, like sshd's plus the marker."""
+        """The environment of a session on this host, like sshd's plus the marker.
+
+        In a sandbox nothing comes from the runner's environment."""
         user = "root"
+        sandboxed = self.sandbox is not None
         return {
-            "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+            "PATH": PATH if sandboxed else os.environ.get("PATH", PATH),
             "HOME": str(self.directory),
             "PWD": str(self.directory),
             "USER": user,
             "LOGNAME": user,
             "SHELL": "/bin/sh",
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "LANG": "C.UTF-8" if sandboxed else os.environ.get("LANG", "C.UTF-8"),
             MARKER_VAR: self.marker,
         }
 
@@ -212,6 +227,11 @@ class Host:
             sock.close()
         self._socks.clear()
         await self._stop_server()
+        if self.sandbox is not None:
+            # Its init's death ends every process of the robot; off the loop, it waits.
+            await asyncio.get_running_loop().run_in_executor(None, self.sandbox.stop)
+            for pid in (self.sandbox.pid, self.sandbox.bwrap_pid):
+                self.context.leftovers.pids.discard(pid)
         await kill_marked(self.marker)
         self.context.leftovers.markers.discard(self.marker)
         self._cleanup()

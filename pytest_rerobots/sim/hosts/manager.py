@@ -8,13 +8,16 @@ A :class:`HostManager` owns every host of one simulator. Each host has
 * its own freshly generated ``ecdsa-sha2-nistp256`` host key (the type real
   rerobots hosts report in ``hostkeys``);
 * a listening socket on ``127.0.0.1`` with an ephemeral port, behind the
-  instance's firewall (:mod:`.host`).
+  instance's firewall (:mod:`.host`);
+* where the machine can make one, a sandbox of its own (:mod:`.sandbox`) in which its
+  setup commands, its sessions and its serial devices' emulators run; the sandbox's
+  ``/etc`` comes from one filtered copy of the runner's, made at the first host's start.
 
 One asyncio event loop in one daemon thread per manager serves all of its hosts, whichever
 backend serves the SSH protocol: ``asyncssh`` in-process (:mod:`.asyncssh_backend`, the
 default) or OpenSSH's sshd (:mod:`.openssh_backend`). Everything a host starts carries a
 per-host marker in its environment (:mod:`.processes`), so that :meth:`HostManager.stop_host`
-finds and kills it by pid.
+finds and kills it by pid; in a sandbox, the end of its PID namespace ends everything else.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -40,13 +45,17 @@ from .asyncssh_backend import AsyncsshHost
 from .host import Host, HostContext
 from .openssh_backend import OpensshHost, OpensshSetup
 from .processes import Leftovers
+from .sandbox import Sandbox, SandboxSetup, make_etc_template
 
-__all__ = ["BACKENDS", "HostManager"]
+__all__ = ["BACKENDS", "SANDBOX_MODES", "HostManager"]
 
 log = logging.getLogger(__name__)
 
 #: The SSH server implementations a :class:`HostManager` can run.
 BACKENDS = ("asyncssh", "openssh")
+#: Whether hosts run sandboxed: when the machine can ("auto"), always (else a
+#: ConfigurationError), or never.
+SANDBOX_MODES = ("auto", "require", "off")
 
 _SETUP_TIMEOUT = 300.0  # seconds for one catalog command at start_host
 _START_TIMEOUT = 15.0  # seconds for a host to start listening
@@ -63,17 +72,44 @@ class HostManager:
     ``root`` holds one directory per host (left in place after the host stops,
     for inspection; the caller owns ``root``). ``backend`` is ``"asyncssh"`` or
     ``"openssh"``; anything else is a :class:`ConfigurationError`, and so is
-    ``"openssh"`` without ``/usr/sbin/sshd``.
+    ``"openssh"`` without ``/usr/sbin/sshd``. ``sandbox`` is one of :data:`SANDBOX_MODES`:
+    each host's commands run in a sandbox of their own (:mod:`.sandbox`) where the machine
+    can make one; where it cannot, ``"auto"`` logs one warning and runs them unsandboxed,
+    ``"require"`` is a :class:`ConfigurationError`.
     """
 
     #: Starting a host takes time: the world runs it on a worker thread.
     instant = False
 
-    def __init__(self, root: pathlib.Path, backend: str = "asyncssh") -> None:
+    def __init__(self, root: pathlib.Path, backend: str = "asyncssh",
+                 sandbox: str = "auto") -> None:
         if backend not in BACKENDS:
             raise ConfigurationError(
                 f"unknown SSH host backend {backend!r}; choose one of {', '.join(BACKENDS)}"
             )
+        if sandbox not in SANDBOX_MODES:
+            raise ConfigurationError(
+                f"unknown sandbox mode {sandbox!r}; choose one of {', '.join(SANDBOX_MODES)}")
+        self._sandbox: SandboxSetup | None = None
+        #: Why the hosts run unsandboxed, or None when they are sandboxed.
+        self.sandbox_problem: str | None = "the sandbox is switched off"
+        if sandbox != "off":
+            probed = SandboxSetup.probe()
+            if not isinstance(probed, str) and probed.userns and backend == "openssh":
+                # sshd's privilege separation needs users that a user namespace of our
+                # own cannot map.
+                probed = ("the openssh backend is sandboxed only when the simulator runs "
+                          "as root; the asyncssh backend is sandboxed as any user")
+            if isinstance(probed, str):
+                self.sandbox_problem = probed
+                if sandbox == "require":
+                    raise ConfigurationError(
+                        f"the simulator cannot sandbox its robots: {probed}")
+                log.warning(
+                    "simulated robots run UNSANDBOXED, as this user on this machine: their "
+                    "commands can change this machine's files and processes (%s)", probed)
+            else:
+                self._sandbox, self.sandbox_problem = probed, None
         self.root = pathlib.Path(root)
         self.backend = backend
         self._openssh = OpensshSetup.probe() if backend == "openssh" else None
@@ -82,6 +118,8 @@ class HostManager:
         self.login_user = self._openssh.login_user if self._openssh is not None else "root"
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._template_lock = threading.Lock()
+        self._template: pathlib.Path | None = None
         self._hosts: dict[str, Host | None] = {}  # None: starting
         self._closed = False
         self._errors: list[BaseException] = []
@@ -107,6 +145,7 @@ class HostManager:
         firewall: Callable[[str], str],
         files: dict[str, str],
         commands: list[str],
+        devices: dict[str, str] | None = None,
     ) -> HostInfo:
         """Create, set up and start the host of ``instance_id``; return once it listens.
 
@@ -114,8 +153,11 @@ class HostManager:
         is called for each new TCP connection and returns ``"ACCEPT"``,
         ``"DROP"`` or ``"REJECT"``; ``files`` maps paths relative to the host's
         directory to their text (executable when it starts with ``#!``);
-        ``commands`` run once, in order, through ``/bin/sh`` in that directory.
-        A failing command, a bad path or a bad key is a :class:`ConfigurationError`.
+        ``commands`` run once, in order, through ``/bin/sh`` in that directory;
+        ``devices`` maps device paths on the robot (``/dev/ttyUSB0``) to the command that
+        serves each, a pseudo-terminal whose other end is the command's stdin and stdout
+        (sandboxed hosts only: unsandboxed, the devices are left out). A failing
+        command, a bad path or a bad key is a :class:`ConfigurationError`.
         """
         if not re.fullmatch(r"[A-Za-z0-9._-]+", instance_id) or instance_id in {".", ".."}:
             raise ConfigurationError(f"instance id {instance_id!r} cannot name a host directory")
@@ -124,18 +166,29 @@ class HostManager:
             if instance_id in self._hosts:
                 raise ConfigurationError(f"a host for instance {instance_id} is already running")
             self._hosts[instance_id] = None  # reserve the id while we set up outside the lock
+        sandbox: Sandbox | None = None
         try:
             directory = self.root / instance_id
             directory.mkdir(parents=True, exist_ok=True)
             keys = _parse_authorized_keys(authorized_keys)
             _populate(directory, files)
-            for command in commands:
-                _run_setup_command(instance_id, directory, command)
             host = self._new_host(instance_id, directory, keys, firewall)
+            if self._sandbox is not None:
+                sandbox = Sandbox(self._sandbox, f"sim-{instance_id[:8]}", host.directory,
+                                  self._etc_template(), devices=dict(devices or {}))
+                sandbox.start()
+                self._leftovers.pids.update((sandbox.pid, sandbox.bwrap_pid))
+                host.sandbox = sandbox
+            for command in commands:
+                _run_setup_command(host, command)
+            if sandbox is not None:
+                sandbox.start_serials(host.env())
             self._loop.run(host.start(), timeout=_START_TIMEOUT + 5)
         except BaseException:
             with self._lock:
                 self._hosts.pop(instance_id, None)
+            if sandbox is not None:
+                sandbox.stop()
             raise
         with self._lock:
             if self._closed:  # close() ran meanwhile: do not leak this host
@@ -204,6 +257,22 @@ class HostManager:
         if self._closed:
             raise RerobotsError("HostManager is closed")
 
+    def _etc_template(self) -> pathlib.Path:
+        """The /etc every sandboxed host starts from, copied at the first one's start."""
+        with self._template_lock:
+            if self._template is None:
+                # In memory where the machine has a tmpfs for it: a tenth of a disk copy's
+                # time (mkdtemp makes a private directory there, mode 0700).
+                shm = pathlib.Path("/dev/shm")  # noqa: S108
+                parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else self.root
+                _remove_stale_templates(parent)
+                holder = pathlib.Path(
+                    tempfile.mkdtemp(prefix=f"rerobots-etc-{os.getpid()}-", dir=parent))
+                self._leftovers.dirs.add(holder)  # removed at close, or by the finalizer
+                make_etc_template(holder / "etc")
+                self._template = holder / "etc"
+            return self._template
+
     def _new_host(self, instance_id: str, directory: pathlib.Path, keys: list[str],
                   firewall: Callable[[str], str]) -> Host:
         if self._openssh is not None:
@@ -215,6 +284,20 @@ class HostManager:
         log.error("simulated host error", exc_info=exc)
         with self._lock:
             self._errors.append(exc)
+
+
+def _remove_stale_templates(parent: pathlib.Path) -> None:
+    """Remove the /etc copies of simulators that were killed before they could clean up."""
+    for entry in parent.glob("rerobots-etc-*-*"):
+        pid = entry.name.split("-")[2]
+        if not pid.isdigit() or entry.stat().st_uid != os.geteuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:
+            pass
 
 
 # -- the event loop thread ---------------------------------------------------
@@ -307,17 +390,15 @@ def _populate(directory: pathlib.Path, files: dict[str, str]) -> None:
             target.chmod(0o755)
 
 
-def _run_setup_command(instance_id: str, directory: pathlib.Path, command: str) -> None:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-        "HOME": str(directory),
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-    }
+def _run_setup_command(host: Host, command: str) -> None:
+    instance_id, directory = host.instance_id, host.directory
+    env = host.env()
     try:
         done = subprocess.run(
-            ["/bin/sh", "-c", command],
+            host.argv("/bin/sh", "-c", command),
             cwd=directory,
             env=env,
+            pass_fds=host.pass_fds,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=_SETUP_TIMEOUT,

@@ -1,8 +1,9 @@
-"""The OpenSSH backend: a private ``sshd -D -e`` per host, behind a firewall proxy.
+"""The OpenSSH backend: ``sshd -i`` for each connection the firewall admitted.
 
-Each host runs OpenSSH's own sshd on a private port; the host's listener (see :mod:`.host`)
-admits connections through the firewall and splices them to sshd, which then sees every
-connection as coming from 127.0.0.1 (which does not matter here). A ``ForceCommand`` wrapper
+No sshd listens anywhere: the host's listener (see :mod:`.host`) shows every connection to
+the firewall and hands an accepted socket, as its stdin and stdout, to a fresh ``sshd -i``
+(inetd mode), inside the robot's sandbox when it has one (:mod:`.sandbox`), so that no sshd
+can be reached except through the rule check. A ``ForceCommand`` wrapper
 gives commands and ``sftp-server`` the host's directory and ``HOME``. When this process is not
 root, sshd can only log in the user running it: :attr:`OpensshSetup.login_user` names the
 user that works (``root`` whenever we are root, which is how CI runs).
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import pathlib
 import pwd
@@ -21,19 +21,18 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import ConfigurationError, RerobotsError
-from .host import Host, HostContext
+from .host import Host, HostContext, reset
 from .processes import (
-    CHUNK,
     MARKER_VAR,
     cmdline,
     descendants,
+    killpg,
     reap,
     signal_all,
     subprocess_exec,
@@ -49,7 +48,6 @@ _SFTP_SERVERS = (
     "/usr/lib/ssh/sftp-server",
     "/usr/libexec/sftp-server",
 )
-_START_TIMEOUT = 15.0  # seconds for sshd to start listening
 
 
 @dataclass(frozen=True)
@@ -88,11 +86,9 @@ exit $?
 """
 
 _SSHD_CONFIG = """\
-# Private sshd of one simulated rerobots host; written by pytest_rerobots.sim.hosts.
-Port {port}
-ListenAddress 127.0.0.1
+# Private sshd -i of one simulated rerobots host; written by pytest_rerobots.sim.hosts.
 HostKey {private}/host_key
-PidFile {private}/sshd.pid
+PidFile none
 AuthorizedKeysFile {private}/authorized_keys
 AllowUsers {user}
 PermitRootLogin prohibit-password
@@ -102,11 +98,12 @@ KbdInteractiveAuthentication no
 StrictModes no
 UsePAM no
 UseDNS no
-PermitTTY no
+PermitTTY yes
 PrintMotd no
 PrintLastLog no
 X11Forwarding no
-AllowTcpForwarding no
+# Local forwarding (direct-tcpip) as a real robot allows it: Instance.forward().
+AllowTcpForwarding local
 AllowAgentForwarding no
 PermitTunnel no
 PermitUserEnvironment no
@@ -123,7 +120,7 @@ SetEnv "HOME={home}" "{marker_var}={marker}"
 
 
 class OpensshHost(Host):
-    """A private OpenSSH sshd behind a firewall-enforcing proxy."""
+    """OpenSSH's ``sshd -i`` for each connection the firewall admits."""
 
     def __init__(
         self,
@@ -137,11 +134,9 @@ class OpensshHost(Host):
         super().__init__(context, instance_id, directory, authorized, firewall)
         self.setup = setup
         self._private: pathlib.Path | None = None
-        self._sshd: asyncio.subprocess.Process | None = None
-        self._sshd_transport: asyncio.SubprocessTransport | None = None
-        self._sshd_port = 0
+        self._config = ""
         self._log: collections.deque[str] = collections.deque(maxlen=200)
-        self._links: set[asyncio.StreamWriter] = set()
+        self._sshds: set[asyncio.subprocess.Process] = set()
 
     async def _start_server(self) -> None:
         if any(c in str(self.directory) for c in '"\\\n'):
@@ -149,9 +144,22 @@ class OpensshHost(Host):
                 f"the openssh backend cannot quote the host directory {str(self.directory)!r} "
                 "in sshd_config; choose a root without quotes, backslashes or newlines"
             )
-        private = pathlib.Path(tempfile.mkdtemp(prefix="rerobots-sshd-"))
+        if self.sandbox is not None:
+            # The robot's own /run: sshd there reads its files and keeps its privilege
+            # separation directory, and nothing of it lies among the runner's files.
+            inside = "/run/rerobots-sshd"
+            private = self.sandbox.outside(inside)
+            private.mkdir(mode=0o700)
+            self.sandbox.outside("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        else:
+            private = pathlib.Path(tempfile.mkdtemp(prefix="rerobots-sshd-"))
+            inside = str(private)
+            self.context.leftovers.dirs.add(private)
+            if os.geteuid() == 0:
+                # sshd refuses to start without its privilege separation directory,
+                # which only the init system normally creates.
+                pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         self._private = private
-        self.context.leftovers.dirs.add(private)
         key_file = private / "host_key"
         key_file.write_bytes(self.key_pem)
         key_file.chmod(0o600)  # sshd refuses readable host keys whatever StrictModes says
@@ -165,138 +173,70 @@ class OpensshHost(Host):
             )
         )
         session.chmod(0o755)
-        if os.geteuid() == 0:
-            # sshd refuses to start without its privilege separation directory,
-            # which only the init system normally creates.
-            pathlib.Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        last_error = ""
-        for _attempt in range(3):  # a port picked free can be taken before sshd binds it
-            self._sshd_port = _free_port()
-            config = private / "sshd_config"
-            config.write_text(
-                _SSHD_CONFIG.format(
-                    port=self._sshd_port,
-                    private=private,
-                    user=self.setup.login_user,
-                    sftp_server=self.setup.sftp_server,
-                    home=self.directory,
-                    marker_var=MARKER_VAR,
-                    marker=self.marker,
-                    extra=self.setup.sshd_options,
-                )
+        self._config = f"{inside}/sshd_config"
+        (private / "sshd_config").write_text(
+            _SSHD_CONFIG.format(
+                private=inside,
+                user=self.setup.login_user,
+                sftp_server=self.setup.sftp_server,
+                home=self.directory,
+                marker_var=MARKER_VAR,
+                marker=self.marker,
+                extra=self.setup.sshd_options,
             )
-            self._sshd_transport, self._sshd = await subprocess_exec(
-                SSHD, "-D", "-e", "-f", str(config),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env={**self.env(), "HOME": str(private)},
-                start_new_session=True,
-            )
-            self.context.leftovers.pids.add(self._sshd.pid)
-            if await self._wait_listening():
-                self._spawn(self._drain_log())
-                return
-            last_error = "\n".join(self._log)
-            await self._stop_server()
-            if "Address already in use" not in last_error:
-                break
-        raise RerobotsError(f"sshd for instance {self.instance_id} did not start:\n{last_error}")
-
-    async def _wait_listening(self) -> bool:
-        """Read sshd's log until it listens (True) or exits (False)."""
-        assert self._sshd is not None and self._sshd.stderr is not None
-        stderr = self._sshd.stderr
-
-        async def _read() -> bool:
-            while line := await stderr.readline():
-                text = line.decode(errors="replace").rstrip()
-                self._log.append(text)
-                if text.startswith("Server listening on"):
-                    return True
-            return False
-
-        try:
-            return await asyncio.wait_for(_read(), _START_TIMEOUT)
-        except asyncio.TimeoutError:
-            self._log.append(f"(no 'Server listening' within {_START_TIMEOUT:g} s)")
-            return False
-
-    async def _drain_log(self) -> None:
-        # sshd -e logs every connection; a full pipe would stall it.
-        assert self._sshd is not None and self._sshd.stderr is not None
-        while line := await self._sshd.stderr.readline():
-            self._log.append(line.decode(errors="replace").rstrip())
+        )
+        # Check the configuration once, so that a broken one fails the start, not a login.
+        check = await asyncio.create_subprocess_exec(
+            *self.argv(SSHD, "-t", "-f", self._config),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=self.env(), start_new_session=True)
+        out, _ = await check.communicate()
+        if check.returncode != 0:
+            raise RerobotsError(f"sshd for instance {self.instance_id} did not start:\n"
+                                + out.decode(errors="replace").strip())
 
     async def _serve(self, sock: socket.socket) -> None:
-        client_r, client_w = await asyncio.open_connection(sock=sock)
-        self._links.add(client_w)
         try:
-            try:
-                sshd_r, sshd_w = await asyncio.open_connection("127.0.0.1", self._sshd_port)
-            except OSError:
-                _reset_transport(client_w)
-                return
-            self._links.add(sshd_w)
-            await asyncio.gather(_splice(client_r, sshd_w), _splice(sshd_r, client_w))
-            sshd_w.close()
-            self._links.discard(sshd_w)
-            client_w.close()
+            transport, proc = await subprocess_exec(
+                *self.argv(SSHD, "-i", "-e", "-f", self._config),
+                stdin=sock.fileno(), stdout=sock.fileno(), stderr=subprocess.PIPE,
+                env={**self.env(), "HOME": str(self.directory)},
+                start_new_session=True,
+            )
+        except OSError as exc:
+            self.context.record_error(exc)
+            reset(sock)
+            return
+        sock.close()  # sshd holds it now
+        self._sshds.add(proc)
+        self.context.leftovers.pids.add(proc.pid)
+        try:
+            assert proc.stderr is not None
+            # sshd -e logs to stderr; a full pipe would stall it.
+            while line := await proc.stderr.readline():
+                self._log.append(line.decode(errors="replace").rstrip())
         finally:
-            self._links.discard(client_w)
+            await reap(transport, proc)
+            self._sshds.discard(proc)
+            self.context.leftovers.pids.discard(proc.pid)
 
     async def _close_connections(self) -> None:
-        for writer in list(self._links):
-            writer.transport.abort()
-        self._links.clear()
+        sshds = list(self._sshds)
+        # An sshd's session processes lead sessions of their own; the marker finds those.
+        children = [pid for proc in sshds for pid in descendants(proc.pid)]
+        for proc in sshds:
+            killpg(proc.pid, signal.SIGKILL)
+        signal_all([pid for pid in children if "sshd" in cmdline(pid)], signal.SIGKILL)
 
     async def _stop_server(self) -> None:
-        sshd, self._sshd = self._sshd, None
-        transport, self._sshd_transport = self._sshd_transport, None
-        if sshd is None or transport is None:
-            return
-        children: list[int] = []
-        if sshd.returncode is None:
-            # sshd's per-connection children outlive a SIGTERM to the listener
-            # by design, so they are signalled by pid too.
-            children = descendants(sshd.pid)
-            with contextlib.suppress(ProcessLookupError):
-                sshd.terminate()
-            signal_all(children, signal.SIGTERM)
-        reaping = asyncio.ensure_future(reap(transport, sshd))
-        try:
-            await asyncio.wait_for(asyncio.shield(reaping), 5)
-        except asyncio.TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                sshd.kill()
-            await reaping
-        # Only what still is an sshd: a pid freed since may be someone else's now.
-        signal_all([pid for pid in children if "sshd" in cmdline(pid)], signal.SIGKILL)
-        self.context.leftovers.pids.discard(sshd.pid)
+        sshds = list(self._sshds)
+        if sshds:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in sshds], timeout=5)
 
     def _cleanup(self) -> None:
         if self._private is not None:
             shutil.rmtree(self._private, ignore_errors=True)
             self.context.leftovers.dirs.discard(self._private)
-
-
-async def _splice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(CHUNK):
-            writer.write(data)
-            await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-    except OSError:
-        writer.transport.abort()
-
-
-def _reset_transport(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 def _check_openssh() -> None:
@@ -322,12 +262,6 @@ def _sshd_version_options() -> str:
     out = subprocess.run([SSHD, "-V"], capture_output=True, text=True, check=False)
     match = re.search(r"OpenSSH_(\d+)\.(\d+)", out.stderr + out.stdout)
     version = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    # OpenSSH 9.8 penalises sources that fail to log in; behind our proxy every
-    # connection comes from 127.0.0.1, so one wrong key would lock everyone out.
+    # OpenSSH 9.8 penalises sources that fail to log in; sshd -i sees no real peer
+    # here, so one wrong key could lock everyone out.
     return "PerSourcePenalties no\n" if version >= (9, 8) else ""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
