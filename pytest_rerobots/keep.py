@@ -192,7 +192,8 @@ class KeptStore:
         found = []
         for sub in self.directory.iterdir():
             record = _read_json(sub / "record.json") if sub.is_dir() else None
-            if record is not None and isinstance(record.get("id"), str):
+            # (Its id must be its directory's name: a record never names another path.)
+            if record is not None and record.get("id") == sub.name:
                 record["dir"] = str(sub)
                 found.append(record)
         return sorted(found, key=lambda r: float(r.get("kept_at") or 0))
