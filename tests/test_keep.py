@@ -190,7 +190,7 @@ def test_reuse_is_ignored_under_ci(pytester: pytest.Pytester, sim: Simulator,
                                    monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CI", "true")
     pytester.makepyfile(SUITE)
-    result = pytester.runpytest("--rerobots-reuse=1")
+    result = pytester.runpytest("--rerobots-reuse=1", f"--rerobots-keepalive-interval={PING}")
     result.assert_outcomes(passed=1)
     assert result.stdout.str().count("--rerobots-reuse ignored under CI=true") == 1
     assert "kept" not in result.stdout.str()
@@ -303,8 +303,22 @@ def test_no_keeper_gets_the_token_in_argv_or_environment(
     assert os.getpgid(pid) == pid  # a session of its own
     log = store(pytester) / record["id"] / "keeper.log"
     assert not log.exists() or sim.token not in log.read_text()
+    # No file of the store holds it either (the record has a SHA-256 of it).
+    for path in store(pytester).rglob("*"):
+        assert not path.is_file() or sim.token.encode() not in path.read_bytes(), path
     sweep(pytester)
     assert keeper_gone(pid)
+
+
+def test_a_run_that_keeps_holds_the_token_as_a_secret(sim: Simulator, tmp_path: Path):
+    from pytest_rerobots.run import Run
+
+    with Run(sim.url, sim.token, ignore_env=True, ledger=tmp_path / "ledger.jsonl",
+             watchdog=False, signals=False, keep_on_failure=True, reuse=1.0) as run:
+        assert run.kept is not None
+        for held in (run, run.kept):
+            assert sim.token not in repr(held)
+            assert sim.token not in repr(vars(held)), type(held).__name__
 
 
 ACQUIRED = '''
