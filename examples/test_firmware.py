@@ -73,3 +73,21 @@ def test_two_robots_run_the_same_firmware(rerobots_instance, rerobots_acquire, f
     versions = {robot.run("bin/robot-status", check=True).stdout.split()[1]
                 for robot in (rerobots_instance, second)}
     assert versions == {f"fw={firmware.version}"}
+
+
+def test_console_boots_the_flashed_firmware(rerobots_instance, flash, firmware):
+    # The base's serial console, read live: the simulator's sandboxed robots have one at
+    # /dev/ttyUSB0 (see the README's "Live processes"); a real robot's may sit elsewhere.
+    if rerobots_instance.run("test -c /dev/ttyUSB0").exit_status != 0:
+        pytest.skip("this robot has no serial console at /dev/ttyUSB0 (on the simulator, "
+                    "robots have one in their sandbox: install bubblewrap)")
+    flash(rerobots_instance)
+    console = rerobots_instance.spawn("exec 3<>/dev/ttyUSB0; cat <&3 & exec cat >&3")
+    console.expect("kobuki> ", timeout=10)  # the prompt the console left waiting
+    console.sendline("reboot")
+    console.expect("Kobuki bootloader", timeout=10)
+    booted = console.expect([r"firmware (\S+) booted", "panic"], timeout=10)
+    assert booted.index == 0 and booted.match.group(1) == firmware.version
+    console.expect("kobuki> ", timeout=10)
+    console.sendline("status")
+    console.expect(r"base=ok", timeout=10)

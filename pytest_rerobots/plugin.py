@@ -23,7 +23,7 @@ import pytest
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
 from . import guard, report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
-from .settings import OPTIONS, Settings, allow_warnings, resolve
+from .settings import OPTIONS, Secret, Settings, allow_warnings, resolve
 from .transcript import Transcript
 
 if TYPE_CHECKING:
@@ -223,7 +223,8 @@ class RerobotsPlugin:
         # Under xdist with --rerobots-xdist shared: the controller's directory for the
         # workers to share instances through (see share.py).
         self.share_dir: Path | None = None
-        self.api_url, self._token = settings.api_url, settings.token
+        # A Secret, so that vars(plugin) and pytest's -l locals never show the token.
+        self.api_url, self._token = settings.api_url, settings.secret
         self.signals = guard.SignalGuard()
         self._run: Run | None = None
         # The pool's keys of each scope node (by node id), ended together at its end.
@@ -252,10 +253,11 @@ class RerobotsPlugin:
         s = self.settings
         worker = self.worker_input or {}
         if "rerobots_sim_url" in worker:
-            self.api_url, self._token = worker["rerobots_sim_url"], worker["rerobots_sim_token"]
+            self.api_url = worker["rerobots_sim_url"]
+            self._token = Secret(worker["rerobots_sim_token"])
         elif s.sim and not s.sweep:
             self.simulator = self._start_simulator()
-            self.api_url, self._token = self.simulator.url, self.simulator.token
+            self.api_url, self._token = self.simulator.url, Secret(self.simulator.token)
         if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
             # The xdist controller rents nothing itself, but on SIGTERM it must still
             # get to end what its workers hold.
@@ -290,7 +292,7 @@ class RerobotsPlugin:
         share_dir = worker.get("rerobots_share_dir") if s.xdist == "shared" else None
         keeping = self.guarded and s.xdist != "shared"
         return Run(
-            self.api_url, self._token, ignore_env=True,
+            self.api_url, self._token.reveal() if self._token else None, ignore_env=True,
             ledger=s.ledger if self.guarded else None, run_id=self.run_id,
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
             signals=self.signals, listeners=[report.Progress(self.config)],
@@ -497,7 +499,8 @@ class RerobotsPlugin:
             return
         entries, dropped = self._run.transcript.take()
         if entries or dropped:
-            text = report.redact(Transcript.render(entries, dropped), self._token)
+            text = report.redact(Transcript.render(entries, dropped),
+                                 self._token.reveal() if self._token else None)
             item.add_report_section(when, TRANSCRIPT_KEY, text)
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml closes the test case

@@ -89,3 +89,19 @@ def test_the_plugin_prints_the_allow_warning(pytester) -> None:
                                            "0.0.0.0/0")
     result.stdout.fnmatch_lines(["*--rerobots-allow 0.0.0.0/0 admits 4,294,967,296*"])
     assert result.ret == 0
+
+
+def test_the_plugin_object_holds_no_plain_token(pytester, monkeypatch) -> None:
+    # pytest's -l shows the locals of failing frames, and a plugin hook's `self` with them.
+    monkeypatch.setenv("REROBOTS_API_TOKEN", "tok-3f9a1c-not-for-eyes")
+    pytester.makepyfile(
+        """
+        def test_vars(pytestconfig):
+            plugin = pytestconfig.pluginmanager.get_plugin("rerobots-plugin")
+            assert plugin._token  # it is there, for the one place that sends it
+            shown = repr(vars(plugin)) + repr(plugin.settings)
+            assert "tok-3f9a1c" not in shown
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

@@ -290,9 +290,11 @@ def test_remote_permission_error_is_a_test_failure(
 ) -> None:
     local = tmp_path / "x"
     local.write_text("x")
-    # Read-only for root too (sysfs has no write handler for it).
-    with pytest.raises(RemoteFileError, match="'/sys/kernel/notes'.*permission denied") as info:
-        conn.put(local, "/sys/kernel/notes")
+    # Read-only for root too, with or without the simulator's sandbox (a 0444 sysctl
+    # file; the sandbox mounts its own /proc but no /sys).
+    denied = "'/proc/sys/kernel/ostype'.*permission denied"
+    with pytest.raises(RemoteFileError, match=denied) as info:
+        conn.put(local, "/proc/sys/kernel/ostype")
     assert not is_infrastructure(info.value) and info.value.reason == "permission denied"
 
 
