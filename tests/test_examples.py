@@ -19,6 +19,6 @@ def test_example_suite_passes_on_the_embedded_simulator():
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert "5 passed, 1 skipped" in out, out
+    assert "6 passed, 1 skipped" in out, out
     assert "this run is for basic_kobuki" in out
     assert "LEAKED" not in out

@@ -46,8 +46,8 @@ def run_examples(tmp_path: Path, *args: str) -> str:
 def test_on_a_robot_without_the_suites_tools_only_what_it_has_runs(
         sim_env: Simulator, tmp_path: Path):
     out = run_examples(tmp_path)
-    assert "1 passed, 5 skipped" in out, out
-    assert out.count("needs this suite's robot tools") == 4, out
+    assert "1 passed, 6 skipped" in out, out
+    assert out.count("needs this suite's robot tools") == 5, out
 
 
 def test_robot_tools_are_uploaded_and_used(sim_env: Simulator, tmp_path: Path):
@@ -56,7 +56,7 @@ def test_robot_tools_are_uploaded_and_used(sim_env: Simulator, tmp_path: Path):
     (tools / "flash-fw").write_text(FLASH_FW)
     (tools / "robot-status").write_text(ROBOT_STATUS)
     out = run_examples(tmp_path, f"--robot-tools={tools}")
-    assert "5 passed, 1 skipped" in out, out
+    assert "6 passed, 1 skipped" in out, out
 
 
 def test_robot_tools_replace_what_the_robot_had(
