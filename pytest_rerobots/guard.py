@@ -101,6 +101,15 @@ class Ledger:
         record.update({k: v for k, v in (("wtype", wtype), ("deployment", deployment)) if v})
         self._append(record)
 
+    def record_kept(self, instance_id: str, kind: str | None, *, wtype: str | None = None,
+                    deployment: str | None = None) -> None:
+        """Left running on purpose (for debugging, or for the next run): still live, so
+        that ``--rerobots-sweep`` ends it, but no leftover of its run."""
+        record = {"event": "kept", "id": instance_id, "outcome": str(Outcome.KEPT),
+                  "kind": kind, "run": self.run_id, "pid": os.getpid(), "time": time.time()}
+        record.update({k: v for k, v in (("wtype", wtype), ("deployment", deployment)) if v})
+        self._append(record)
+
     # The instance-listener protocol.
     def rented(self, instance: Instance) -> None:
         if instance.id:
@@ -111,7 +120,10 @@ class Ledger:
 
     def ended(self, instance: Instance) -> None:
         # Only a confirmed end takes it off the ledger; a failed terminate stays live.
-        if instance.id and instance.outcome in ENDED_OUTCOMES:
+        if instance.id and instance.outcome == Outcome.KEPT:
+            self.record_kept(instance.id, instance.keep_for, wtype=instance.wtype,
+                             deployment=instance.deployment)
+        elif instance.id and instance.outcome in ENDED_OUTCOMES:
             self.record_ended(instance.id, instance.outcome, wtype=instance.wtype,
                               deployment=instance.deployment)
 
@@ -140,17 +152,22 @@ class Ledger:
                     out.append(item)
         return out
 
-    def live(self, *, run_id: str | None = None) -> list[dict[str, Any]]:
+    def live(self, *, run_id: str | None = None,
+             include_kept: bool = True) -> list[dict[str, Any]]:
         """The ``rented`` records with no ``ended`` record after them, oldest first
-        (of one run, if ``run_id`` is given)."""
+        (of one run, if ``run_id`` is given; without those kept after their run
+        unless ``include_kept``). A kept one carries ``"kept": True``."""
         rented: dict[str, dict[str, Any]] = {}
         for item in self.records():
             if item.get("event") == "rented":
                 rented.pop(item["id"], None)  # rented again: it moves to the end
                 rented[item["id"]] = item
+            elif item.get("event") == "kept" and item["id"] in rented:
+                rented[item["id"]] = {**rented[item["id"]], "kept": True}
             elif item.get("event") == "ended":
                 rented.pop(item["id"], None)
-        return [r for r in rented.values() if run_id is None or r.get("run") == run_id]
+        return [r for r in rented.values() if (run_id is None or r.get("run") == run_id)
+                and (include_kept or not r.get("kept"))]
 
 
 # -- ending many at once ------------------------------------------------------------
@@ -416,9 +433,10 @@ class Watchdog:
         pass
 
     def ended(self, instance: Instance) -> None:
-        # "handed over": another process uses it now and ends it (xdist shared mode).
+        # "handed over": another process uses it now and ends it (xdist shared mode);
+        # "kept": a keeper process holds it (pytest_rerobots.keep).
         if instance.id and (instance.outcome in ENDED_OUTCOMES
-                            or instance.outcome == Outcome.HANDED_OVER):
+                            or instance.outcome in (Outcome.HANDED_OVER, Outcome.KEPT)):
             self.release(instance.id)
 
     def replaced(self, instance: Instance, failed: FailedRental) -> None:

@@ -114,7 +114,12 @@ class InstanceOptions:
 _OPTION_NAMES = frozenset(f.name for f in fields(InstanceOptions))
 #: ``Instance`` keywords that are not options (see :meth:`Instance.build`).
 _OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing", "shared_key",
-                           "known_ids", "hint_busy", "sleep", "transcript"})
+                           "known_ids", "hint_busy", "sleep", "transcript", "kept_record",
+                           "private_key_text", "keep_hook"})
+
+#: Seconds to log in to a kept instance and run ``true`` on it before it counts as
+#: unusable (a run then rents another).
+KEPT_CHECK_TIMEOUT = 10.0
 
 
 def end(
@@ -346,6 +351,14 @@ class Instance:
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
     #: Where its connection records the commands and transfers of tests (a run's).
     transcript: Transcript | None = field(default=None, repr=False)
+    #: The record of an instance an earlier run kept (``pytest_rerobots.keep``): start()
+    #: attaches to it (no ``POST /new``, no READY wait) with ``private_key_text``.
+    kept_record: Mapping[str, Any] | None = field(default=None, repr=False)
+    #: The login key's OpenSSH text, in memory (written only when the instance is kept).
+    private_key_text: str | None = field(default=None, repr=False)
+    #: Called by :meth:`end` for an instance marked with ``keep_for``: hands it to a
+    #: keeper and returns True, or False to terminate it after all.
+    keep_hook: Callable[[Instance], bool] | None = field(default=None, repr=False)
 
     id: str | None = field(default=None, init=False)
     deployment: str | None = field(default=None, init=False)
@@ -364,6 +377,14 @@ class Instance:
     failure: str | None = field(default=None, init=False)
     timings: Timings = field(default_factory=Timings, init=False)
     details: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    #: Why to keep it instead of terminating it at its end ("failure" or "reuse"), if so.
+    keep_for: str | None = field(default=None, init=False)
+    #: Whether it was attached to from an earlier run's kept record (and found usable).
+    reused: bool = field(default=False, init=False)
+    #: What the keeper wrote when it was kept (``pytest_rerobots.keep``).
+    kept: dict[str, Any] | None = field(default=None, init=False, repr=False)
+    #: How many times its connection was used (commands, transfers, ``ssh``/``sftp``).
+    uses: int = field(default=0, init=False, repr=False)
     _connection: ssh.Connection | None = field(default=None, init=False, repr=False)
     _stop_keepalive: threading.Event = field(default_factory=threading.Event, init=False,
                                              repr=False)
@@ -430,11 +451,19 @@ class Instance:
         return self
 
     def end(self) -> None:
-        """Terminate it, or leave it to its owner if it was attached to (``existing``)."""
+        """Terminate it, or leave it to its owner if it was attached to (``existing``), or
+        hand it to a keeper if it is marked ``keep_for`` (and was up)."""
         if self.existing is not None:
             self.detach()
-        else:
-            self.terminate()
+            return
+        if (self.keep_for is not None and self._up and self.outcome is None
+                and self.keep_hook is not None):
+            try:
+                if self.keep_hook(self):
+                    return
+            except Exception as exc:  # keeping is a favour; ending is the duty
+                log.warning("could not keep instance %s (%s): terminating it", self.id, exc)
+        self.terminate()
 
     @classmethod
     def build(cls, client: RerobotsClient, target: str,
@@ -449,8 +478,11 @@ class Instance:
         if self.existing is not None:
             self._attach(self.existing)
             return
+        if self.kept_record is not None:
+            self._attach_kept(self.kept_record)
+            return
         if self.pkey is None:
-            self.pkey, self.public_key = ssh.generate_client_key()
+            self.pkey, self.public_key, self.private_key_text = ssh.generate_client_key_text()
         elif self.public_key is None:
             self.public_key = f"{self.pkey.get_name()} {self.pkey.get_base64()}"
         self._rent_until_ready()
@@ -471,6 +503,42 @@ class Instance:
             if self.pkey is None:
                 self.pkey = _private_key(self.client.instance_sshkey(ident))
             self._connect()
+
+    def _attach_kept(self, record: Mapping[str, Any]) -> None:
+        """Use an instance an earlier run kept: one ``GET /instance`` (it must be READY),
+        then log in with the key it was kept with and run ``true``. No ``POST /new`` and
+        no READY wait; anything wrong raises, and start() ends it (it is ours)."""
+        ident = str(record["id"])
+        self.id = ident
+        self._rented_mono = time.monotonic()
+        if self.private_key_text:
+            self.pkey = _private_key(self.private_key_text)
+        info = self.client.instance(ident)
+        self.details = info
+        self.status = str(info.get("status"))
+        self._emit("rented")  # the ledger and the watchdog hold it for this run now
+        self._start_keepalive()
+        if self.status != "READY":
+            raise InstanceFailed(f"kept instance {ident} of {self.label} is {self.status}, "
+                                 "not READY", instance_id=ident, status=self.status)
+        self._take_details(info)
+        self.timings.ready_at = time.time()
+        if not self.options.connect:
+            return
+        if self.pkey is None:
+            raise InstanceError(f"kept instance {ident}: no login key", instance_id=ident)
+        assert self.host is not None and self.port is not None
+        client = ssh.connect(self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
+                             deadline=min(self.options.connect_timeout, KEPT_CHECK_TIMEOUT),
+                             sleep=self._nap)
+        conn = self._connection = self._wrap(client)
+        conn.transcript = None  # (the check is no test's doing)
+        result = conn.run("true", timeout=KEPT_CHECK_TIMEOUT)
+        conn.transcript = self.transcript
+        if result.exit_status != 0:
+            raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
+                                 instance_id=ident, status=self.status)
+        self.reused = True
 
     # -- steps ----------------------------------------------------------------
 
@@ -925,11 +993,16 @@ class Instance:
             if hint is None:
                 raise
             raise SSHConnectError(f"{exc}; {hint}") from exc
+        self._connection = self._wrap(client)
+
+    def _wrap(self, client: paramiko.SSHClient) -> ssh.Connection:
+        """A connection on ``client`` that records to the run's transcript, with the
+        default command timeout."""
         conn = ssh.Connection(client)
         conn.transcript = self.transcript
         conn.label = self.where
         conn.command_timeout = self.options.command_timeout
-        self._connection = conn
+        return conn
 
     @property
     def where(self) -> str:
@@ -955,6 +1028,7 @@ class Instance:
 
     @property
     def connection(self) -> ssh.Connection:
+        self.uses += 1  # (what a test used, for --rerobots-keep-on-failure)
         if self._connection is None:
             raise RerobotsError(f"instance {self.id} has no SSH connection")
         return self._connection
@@ -1008,14 +1082,15 @@ class Instance:
         finally:
             self._finish()
 
-    def detach(self) -> None:
+    def detach(self, outcome: Outcome = Outcome.HANDED_OVER) -> None:
         """Stop using the instance without ending it (another process will): close SSH
-        and stop this process's keepalive. Listeners see the outcome "handed over"."""
+        and stop this process's keepalive. Listeners see ``outcome``: "handed over"
+        (to another user of a shared instance), or "kept" (to a keeper process)."""
         if not self._claim():
             return
         try:
             self._close_connection()
-            self.outcome = Outcome.HANDED_OVER
+            self.outcome = outcome
         finally:
             self._finish()
 

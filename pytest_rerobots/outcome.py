@@ -18,6 +18,10 @@ class Outcome(str, Enum):
     HANDED_OVER = "handed over"
     #: ``POST /new`` never answered with an id: there is nothing to end.
     NEVER_RENTED = "never rented"
+    #: Left running on purpose after the run: for debugging a failed test
+    #: (``--rerobots-keep-on-failure``) or for the next run to reuse
+    #: (``--rerobots-reuse``); a keeper process holds it (``pytest_rerobots.keep``).
+    KEPT = "kept"
     #: The API did not confirm the end; ``Instance.failure`` says why.
     TERMINATE_FAILED = "terminate failed"
 

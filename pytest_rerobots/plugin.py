@@ -50,7 +50,7 @@ NO_CREDENTIALS = (
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("rerobots", "hardware-in-the-loop tests on rerobots instances")
     for opt in OPTIONS:
-        if opt.name in ("sim", "require"):
+        if opt.name in ("sim", "require", "keep_on_failure"):
             env_hint = f" [env {opt.env}=1]" if opt.env else ""
             group.addoption(opt.flag, action="store_true", default=None,
                             dest=f"rerobots_{opt.name}", help=opt.help + env_hint)
@@ -127,10 +127,34 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = load_settings(config)
     assert settings.ledger is not None
     ledger = guard.Ledger(settings.ledger)
+    from . import keep
     from .client import RerobotsClient
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
+        # Kept instances first lose their keepers (which would keep them alive), then end
+        # with the rest of the ledger, then lose their key files.
+        store = keep.KeptStore(keep.kept_dir(settings.ledger), api_url=api.api_url)
+        if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
+            store.stop_keepers(print)
         failed = guard.sweep(api, ledger, print)
+        # Kept instances the ledger never heard of (it was moved, or another ledger kept
+        # them): ended here too.
+        known = {r["id"] for r in ledger.records()}
+        orphans = {r["id"]: r.get("wtype") or "?" for r in store.records()
+                   if r.get("api_url") == api.api_url and r["id"] not in known}
+        unended = set(orphans) if not api.has_token else set()
+        if orphans and api.has_token:
+            for ident, outcome in guard.end_all(api, orphans, ledger=ledger, by="sweep").items():
+                print(f"rerobots sweep: {ident} ({orphans[ident]}) {outcome}")
+                if outcome not in guard.ENDED_OUTCOMES:
+                    unended.add(ident)
+        failed += len(unended)
+        live = {r["id"] for r in ledger.live()} | unended
+        for record in store.records():
+            if record.get("api_url") == api.api_url and record["id"] not in live:
+                store.forget(record["id"])
+                print(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
+                      "its key and known-hosts files removed")
     return 1 if failed else 0
 
 
@@ -160,12 +184,14 @@ class XdistHooks:
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
             output["rerobots_rows"] = report.rows(self.plugin.records)
+            output["rerobots_kept_lines"] = self.plugin.kept_summary()
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """Controller: collect what a worker sent (nothing if it crashed)."""
         output = getattr(node, "workeroutput", None) or {}
         self.plugin.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
+        self.plugin.kept_lines.extend(output.get("rerobots_kept_lines", []))
 
     def pytest_configure_node(self, node: Any) -> None:
         """Hand the run id and the controller's simulator to each worker (through
@@ -204,6 +230,18 @@ class RerobotsPlugin:
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
         self._prefetched = False
+        # --rerobots-keep-on-failure: the instances the current test got from a fixture,
+        # and how often each instance had been used when it began.
+        self._given: list[Instance] = []
+        self._uses_before: dict[int, int] = {}
+        #: Lines about kept and reused instances sent by xdist workers.
+        self.kept_lines: list[str] = []
+        self.notes: list[str] = []
+        self.reuse = settings.reuse
+        if self.reuse is not None and os.environ.get("CI", "").strip().lower() == "true":
+            self.reuse = None
+            self.notes.append("rerobots: warning: --rerobots-reuse ignored under CI=true "
+                              "(each CI run rents its own instances)")
 
     # -- start and stop -------------------------------------------------------
 
@@ -252,6 +290,7 @@ class RerobotsPlugin:
                 cache.set("rerobots/ledger", str(s.ledger))
         worker = self.worker_input or {}
         share_dir = worker.get("rerobots_share_dir") if s.xdist == "shared" else None
+        keeping = self.guarded and s.xdist != "shared"
         return Run(
             self.api_url, self._token.reveal() if self._token else None, ignore_env=True,
             ledger=s.ledger if self.guarded else None, run_id=self.run_id,
@@ -261,6 +300,8 @@ class RerobotsPlugin:
             init_retries=s.init_retries, lease=s.lease, allow=s.allow,
             fast_polling=self.mode == "embedded simulator",
             keepalive_interval=s.keepalive_interval, command_timeout=s.command_timeout,
+            keep_on_failure=s.keep_on_failure and keeping,
+            reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
         )
 
     def _start_simulator(self) -> Simulator:
@@ -326,9 +367,15 @@ class RerobotsPlugin:
             keys.append(key)
         if self._prefetching(scope_node):
             self._prefetch_scope(request.session, scope_node.nodeid)
-        inst = run.hold(key, wtype, deployment=deployment, shared=self._shared)
+        inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
+                        reuse=isinstance(scope_node, pytest.Session))
         report.record_properties(request.node, inst)
+        self.given(inst)
         return inst
+
+    def given(self, inst: Instance) -> None:
+        """``inst`` was handed to the current test by a fixture (keep-on-failure)."""
+        self._given.append(inst)
 
     @property
     def _shared(self) -> bool:
@@ -356,7 +403,7 @@ class RerobotsPlugin:
             key = (wtype, deployment, scope_id)
             if key not in keys:
                 keys.append(key)
-            self.run.prefetch(key, wtype, deployment=deployment)
+            self.run.prefetch(key, wtype, deployment=deployment, reuse=True)
 
     def _scope_node(self, request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
         scope = self.settings.scope
@@ -408,12 +455,31 @@ class RerobotsPlugin:
                 self._run is not None or guard.Ledger(ledger).live(run_id=self.run_id)):
             self.run.end_leftovers()
 
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        """Note how often each instance was used before this test (keep-on-failure)."""
+        self._given = []
+        if self._run is not None and self.settings.keep_on_failure:
+            self._uses_before = {id(i): i.uses for i in self._run.records.instances}
+
+    def _used_by_this_test(self) -> list[Instance]:
+        """The instances the current test got from a fixture or used (its commands,
+        transfers, ``ssh`` or ``sftp``), however it got them."""
+        assert self._run is not None
+        used = list(dict.fromkeys(self._given))
+        for inst in self._run.records.instances:
+            if inst not in used and inst.uses > self._uses_before.get(id(inst), 0):
+                used.append(inst)
+        return used
+
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Iterator[None]:
         self._add_transcript(item, call.when)
         outcome: Any = yield
         rep = outcome.get_result()
+        if rep.failed and self._run is not None and self.settings.keep_on_failure:
+            # Kept at the end of its scope instead of terminated.
+            self._run.mark_kept_on_failure(self._used_by_this_test())
         if rep.failed and call.excinfo is not None \
                 and isinstance(call.excinfo.value, RerobotsError):
             short = report.short_failure(call.excinfo, self.config)
@@ -454,17 +520,37 @@ class RerobotsPlugin:
         url = self.api_url
         token = "set" if self._token else "not set"
         wtype = self.settings.wtype or "from markers"
-        return [f"rerobots: {url} ({self.mode}), token {token}, wtype {wtype}, "
-                f"scope {self.settings.scope}"]
+        lines = [f"rerobots: {url} ({self.mode}), token {token}, wtype {wtype}, "
+                 f"scope {self.settings.scope}"]
+        s = self.settings
+        if (s.keep_on_failure or self.reuse is not None) and not self.guarded:
+            lines.append("rerobots: --rerobots-keep-on-failure and --rerobots-reuse do nothing "
+                         "here: the embedded simulator ends with the run")
+        return lines + self.notes
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         if self.is_worker:
             return
         report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
+        for line in [*self.kept_lines, *self.kept_summary()]:
+            terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
         report.github_step_summary(self.records, report.Tally.of(terminalreporter.stats),
                                    skipped_for_token=self.skipped_for_token,
                                    token=bool(self._token))
+
+    def kept_summary(self) -> list[str]:
+        """What the terminal says of the instances this process kept or reused."""
+        if self._run is None:
+            return []
+        from . import keep
+
+        lines = [f"rerobots: reused {i.id} ({i.label}) kept by an earlier run: no POST /new, "
+                 "no READY wait" for i in self.records.instances if i.reused]
+        for inst in self._run.kept_instances():
+            assert inst.kept is not None
+            lines += keep.describe(inst.kept)
+        return lines
 
 
 #: The key of the transcript's report section: pytest names it "Captured <key> <when>".
@@ -595,7 +681,8 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
     teardown."""
     from .instance import end_all
 
-    run = _plugin(request.config).need_run()
+    plugin = _plugin(request.config)
+    run = plugin.need_run()
     made: list[Instance] = []
 
     def acquire(wtype: str, *more: str, deployment: str | None = None,
@@ -603,6 +690,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
         insts = run.acquire(wtype, *more, deployment=deployment, **options)
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
+            plugin.given(inst)
             report.record_properties(request.node, inst)
         return insts
 

@@ -171,7 +171,7 @@ def record_properties(item: pytest.Item, instance: Instance) -> None:
 
 
 #: Outcomes after which nothing is left running on our account (or someone else ends it).
-ENDED_OK = (*ENDED_OUTCOMES, Outcome.HANDED_OVER, Outcome.NEVER_RENTED)
+ENDED_OK = (*ENDED_OUTCOMES, Outcome.HANDED_OVER, Outcome.NEVER_RENTED, Outcome.KEPT)
 
 def ended_ok(cell: str) -> bool:
     """Whether a summary row's "ended" cell means nothing is left running."""
@@ -201,7 +201,13 @@ def _ended(instance: Instance) -> str:
         return "NOT TERMINATED"
     if instance.outcome == Outcome.TERMINATE_FAILED:
         return f"{instance.outcome}: {instance.failure}"
-    return str(instance.outcome)
+    # Kept after the run, or attached to from an earlier run (--rerobots-keep-on-failure,
+    # --rerobots-reuse): e.g. "kept (for reuse; reused)".
+    notes = ([{"failure": "for debugging"}.get(instance.keep_for or "", f"for {instance.keep_for}")]
+             if instance.outcome == Outcome.KEPT else [])
+    if instance.reused:
+        notes.append("reused")
+    return f"{instance.outcome} ({'; '.join(notes)})" if notes else str(instance.outcome)
 
 
 def terminal_summary(reporter: TerminalReporter, records: Records,

@@ -32,17 +32,20 @@ from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, overload
 
-from . import guard, report
+from . import guard, keep, report
 from .client import RerobotsClient
 from .instance import (
     ENDED_OUTCOMES,
     Instance,
     InstanceListener,
     InstanceOptions,
+    Outcome,
     end_all,
+    is_deployment_id,
     start_all,
     wait_all,
 )
+from .settings import Secret
 from .share import SharedPool
 from .transcript import Transcript
 
@@ -71,6 +74,9 @@ class Run:
     directory of an xdist run's shared pool. ``listeners`` see every instance's
     life (the plugin's live progress line); ``records`` keeps them for the summary.
     ``signals`` may also be a :class:`.guard.SignalGuard` to use (the plugin's).
+    ``keep_on_failure`` and ``reuse`` (minutes) let instances outlive the run (see
+    :mod:`.keep`): in a store beside the ledger, or in ``kept_dir``, for ``checkout``
+    (default: the current directory); they need a ledger and a token.
     Other keywords are the defaults of every instance (:class:`.InstanceOptions`
     fields, e.g. ``ready_timeout``).
     """
@@ -88,6 +94,10 @@ class Run:
         listeners: Iterable[InstanceListener] = (),
         records: report.Records | None = None,
         ignore_env: bool = False,
+        keep_on_failure: bool = False,
+        reuse: float | None = None,
+        kept_dir: str | os.PathLike[str] | None = None,
+        checkout: str | None = None,
         **defaults: Any,
     ) -> None:
         self.defaults = InstanceOptions().updated(**defaults)
@@ -115,6 +125,16 @@ class Run:
             self.watchdog = guard.Watchdog(
                 self.client.api_url, token, ledger=self.ledger,
                 deadline=max(180.0, self.defaults.ready_timeout + 60.0))
+        # Held as a Secret (vars(run) never shows it), for the keepers' pipes only.
+        self._secret = Secret(token) if token else None
+        self.keep_on_failure = keep_on_failure
+        self.reuse = reuse
+        self.kept: keep.KeptStore | None = None
+        if self.ledger is not None and token and (keep_on_failure or reuse):
+            self.kept = keep.KeptStore(
+                kept_dir if kept_dir is not None else keep.kept_dir(self.ledger.path),
+                api_url=self.client.api_url, token_sha256=self.client.token_sha256(),
+                checkout=checkout)
         self.signals = signals if isinstance(signals, guard.SignalGuard) else guard.SignalGuard()
         self._signals = signals is not False
         self.shared = SharedPool(share_dir) if share_dir is not None else None
@@ -158,6 +178,8 @@ class Run:
         settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
         settings.setdefault("hint_busy", self.why_busy)
         settings.setdefault("transcript", self.transcript)
+        if self.kept is not None:
+            settings.setdefault("keep_hook", self._keep)
         if deployment is not None:
             settings.setdefault("wtype", target)
             target = deployment
@@ -223,6 +245,85 @@ class Run:
                             "before; the service keeps a robot busy while it terminates")
         return None
 
+    # -- keeping instances after the run (keep.py) ------------------------------
+
+    @property
+    def reusing(self) -> bool:
+        """Whether session instances are kept for the next run, and attached to."""
+        return self.kept is not None and self.reuse is not None
+
+    def _claim_kept(self, target: str, deployment: str | None) -> tuple[dict[str, Any], str] | None:
+        if not self.reusing or self.kept is None:
+            return None
+        wtype = None if is_deployment_id(target) else target
+        try:
+            return self.kept.claim(wtype, deployment, client=self.client)
+        except OSError as exc:  # an unreadable store: rent, as without reuse
+            log.warning("rerobots: kept instances in %s: %s", self.kept.directory, exc)
+            return None
+
+    def _held_instance(self, target: str, deployment: str | None,
+                       kept: tuple[dict[str, Any], str] | None) -> Instance:
+        if kept is None:
+            return self.instance(target, deployment=deployment)
+        record, key = kept
+        return self.instance(target, deployment=deployment, kept_record=record,
+                             private_key_text=key)
+
+    def _start_held(self, key: Hashable, target: str, deployment: str | None, reuse: bool,
+                    *, abort: threading.Event | None = None,
+                    first: Instance | None = None) -> Instance:
+        """Start the instance for ``key``: attach to a kept one (``reuse``) or rent; a kept
+        one that is not usable is ended (by its start) and another is rented."""
+        reuse = reuse and self.reusing
+        inst = first
+        if inst is None:
+            inst = self._held_instance(target, deployment,
+                                       self._claim_kept(target, deployment) if reuse else None)
+        while True:
+            self._pool[key] = inst
+            if reuse:
+                inst.keep_for = "reuse"
+            try:
+                inst.start(abort=abort)
+                return inst
+            except Exception as exc:
+                if inst.kept_record is None:
+                    raise
+                log.warning("rerobots: kept instance %s not usable (%s); renting another",
+                            inst.kept_record.get("id"), exc)
+            inst = self._held_instance(target, deployment, self._claim_kept(target, deployment))
+
+    def mark_kept_on_failure(self, instances: Iterable[Instance]) -> list[Instance]:
+        """Keep these instances (used by a failing test) at their end instead of
+        terminating them, if ``keep_on_failure``; those marked."""
+        if not self.keep_on_failure or self.kept is None:
+            return []
+        marked = []
+        for inst in instances:
+            if inst.outcome is None and inst.id and inst.existing is None:
+                inst.keep_for = "failure"
+                marked.append(inst)
+        return marked
+
+    def _keep(self, inst: Instance) -> bool:
+        """The instances' keep hook: hand ``inst`` to a keeper process; False to end it."""
+        if self.kept is None or inst.keep_for is None:
+            return False
+        minutes = self.reuse if inst.keep_for == "reuse" else None
+        if inst.keep_for == "reuse" and minutes is None:
+            return False
+        inst.kept = self.kept.keep(inst, inst.keep_for, secret=self._secret,
+                                   interval=inst.options.keepalive_interval,
+                                   idle=minutes * 60.0 if minutes is not None else None,
+                                   ledger=self.ledger)
+        inst.detach(Outcome.KEPT)
+        return True
+
+    def kept_instances(self) -> list[Instance]:
+        """The instances this run kept (in the order they were rented)."""
+        return [i for i in self.records.instances if i.outcome == Outcome.KEPT and i.kept]
+
     def _layers(self) -> list[InstanceListener]:
         # The watchdog hears of a new instance before the ledger records it.
         return [x for x in (self.watchdog, self.ledger) if x is not None]
@@ -230,11 +331,12 @@ class Run:
     # -- the pool: one instance per key, held until released ------------------
 
     def hold(self, key: Hashable, target: str, *, deployment: str | None = None,
-             shared: bool = False) -> Instance:
+             shared: bool = False, reuse: bool = False) -> Instance:
         """The instance held under ``key``, started on first use (or by
         :meth:`prefetch`). ``shared`` takes it from the xdist run's shared pool (if
-        there is one). A start that failed fails again at once for the same key,
-        until :meth:`release`."""
+        there is one). ``reuse`` (with the run's ``reuse`` minutes) attaches to an
+        instance an earlier run kept, if there is one, and keeps this one at its end.
+        A start that failed fails again at once for the same key, until :meth:`release`."""
         pending = self._pending.get(key)
         if pending is not None:
             # Started in the background: wait for it, showing its progress from here
@@ -255,9 +357,7 @@ class Run:
                     lambda existing: self.instance(target, deployment=deployment,
                                                    existing=existing))
             else:
-                inst = self.instance(target, deployment=deployment)
-                self._pool[key] = inst
-                inst.start()
+                inst = self._start_held(key, target, deployment, reuse)
         except BaseException as exc:
             # Not kept: start() has ended it (on any exception, pytest's own outcomes
             # such as a pytest-timeout failure included).
@@ -268,20 +368,23 @@ class Run:
         self._pool[key] = inst
         return inst
 
-    def prefetch(self, key: Hashable, target: str, *, deployment: str | None = None) -> None:
+    def prefetch(self, key: Hashable, target: str, *, deployment: str | None = None,
+                 reuse: bool = False) -> None:
         """Start renting the instance for ``key`` in the background, so that several
         keys wait for READY at the same time; :meth:`hold` then waits for it, and
-        :meth:`release` calls it off. Does nothing for a key already held."""
+        :meth:`release` calls it off. Does nothing for a key already held. ``reuse``
+        as for :meth:`hold`."""
         if self.holds(key) or key in self._pending:
             return
-        inst = self._pool[key] = self.instance(target, deployment=deployment)
+        kept = self._claim_kept(target, deployment) if reuse else None
+        first = self._pool[key] = self._held_instance(target, deployment, kept)
         abort = threading.Event()
 
         done = threading.Event()
 
         def bring_up() -> None:
             try:
-                inst.start(abort=abort)
+                self._start_held(key, target, deployment, reuse, abort=abort, first=first)
             except BaseException as exc:  # kept for hold() to raise in the test's thread
                 self._pool.pop(key, None)
                 if isinstance(exc, Exception):
@@ -345,7 +448,8 @@ class Run:
         worker's that was killed before its teardown); ``{id: outcome}``."""
         if self.ledger is None:
             return {}
-        leftovers = [r["id"] for r in self.ledger.live(run_id=self.run_id)]
+        # (Not what this run kept on purpose: keepers hold those.)
+        leftovers = [r["id"] for r in self.ledger.live(run_id=self.run_id, include_kept=False)]
         if not leftovers:
             return {}
         results = guard.end_all(self.client, leftovers, ledger=self.ledger, by=by)

@@ -82,6 +82,10 @@ class Settings:
     require: bool = False
     ledger: Path | None = None
     sweep: bool = False
+    #: Keep an instance used by a failing test for debugging (docs/contract.md).
+    keep_on_failure: bool = False
+    #: Keep session instances between runs; idle ones end after this many minutes.
+    reuse: float | None = None
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -191,6 +195,16 @@ def allow_warnings(allow: Sequence[str]) -> list[str]:
     ]
 
 
+def _minutes(value: Any) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of minutes") from None
+    if not 0 < number < float("inf"):
+        raise ValueError(f"{value!r} must be a number of minutes above 0 (fractions allowed)")
+    return number
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value)).expanduser()
 
@@ -250,6 +264,13 @@ OPTIONS: tuple[Option, ...] = (
            "with no token and no simulator, error instead of skipping"),
     Option("ledger", "--rerobots-ledger", "REROBOTS_LEDGER", "rerobots_ledger", _path,
            "record of every instance this checkout rented (default: in pytest's cache dir)"),
+    Option("keep_on_failure", "--rerobots-keep-on-failure", None, "rerobots_keep_on_failure",
+           _bool, "do not terminate an instance used by a failing test: print an ssh command "
+           "to log in to it, and how to end it (pytest --rerobots-sweep)"),
+    Option("reuse", "--rerobots-reuse", None, "rerobots_reuse", _minutes,
+           "keep session instances for the next run of this checkout, which attaches to "
+           "them instead of renting; one no run attaches to ends after this many minutes "
+           "(fractions allowed; ignored under CI=true)"),
 )
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "Connection",
     "connect",
     "generate_client_key",
+    "generate_client_key_text",
     "run",
 ]
 
@@ -118,6 +119,14 @@ def generate_client_key() -> tuple[paramiko.PKey, str]:
     touches the disk. The public line is ``"ssh-ed25519 AAAA... pytest-rerobots"``,
     what ``POST /new`` takes as ``sshkey``.
     """
+    pkey, public, _ = generate_client_key_text()
+    return pkey, public
+
+
+def generate_client_key_text() -> tuple[paramiko.PKey, str, str]:
+    """:func:`generate_client_key`, with the private key's OpenSSH text as well (held in
+    memory; paramiko cannot write an ed25519 key). Written to a file only for an
+    instance kept after the run (``pytest_rerobots.keep``)."""
     private = ed25519.Ed25519PrivateKey.generate()
     text = private.private_bytes(
         serialization.Encoding.PEM,
@@ -125,7 +134,7 @@ def generate_client_key() -> tuple[paramiko.PKey, str]:
         serialization.NoEncryption(),
     ).decode("ascii")
     pkey = paramiko.Ed25519Key(file_obj=io.StringIO(text))
-    return pkey, f"{pkey.get_name()} {pkey.get_base64()} {KEY_COMMENT}"
+    return pkey, f"{pkey.get_name()} {pkey.get_base64()} {KEY_COMMENT}", text
 
 
 def _parse_hostkeys(hostkeys: list[str]) -> list[paramiko.PKey]:

@@ -27,6 +27,8 @@ VALUES = {
     "xdist": ("shared", "shared"),
     "require": ("true", True),
     "ledger": ("my-ledger.jsonl", "my-ledger.jsonl"),
+    "keep_on_failure": ("yes", True),
+    "reuse": ("2.5", 2.5),
 }
 
 PROBE = """
@@ -63,7 +65,7 @@ def test_each_form_of_each_option_resolves(pytester: pytest.Pytester,
     text, expected = VALUES[opt.name]
     args: list[str] = []
     if form == "cli":
-        flag_is_switch = opt.name in ("require", "sim")
+        flag_is_switch = opt.name in ("require", "sim", "keep_on_failure")
         args = [opt.flag] if flag_is_switch else [f"{opt.flag}={text}"]
     elif form == "env":
         monkeypatch.setenv(opt.env, text)

@@ -8,6 +8,7 @@
         api = RerobotsClient(token=sim.token, api_url=sim.url)
         sim.lose_new_responses(1)                 # inject a fault at run time
         ...
+        assert sim.request_count("new") == 1      # requests answered, per endpoint
         assert sim.live_instances() == []
 
 The parts: :mod:`.catalog` (the TOML catalog), :mod:`.endpoints` (the one table of
@@ -135,6 +136,7 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         self.world.accounts.max_windows = self.limits.rate_table_max
         self.token = self.world.accounts.add_token(user, token or secrets.token_urlsafe(32))
         self._server: LimitedServer | None = None
+        self._app: SimApp | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._root: Path | None = None
@@ -162,7 +164,7 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         self._root = Path(tempfile.mkdtemp(prefix="rerobots-sim-"))
         self.world.hosts = self._make_hosts(self._root)
         self.world.start()
-        app = SimApp(self.world, self.limits)
+        app = self._app = SimApp(self.world, self.limits)
         try:
             self._server = LimitedServer(self.host, self.port, app, self.limits,
                                          handler=RequestHandler)
@@ -244,6 +246,14 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
     def add_user(self, name: str) -> str:
         """Register another user; returns a fresh token of theirs."""
         return self.world.accounts.add_token(name)
+
+    def request_count(self, endpoint: str) -> int:
+        """How many requests of ``endpoint`` (a name of :data:`~.endpoints.ENDPOINTS`, e.g.
+        ``"new"``) the API has answered since it started."""
+        if self._app is None:
+            return 0
+        with self._app._counts_lock:
+            return self._app.counts[endpoint]
 
     def live_instances(self) -> list[InstanceSnapshot]:
         """Instances not TERMINATING, TERMINATED or INIT_FAIL (i.e. INIT or READY)."""

@@ -31,6 +31,7 @@ answer carries ``X-RateLimit-Limit/Remaining/Reset``, the CORS headers and, thro
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -348,6 +349,9 @@ class SimApp:
         self.on_body_read: Callable[[Any], None] = lambda sock: None
         #: Told each connection's socket whose body is refused (413); set by the server.
         self.on_body_refused: Callable[[Any], None] = lambda sock: None
+        #: Requests answered, by endpoint name (what a test asks: "no POST /new?").
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._counts_lock = threading.Lock()
         self.url_map = Map(
             _rules(),
             # No rule ends in "/", so a trailing slash never matches: like the server's
@@ -425,6 +429,8 @@ class SimApp:
                 return self._finish(Response(b"", status=403), rate)
             return self._finish(_json(400, {"error_message": "unrecognized command"}), rate)
         name, args = match
+        with self._counts_lock:
+            self.counts[name] += 1
         endpoint = _BY_NAME[name]
         if endpoint.auth and user is None:
             return self._finish(_json(400, {"error_message": endpoint.auth_error}), rate)

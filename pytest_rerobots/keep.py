@@ -1,0 +1,504 @@
+"""Instances kept after the run: for debugging a failed test, or for the next run to reuse.
+
+Two options keep an instance instead of terminating it (docs/contract.md,
+"Configuration"):
+
+* ``--rerobots-keep-on-failure``: an instance used by a failing test stays rented until
+  its lease ends or ``pytest --rerobots-sweep``; the terminal prints an ``ssh`` command
+  that logs in to it.
+* ``--rerobots-reuse MINUTES``: session instances stay rented at the end of a run, and the
+  next run of the same checkout, against the same API origin and token, attaches to one
+  of the same type (and deployment) instead of renting. One that no run attaches to for
+  MINUTES is terminated.
+
+A kept instance lives in a directory of its own under the :class:`KeptStore` (beside the
+ledger, so under pytest's cache directory by default): ``record.json`` (what it is, where
+it listens, who kept it, and a SHA-256 of the token, never the token), ``key`` (the login
+key, mode 0600) and ``known_hosts`` (the host key the API reported, pinned for OpenSSH).
+
+The server ends an instance 60 s after its last keepalive ping, so a kept instance needs
+something that outlives the run to ping it: one *keeper* process per kept instance
+(``python -m pytest_rerobots.keep keeper``). It gets its settings and the token on a pipe
+(never argv or the environment), detaches (its own session, not a child of the run),
+pings the instance, ends it when it was kept for reuse and stayed idle too long, and
+exits when the instance is gone, when a run attached to it (its directory is gone), or on
+SIGTERM (it then leaves the instance as it is). Its pid is in ``record.json``;
+``pytest --rerobots-sweep`` stops it, ends the instance and removes the files.
+
+Nothing here imports pytest; the client and the instance machinery load only where an
+instance is ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .client import RerobotsClient
+    from .guard import Ledger
+    from .instance import Instance
+    from .settings import Secret
+
+__all__ = ["KeptStore", "describe", "kept_dir", "ssh_command"]
+
+log = logging.getLogger("pytest_rerobots.keep")
+
+#: Kinds of kept instance.
+FAILURE, REUSE = "failure", "reuse"
+
+#: A kept instance whose lease ends sooner than this (s) is not attached to: it could end
+#: under the run. It is ended instead, so that its robot is free for a new rental.
+LEASE_MARGIN = 600.0
+
+#: How long :meth:`KeptStore.stop_keepers` waits for a keeper to exit (s).
+STOP_WAIT = 5.0
+
+
+def kept_dir(ledger_path: str | os.PathLike[str]) -> Path:
+    """Where the instances kept by the runs of a ledger live: beside it."""
+    return Path(ledger_path).parent / "kept"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file readable by its owner only (0600 from the start)."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _epoch(stamp: Any) -> float | None:
+    """A time as ``GET /instance`` gives it (naive UTC, ``str(datetime)``), in epoch s."""
+    if not isinstance(stamp, str) or not stamp:
+        return None
+    try:
+        moment = datetime.fromisoformat(stamp.rstrip("Z"))
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=timezone.utc).timestamp()
+
+
+def _known_hosts_line(host: str, port: int, hostkey: str) -> str:
+    name = host if port == 22 else f"[{host}]:{port}"
+    return f"{name} {' '.join(hostkey.split()[:2])}\n"
+
+
+def ssh_command(record: Mapping[str, Any]) -> str:
+    """The ``ssh`` command line that logs in to a kept instance, ready to paste: its own key,
+    and its host key pinned through the known-hosts file beside it."""
+    directory = Path(record["dir"])
+    argv = ["ssh", "-i", str(directory / "key"), "-o", "IdentitiesOnly=yes",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={directory / 'known_hosts'}",
+            "-p", str(record["port"]), f"root@{record['host']}"]
+    return shlex.join(argv)
+
+
+def describe(record: Mapping[str, Any], now: float | None = None) -> list[str]:
+    """What the terminal says of a kept instance: what it is, how to log in, when its lease
+    ends and how to end it."""
+    now = time.time() if now is None else now
+    ident = record["id"]
+    where = (f"{record.get('wtype') or '?'}, deployment {record.get('deployment') or '?'}"
+             + (f", region {record['region']}" if record.get("region") else ""))
+    lease_end = record.get("lease_end")
+    if isinstance(lease_end, (int, float)):
+        stamp = datetime.fromtimestamp(lease_end, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        lease = f"its lease ends {stamp} (in {max(0.0, lease_end - now) / 60:.0f} min)"
+    else:
+        lease = "its lease end is unknown"
+    keeper = record.get("keeper")
+    kept_by = f"; process {keeper} keeps it alive until then" if keeper else ""
+    if record.get("kind") == REUSE:
+        idle = float(record.get("idle") or 0)
+        return [
+            f"rerobots: kept for reuse: {ident} ({where})",
+            f"  the next run of this checkout within {idle / 60:g} min attaches to it; "
+            f"{lease}{kept_by.replace('until then', 'meanwhile')}",
+            "  end it now: pytest --rerobots-sweep",
+        ]
+    return [
+        f"rerobots: kept for debugging: {ident} ({where})",
+        f"  log in: {ssh_command(record)}",
+        f"  {lease}{kept_by}",
+        "  end it: pytest --rerobots-sweep",
+    ]
+
+
+class KeptStore:
+    """The directory of the instances kept by the runs of one checkout.
+
+    ``api_url`` and ``token_sha256`` say whose instances a run may attach to: a kept
+    instance of another origin or token is never taken. ``checkout`` names the checkout
+    (a ledger given by path may be shared by several). Every change is made under one
+    ``flock`` on ``.lock`` in the directory, which the keepers take too.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, api_url: str = "",
+                 token_sha256: str | None = None, checkout: str | None = None) -> None:
+        self.directory = Path(directory)
+        self.api_url = api_url
+        self.token_sha256 = token_sha256
+        self.checkout = checkout if checkout is not None else os.getcwd()
+
+    def __repr__(self) -> str:
+        return f"KeptStore({str(self.directory)!r})"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self._prepare()
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
+            yield
+        finally:
+            os.close(fd)
+
+    def _prepare(self) -> None:
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.chmod(0o700)
+            # Never committed, even where the cache directory is not ignored.
+            (self.directory / ".gitignore").write_text(
+                "# made by pytest-rerobots: instances kept after a run, and their keys\n*\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every kept instance's record, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for sub in self.directory.iterdir():
+            record = _read_json(sub / "record.json") if sub.is_dir() else None
+            # (Its id must be its directory's name: a record never names another path.)
+            if record is not None and record.get("id") == sub.name:
+                record["dir"] = str(sub)
+                found.append(record)
+        return sorted(found, key=lambda r: float(r.get("kept_at") or 0))
+
+    def _mine(self, record: Mapping[str, Any]) -> bool:
+        return (record.get("api_url") == self.api_url
+                and record.get("token_sha256") == self.token_sha256
+                and record.get("checkout") == self.checkout)
+
+    # -- keeping ----------------------------------------------------------------
+
+    def keep(self, inst: Instance, kind: str, *, secret: Secret | None, interval: float,
+             idle: float | None = None, ledger: Ledger | None = None) -> dict[str, Any]:
+        """Write ``inst``'s record, key and known-hosts file and start its keeper (which
+        gets the token, ``secret``, on its pipe); the record (with the keeper's pid). The
+        instance itself is left to the caller (:meth:`.Instance.detach` with
+        ``Outcome.KEPT``)."""
+        ident, text = inst.id, inst.private_key_text
+        if ident is None or inst.host is None or inst.port is None or not inst.hostkeys:
+            raise ValueError(f"instance {ident} is not up: nothing to keep")
+        if not text:
+            raise ValueError(f"instance {ident}: its login key is not known in full")
+        lease_end = _epoch(inst.details.get("expires"))
+        record: dict[str, Any] = {
+            "id": ident, "kind": kind, "wtype": inst.wtype, "deployment": inst.deployment,
+            "region": inst.region, "target": inst.target, "host": inst.host,
+            "port": inst.port, "hostkeys": list(inst.hostkeys), "api_url": self.api_url,
+            "token_sha256": self.token_sha256, "checkout": self.checkout,
+            "kept_at": time.time(), "idle": idle if kind == REUSE else None,
+            "lease_end": lease_end, "keeper": None, "pid": os.getpid(),
+        }
+        directory = self.directory / ident
+        with self.lock():
+            directory.mkdir(mode=0o700, exist_ok=True)
+            _write_private(directory / "key", text)
+            (directory / "known_hosts").write_text(
+                "".join(_known_hosts_line(inst.host, inst.port, k) for k in inst.hostkeys))
+            self._write(directory, record)
+        header = {"id": ident, "dir": str(self.directory), "api_url": self.api_url,
+                  "interval": interval, "idle": record["idle"],
+                  "lease_end": lease_end, "ledger": None}
+        if ledger is not None:
+            header["ledger"] = {"path": os.path.abspath(ledger.path), "run": ledger.run_id,
+                                "api_url": ledger.api_url}
+        try:
+            pid = spawn_keeper(header, secret)
+        except BaseException:
+            with self.lock():
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+        with self.lock():
+            if (directory / "record.json").exists():
+                record["keeper"] = pid
+                self._write(directory, record)
+        record["dir"] = str(directory)
+        return record
+
+    @staticmethod
+    def _write(directory: Path, record: Mapping[str, Any]) -> None:
+        data = {k: v for k, v in record.items() if k != "dir"}
+        partial = directory / ".record.json"
+        partial.write_text(json.dumps(data, sort_keys=True))
+        partial.replace(directory / "record.json")  # whole or not at all
+
+    # -- attaching ----------------------------------------------------------------
+
+    def claim(self, wtype: str | None, deployment: str | None = None, *,
+              client: RerobotsClient | None = None) -> tuple[dict[str, Any], str] | None:
+        """Take a kept instance of ``wtype`` (on ``deployment``, if given) for this run:
+        its record and its key's text; its directory is removed, so its keeper stops.
+        The newest one first. One whose lease is nearly over is ended (with ``client``)
+        and skipped."""
+        with self.lock():
+            for record in reversed(self.records()):
+                if (record.get("kind") != REUSE or not self._mine(record)
+                        or record.get("wtype") != wtype
+                        or (deployment is not None and record.get("deployment") != deployment)):
+                    continue
+                directory = Path(record["dir"])
+                try:
+                    key = (directory / "key").read_text()
+                except OSError:
+                    key = ""
+                shutil.rmtree(directory, ignore_errors=True)
+                lease_end = record.get("lease_end")
+                if not key or (isinstance(lease_end, (int, float))
+                               and lease_end - time.time() < LEASE_MARGIN):
+                    if client is not None:
+                        _end_quietly(client, record["id"])
+                    continue
+                return record, key
+        return None
+
+    # -- sweeping -------------------------------------------------------------------
+
+    def stop_keepers(self, write: Callable[[str], Any] | None = None) -> list[dict[str, Any]]:
+        """Stop the keepers of every kept instance of this API origin (SIGTERM, by pid);
+        the records. The instances stay as they are (ended by the sweep)."""
+        stopped = []
+        for record in self.records():
+            if record.get("api_url") != self.api_url:
+                continue
+            pid = record.get("keeper")
+            if isinstance(pid, int) and stop_keeper(pid) and write is not None:
+                why = "debugging" if record.get("kind") == FAILURE else record.get("kind")
+                write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}) "
+                      f"kept for {why}: its keeper {pid} stopped")
+            stopped.append(record)
+        return stopped
+
+    def forget(self, ident: str) -> None:
+        """Remove a kept instance's record, key and known-hosts file."""
+        with self.lock():
+            shutil.rmtree(self.directory / ident, ignore_errors=True)
+
+
+def _end_quietly(client: RerobotsClient, ident: str) -> str:
+    from .instance import end
+
+    try:
+        return str(end(client, ident, deadline=30.0))
+    except Exception as exc:  # the keepalive window ends it all the same
+        log.warning("could not end kept instance %s: %s", ident, exc)
+        return f"failed: {exc}"
+
+
+def _is_keeper(pid: int) -> bool:
+    """Whether ``pid`` runs a keeper (not some other process that got its number since);
+    without ``/proc``, assumed."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists() and _alive(pid)
+    except OSError:
+        return False
+    return b"pytest_rerobots.keep" in cmdline
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return not _alive(pid)
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # exited; its parent (init) reaps it
+
+
+def stop_keeper(pid: int, wait: float = STOP_WAIT) -> bool:
+    """Stop keeper ``pid`` (SIGTERM) and wait for it to exit; whether one was stopped."""
+    if not _is_keeper(pid):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
+
+
+# -- the keeper process ----------------------------------------------------------------
+
+
+def spawn_keeper(header: Mapping[str, Any], secret: Secret | None = None,
+                 timeout: float = 30.0) -> int:
+    """Start a keeper for ``header["id"]``; its pid. The header, with the token
+    (``secret``), goes down a pipe, as the watchdog's does; the launcher forks the keeper
+    into a session of its own, prints its pid and exits, so the keeper is nobody's child
+    and outlives the run."""
+    from .guard import _child_env
+
+    package_root = Path(__file__).resolve().parent.parent
+    # The token goes down the pipe only: not on the command line, not in the child's
+    # environment. (No local variable holds it: pytest's -l would print it.)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest_rerobots.keep", "keeper"],
+        input=json.dumps({**header,
+                          "token": secret.reveal() if secret else None}).encode(),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=package_root,
+        env=_child_env(), close_fds=True, timeout=timeout, check=False,
+    )
+    try:
+        return int(done.stdout.decode().strip())
+    except ValueError:
+        raise RuntimeError(f"the keeper did not start (exit status {done.returncode})") from None
+
+
+def _launch(stream: IO[bytes]) -> int:
+    """The launcher: read the header, fork the keeper, print its pid, exit."""
+    try:
+        header = json.loads(stream.read() or b"{}")
+    except ValueError:
+        return 2
+    if not isinstance(header, dict) or not header.get("id"):
+        return 2
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)
+        return 0
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    log_path = Path(header["dir"]) / str(header["id"]) / "keeper.log"
+    try:
+        err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        err = devnull
+    for fd, target in ((0, devnull), (1, devnull), (2, err)):
+        os.dup2(target, fd)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s keeper %(levelname)s %(message)s")
+    try:
+        code = _keeper_main(header)
+    except BaseException:  # logged: a keeper has nobody to raise to
+        log.exception("keeper of %s failed", header.get("id"))
+        code = 1
+    os._exit(code)
+
+
+def _keeper_main(header: dict[str, Any]) -> int:
+    """Keep one instance alive until it should end (see the module docstring)."""
+    from .client import RerobotsClient
+    from .errors import NotFound, RerobotsError
+    from .guard import Ledger
+    from .settings import Secret
+
+    # Held as a Secret from here on (the header keeps no copy), revealed to the client.
+    secret = Secret(str(header.pop("token"))) if header.get("token") else None
+    ident = str(header["id"])
+    store = KeptStore(header["dir"])
+    record_path = store.directory / ident / "record.json"
+    interval = max(0.05, float(header.get("interval") or 40.0))
+    idle = header.get("idle")
+    ledger = None
+    if header.get("ledger"):
+        info = header["ledger"]
+        ledger = Ledger(info["path"], run_id=info.get("run", ""), api_url=info.get("api_url", ""))
+    me = os.getpid()
+    next_ping = 0.0
+    with RerobotsClient(secret.reveal() if secret else None, header.get("api_url"),
+                        ignore_env=True, retries=1) as client:
+
+        def over(outcome: str, by: str) -> int:
+            with store.lock():
+                shutil.rmtree(store.directory / ident, ignore_errors=True)
+            if ledger is not None and not outcome.startswith("failed"):
+                ledger.record_ended(ident, outcome, by=by)
+            return 0
+
+        while True:
+            record = _read_json(record_path)
+            if record is None or record.get("keeper") not in (None, me):
+                return 0  # a run attached to it, a sweep took it, or another keeper did
+            now = time.time()
+            if idle is not None and now >= float(record.get("kept_at") or now) + float(idle):
+                with store.lock():
+                    if not record_path.exists():
+                        return 0  # attached to at the last moment
+                    outcome = _end_quietly(client, ident)
+                    shutil.rmtree(store.directory / ident, ignore_errors=True)
+                if ledger is not None and not outcome.startswith("failed"):
+                    ledger.record_ended(ident, outcome, by="reaper")
+                return 0
+            if now >= next_ping:
+                next_ping = now + interval
+                try:
+                    client.keepalive(ident)
+                except NotFound:
+                    # Gone (its lease ended, someone terminated it), or READY without a
+                    # keepalive monitor (an instance served from a reservation).
+                    try:
+                        status = client.instance(ident)["status"]
+                    except NotFound:
+                        status = "TERMINATED"
+                    except RerobotsError:
+                        status = "unknown"
+                    if status in ("TERMINATING", "TERMINATED", "INIT_FAIL"):
+                        return over("already ended", "keeper")
+                except RerobotsError as exc:
+                    log.warning("keepalive of %s failed: %s", ident, exc)
+                    next_ping = now + min(5.0, interval)
+            time.sleep(max(0.02, min(0.5, interval / 4, next_ping - time.time())))
+
+
+def _main(argv: list[str]) -> int:
+    if argv[:1] == ["keeper"]:
+        # Signals to the run's terminal or process group must not reach it; SIGTERM
+        # stops it (and leaves the instance as it is).
+        for name in ("SIGINT", "SIGHUP"):
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                signal.signal(signum, signal.SIG_IGN)
+        return _launch(sys.stdin.buffer)
+    print("usage: python -m pytest_rerobots.keep keeper   (settings on stdin)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
