@@ -521,14 +521,30 @@ def _watchdog_main(stream: IO[bytes]) -> int:
     return 0 if all(o in ENDED_OUTCOMES for o in results.values()) else 1
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ignore_terminal_signals() -> None:
+    """For a helper process that must outlive its run: the dying run's terminal or process
+    group may still send SIGINT and SIGHUP. (SIGTERM still stops it, for an operator who
+    means it.)"""
+    for name in ("SIGINT", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["watchdog"]:
-        # The dying run's terminal or process group may still send these.
-        # (SIGTERM still stops it, for an operator who means it.)
-        for name in ("SIGINT", "SIGHUP"):
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                signal.signal(signum, signal.SIG_IGN)
+        ignore_terminal_signals()
         return _watchdog_main(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.guard watchdog", file=sys.stderr)
     return 2

@@ -333,13 +333,9 @@ def _is_keeper(pid: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    from .guard import pid_alive
+
+    return pid_alive(pid)
 
 
 def _gone(pid: int) -> bool:
@@ -489,12 +485,9 @@ def _keeper_main(header: dict[str, Any]) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["keeper"]:
-        # Signals to the run's terminal or process group must not reach it; SIGTERM
-        # stops it (and leaves the instance as it is).
-        for name in ("SIGINT", "SIGHUP"):
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                signal.signal(signum, signal.SIG_IGN)
+        from .guard import ignore_terminal_signals
+
+        ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
         return _launch(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.keep keeper   (settings on stdin)", file=sys.stderr)
     return 2

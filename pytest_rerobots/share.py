@@ -23,20 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RerobotsError
+from .guard import pid_alive as _alive  # a crashed worker is no user any more
 from .instance import Instance
 
 __all__ = ["SharedPool"]
-
-
-def _alive(pid: int) -> bool:
-    """Whether a worker process still exists (a crashed one is no user any more)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SharedPool:
