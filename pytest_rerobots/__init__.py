@@ -90,6 +90,7 @@ __all__ = [
     "Outcome",
     "Process",
     "RateLimited",
+    "RemoteFileError",
     "RerobotsClient",
     "RerobotsError",
     "ReservationNotFound",

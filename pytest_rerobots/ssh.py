@@ -27,8 +27,8 @@ tens of milliseconds each; with ``TCP_NODELAY``, no pty and no polling sleeps a
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 import enum
 import io
 import os

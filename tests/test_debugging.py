@@ -161,7 +161,7 @@ def test_transcript_in_the_report_with_rA_and_in_junit(pytester: pytest.Pytester
     passed = _section(out, "test_passes")
     assert "run: echo hello from the robot  [exit 0, " in passed
 
-    tree = ET.parse(pytester.path / "out.xml")
+    tree = ET.parse(pytester.path / "out.xml")  # noqa: S314 (the XML this test wrote)
     cases = {case.get("name"): case for case in tree.iter("testcase")}
     for name, expected in (("test_passes", "hello from the robot"), ("test_fails", "[exit 2, ")):
         system_out = "".join(e.text or "" for e in cases[name].iter("system-out"))
@@ -249,7 +249,8 @@ def test_under_xdist_transcripts_reach_the_report_and_junit_and_skips_count(
     out = result.stdout.str()
     assert "run: echo hello from the robot  [exit 0, " in out and "[exit 2, " in out
     assert "pytest_rerobots/" not in _section(out, "test_fails")
-    cases = {c.get("name"): c for c in ET.parse(pytester.path / "out.xml").iter("testcase")}
+    xml = ET.parse(pytester.path / "out.xml")  # noqa: S314 (the XML this test wrote)
+    cases = {c.get("name"): c for c in xml.iter("testcase")}
     assert "[exit 2, " in "".join(e.text or "" for e in cases["test_fails"].iter("system-out"))
     assert sim_env.token not in out + (pytester.path / "out.xml").read_text()
 

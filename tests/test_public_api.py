@@ -25,3 +25,12 @@ def test_every_error_derives_from_the_one_base():
         cls = getattr(errors, name)
         if isinstance(cls, type):
             assert issubclass(cls, errors.RerobotsError), name
+
+
+def test_the_errors_a_test_may_catch_are_exported_from_the_package():
+    import pytest_rerobots
+    from pytest_rerobots import errors
+
+    # Only the internal refinement of MalformedResponse and the helper function stay out.
+    assert set(errors.__all__) - set(pytest_rerobots.__all__) == {
+        "UnreadableNewAnswer", "is_infrastructure"}

@@ -25,8 +25,8 @@ from pytest_rerobots.errors import (
     SSHError,
     is_infrastructure,
 )
-from pytest_rerobots.transcript import Transcript
 from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager
+from pytest_rerobots.transcript import Transcript
 
 MB = 1_000_000
 
