@@ -26,7 +26,7 @@ SIGTERM (it then leaves the instance as it is). Its pid is in ``record.json``;
 ``pytest --rerobots-sweep`` stops it, ends the instance and removes the files.
 
 Nothing here imports pytest; the client and the instance machinery load only where an
-instance is ended.
+instance is ended (:mod:`.guard`, which it builds on, imports neither).
 """
 
 from __future__ import annotations
@@ -47,18 +47,26 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from . import guard
+from .guard import Ledger, _child_env, ignore_terminal_signals, pid_alive
+
 if TYPE_CHECKING:
     from .client import RerobotsClient
-    from .guard import Ledger
     from .instance import Instance
     from .settings import Secret
 
-__all__ = ["KeptStore", "describe", "kept_dir", "ssh_command"]
+__all__ = ["KeptStore", "describe", "kept_dir", "ssh_command", "sweep"]
 
 log = logging.getLogger("pytest_rerobots.keep")
 
 #: Kinds of kept instance.
 FAILURE, REUSE = "failure", "reuse"
+
+
+def purpose(kind: str | None) -> str:
+    """What a kind of kept instance is kept for, in the words the terminal, the summary
+    and the sweep use ("debugging", "reuse")."""
+    return "debugging" if kind == FAILURE else str(kind)
 
 #: A kept instance whose lease ends sooner than this (s) is not attached to: it could end
 #: under the run. It is ended instead, so that its robot is free for a new rental.
@@ -298,9 +306,8 @@ class KeptStore:
                 continue
             pid = record.get("keeper")
             if isinstance(pid, int) and stop_keeper(pid) and write is not None:
-                why = "debugging" if record.get("kind") == FAILURE else record.get("kind")
                 write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}) "
-                      f"kept for {why}: its keeper {pid} stopped")
+                      f"kept for {purpose(record.get('kind'))}: its keeper {pid} stopped")
             stopped.append(record)
         return stopped
 
@@ -308,6 +315,34 @@ class KeptStore:
         """Remove a kept instance's record, key and known-hosts file."""
         with self.lock():
             shutil.rmtree(self.directory / ident, ignore_errors=True)
+
+
+def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> int:
+    """``pytest --rerobots-sweep``: :func:`.guard.sweep`, with the instances kept beside
+    ``ledger``. Their keepers are stopped first (they would keep them alive), kept
+    instances the ledger never heard of (it was moved, or another ledger kept them) are
+    ended too, and the files of every one ended are removed. The number not ended."""
+    store = KeptStore(kept_dir(ledger.path), api_url=api.api_url)
+    if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
+        store.stop_keepers(write)
+    failed = guard.sweep(api, ledger, write)
+    known = {r["id"] for r in ledger.records()}
+    orphans = {r["id"]: r.get("wtype") or "?" for r in store.records()
+               if r.get("api_url") == api.api_url and r["id"] not in known}
+    unended = set(orphans) if not api.has_token else set()
+    if orphans and api.has_token:
+        for ident, outcome in guard.end_all(api, orphans, ledger=ledger, by="sweep").items():
+            write(f"rerobots sweep: {ident} ({orphans[ident]}) {outcome}")
+            if outcome not in guard.ENDED_OUTCOMES:
+                unended.add(ident)
+    failed += len(unended)
+    live = {r["id"] for r in ledger.live()} | unended
+    for record in store.records():
+        if record.get("api_url") == api.api_url and record["id"] not in live:
+            store.forget(record["id"])
+            write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
+                  "its key and known-hosts files removed")
+    return failed
 
 
 def _end_quietly(client: RerobotsClient, ident: str) -> str:
@@ -326,16 +361,10 @@ def _is_keeper(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except FileNotFoundError:
-        return not Path("/proc/self").exists() and _alive(pid)
+        return not Path("/proc/self").exists() and pid_alive(pid)
     except OSError:
         return False
     return b"pytest_rerobots.keep" in cmdline
-
-
-def _alive(pid: int) -> bool:
-    from .guard import pid_alive
-
-    return pid_alive(pid)
 
 
 def _gone(pid: int) -> bool:
@@ -344,7 +373,7 @@ def _gone(pid: int) -> bool:
     except FileNotFoundError:
         return True
     except OSError:
-        return not _alive(pid)
+        return not pid_alive(pid)
     return stat.rsplit(")", 1)[1].split()[0] == "Z"  # exited; its parent (init) reaps it
 
 
@@ -369,8 +398,6 @@ def spawn_keeper(header: Mapping[str, Any], secret: Secret | None = None,
     (``secret``), goes down a pipe, as the watchdog's does; the launcher forks the keeper
     into a session of its own, prints its pid and exits, so the keeper is nobody's child
     and outlives the run."""
-    from .guard import _child_env
-
     package_root = Path(__file__).resolve().parent.parent
     # The token goes down the pipe only: not on the command line, not in the child's
     # environment. (No local variable holds it: pytest's -l would print it.)
@@ -422,7 +449,6 @@ def _keeper_main(header: dict[str, Any]) -> int:
     """Keep one instance alive until it should end (see the module docstring)."""
     from .client import RerobotsClient
     from .errors import NotFound, RerobotsError
-    from .guard import Ledger
     from .settings import Secret
 
     # Held as a Secret from here on (the header keeps no copy), revealed to the client.
@@ -442,8 +468,8 @@ def _keeper_main(header: dict[str, Any]) -> int:
                         ignore_env=True, retries=1) as client:
 
         def over(outcome: str, by: str) -> int:
-            with store.lock():
-                shutil.rmtree(store.directory / ident, ignore_errors=True)
+            """Forget the instance (the caller holds the store's lock) and record its end."""
+            shutil.rmtree(store.directory / ident, ignore_errors=True)
             if ledger is not None and not outcome.startswith("failed"):
                 ledger.record_ended(ident, outcome, by=by)
             return 0
@@ -457,11 +483,7 @@ def _keeper_main(header: dict[str, Any]) -> int:
                 with store.lock():
                     if not record_path.exists():
                         return 0  # attached to at the last moment
-                    outcome = _end_quietly(client, ident)
-                    shutil.rmtree(store.directory / ident, ignore_errors=True)
-                if ledger is not None and not outcome.startswith("failed"):
-                    ledger.record_ended(ident, outcome, by="reaper")
-                return 0
+                    return over(_end_quietly(client, ident), "reaper")
             if now >= next_ping:
                 next_ping = now + interval
                 try:
@@ -476,7 +498,8 @@ def _keeper_main(header: dict[str, Any]) -> int:
                     except RerobotsError:
                         status = "unknown"
                     if status in ("TERMINATING", "TERMINATED", "INIT_FAIL"):
-                        return over("already ended", "keeper")
+                        with store.lock():
+                            return over("already ended", "keeper")
                 except RerobotsError as exc:
                     log.warning("keepalive of %s failed: %s", ident, exc)
                     next_ping = now + min(5.0, interval)
@@ -485,8 +508,6 @@ def _keeper_main(header: dict[str, Any]) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["keeper"]:
-        from .guard import ignore_terminal_signals
-
         ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
         return _launch(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.keep keeper   (settings on stdin)", file=sys.stderr)

@@ -131,30 +131,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     from .client import RerobotsClient
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
-        # Kept instances first lose their keepers (which would keep them alive), then end
-        # with the rest of the ledger, then lose their key files.
-        store = keep.KeptStore(keep.kept_dir(settings.ledger), api_url=api.api_url)
-        if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
-            store.stop_keepers(print)
-        failed = guard.sweep(api, ledger, print)
-        # Kept instances the ledger never heard of (it was moved, or another ledger kept
-        # them): ended here too.
-        known = {r["id"] for r in ledger.records()}
-        orphans = {r["id"]: r.get("wtype") or "?" for r in store.records()
-                   if r.get("api_url") == api.api_url and r["id"] not in known}
-        unended = set(orphans) if not api.has_token else set()
-        if orphans and api.has_token:
-            for ident, outcome in guard.end_all(api, orphans, ledger=ledger, by="sweep").items():
-                print(f"rerobots sweep: {ident} ({orphans[ident]}) {outcome}")
-                if outcome not in guard.ENDED_OUTCOMES:
-                    unended.add(ident)
-        failed += len(unended)
-        live = {r["id"] for r in ledger.live()} | unended
-        for record in store.records():
-            if record.get("api_url") == api.api_url and record["id"] not in live:
-                store.forget(record["id"])
-                print(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
-                      "its key and known-hosts files removed")
+        failed = keep.sweep(api, ledger, print)
     return 1 if failed else 0
 
 

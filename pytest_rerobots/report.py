@@ -203,8 +203,9 @@ def _ended(instance: Instance) -> str:
         return f"{instance.outcome}: {instance.failure}"
     # Kept after the run, or attached to from an earlier run (--rerobots-keep-on-failure,
     # --rerobots-reuse): e.g. "kept (for reuse; reused)".
-    notes = ([{"failure": "for debugging"}.get(instance.keep_for or "", f"for {instance.keep_for}")]
-             if instance.outcome == Outcome.KEPT else [])
+    from .keep import purpose
+
+    notes = [f"for {purpose(instance.keep_for)}"] if instance.outcome == Outcome.KEPT else []
     if instance.reused:
         notes.append("reused")
     return f"{instance.outcome} ({'; '.join(notes)})" if notes else str(instance.outcome)

@@ -250,10 +250,7 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
     def request_count(self, endpoint: str) -> int:
         """How many requests of ``endpoint`` (a name of :data:`~.endpoints.ENDPOINTS`, e.g.
         ``"new"``) the API has answered since it started."""
-        if self._app is None:
-            return 0
-        with self._app._counts_lock:
-            return self._app.counts[endpoint]
+        return 0 if self._app is None else self._app.request_count(endpoint)
 
     def live_instances(self) -> list[InstanceSnapshot]:
         """Instances not TERMINATING, TERMINATED or INIT_FAIL (i.e. INIT or READY)."""

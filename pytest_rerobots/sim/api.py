@@ -350,7 +350,7 @@ class SimApp:
         #: Told each connection's socket whose body is refused (413); set by the server.
         self.on_body_refused: Callable[[Any], None] = lambda sock: None
         #: Requests answered, by endpoint name (what a test asks: "no POST /new?").
-        self.counts: collections.Counter[str] = collections.Counter()
+        self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
         self.url_map = Map(
             _rules(),
@@ -373,6 +373,11 @@ class SimApp:
         self._handlers: dict[str, Callable[..., Response]] = {
             e.name: getattr(self, e.name) for e in ENDPOINTS
         }
+
+    def request_count(self, endpoint: str) -> int:
+        """How many requests of ``endpoint`` (an endpoint's name) it has answered."""
+        with self._counts_lock:
+            return self._counts[endpoint]
 
     # ------------------------------------------------------------------ WSGI plumbing
 
@@ -430,7 +435,7 @@ class SimApp:
             return self._finish(_json(400, {"error_message": "unrecognized command"}), rate)
         name, args = match
         with self._counts_lock:
-            self.counts[name] += 1
+            self._counts[name] += 1
         endpoint = _BY_NAME[name]
         if endpoint.auth and user is None:
             return self._finish(_json(400, {"error_message": endpoint.auth_error}), rate)
