@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from pytest_rerobots import RerobotsClient
 from pytest_rerobots.guard import Ledger, SignalGuard, Watchdog, end_all, sweep
@@ -41,15 +42,6 @@ def pid_gone(pid: int) -> bool:
             return True
         return False
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def status(api: RerobotsClient, ident: str) -> str:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from pytest_rerobots import keep
 from pytest_rerobots.guard import Ledger
@@ -42,15 +43,6 @@ def test_robot(rerobots_instance):
         fh.write(rerobots_instance.id + "\\n")
     assert rerobots_instance.run("echo ok").stdout == "ok\\n"
 '''
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 @pytest.fixture

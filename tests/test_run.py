@@ -9,11 +9,10 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from pytest_rerobots import (
     BusyWorkspaceDeployment,
@@ -28,15 +27,6 @@ from pytest_rerobots.run import DEFAULT_LEDGER
 from pytest_rerobots.sim import Simulator
 
 pytest_plugins = ["pytester"]
-
-
-def wait_until(check: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return check()
 
 
 def status(api: RerobotsClient, ident: str) -> str | None:
