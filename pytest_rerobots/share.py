@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RerobotsError
-from .guard import pid_alive as _alive  # a crashed worker is no user any more
+from .guard import pid_alive  # (a crashed worker is no user any more)
 from .instance import Instance
 
 __all__ = ["SharedPool"]
@@ -70,7 +70,7 @@ class SharedPool:
                 raise RerobotsError(f"the shared instance failed in another worker: "
                                     f"{state['error']}")
             # A renter that crashed is no user: its watchdog or the controller ends it.
-            state["users"] = [u for u in state.get("users", []) if _alive(u)]
+            state["users"] = [u for u in state.get("users", []) if pid_alive(u)]
             live = state.get("id") and state["users"]
             inst = make(state["id"] if live else None)
             inst.shared_key = (str(self.directory), key)
@@ -91,7 +91,7 @@ class SharedPool:
         with self._locked(key) as state:
             if state.get("id") != instance_id:
                 return False  # the key holds another instance now (or none): ours is free
-            users = [u for u in state.get("users", []) if u != pid and _alive(u)]
+            users = [u for u in state.get("users", []) if u != pid and pid_alive(u)]
             state["users"] = users
             if not users:
                 state.pop("id", None)
@@ -101,7 +101,7 @@ class SharedPool:
         """Leave the instance: terminate it if this is its last user, else detach."""
         me = os.getpid()
         with self._locked(key) as state:
-            users = [u for u in state.get("users", []) if u != me and _alive(u)]
+            users = [u for u in state.get("users", []) if u != me and pid_alive(u)]
             state["users"] = users
             if users:
                 inst.detach()
