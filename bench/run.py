@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
+import importlib.metadata
 import io
 import json
 import os
@@ -845,11 +846,9 @@ def machine() -> str:
                                      check=False).stderr.split(",")[0].strip()
     except OSError:
         ssh_version = "no ssh client"
-    import asyncssh  # the sim extra: imported here only to print its version
-
     return (f"{os.cpu_count()} CPUs ({platform.system()} {platform.machine()}), "
             f"Python {platform.python_version()}, paramiko {paramiko.__version__}, "
-            f"asyncssh {asyncssh.__version__}, {ssh_version}")
+            f"asyncssh {importlib.metadata.version('asyncssh')}, {ssh_version}")
 
 
 def command(argv: Sequence[str]) -> str:

@@ -22,8 +22,7 @@ import subprocess
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import asyncssh
-
+from ._asyncssh import asyncssh
 from .host import Host, HostContext
 from .processes import CHUNK, killpg, reap, subprocess_exec
 

@@ -37,10 +37,9 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-import asyncssh
-
 from ...errors import ConfigurationError, RerobotsError
 from ..hostapi import HostInfo
+from ._asyncssh import asyncssh
 from .asyncssh_backend import AsyncsshHost
 from .host import Host, HostContext
 from .openssh_backend import OpensshHost, OpensshSetup
