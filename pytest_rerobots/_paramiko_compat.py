@@ -3,7 +3,7 @@
 Kept in this one module so that a paramiko release that moves these internals
 breaks one small file, not the SSH code, and so that the upper bound on paramiko
 in ``pyproject.toml`` has an obvious reason. Each piece was checked against
-paramiko 3.2, 4.0 and 5.1, where it is the same:
+paramiko 3.4.1 (the lowest allowed; CI runs it), 4.0 and 5.1, where it is the same:
 
 * **exit-signal.** OpenSSH reports a command that died of a signal with an
   ``exit-signal`` channel request and no ``exit-status``. paramiko ignores that
