@@ -25,13 +25,15 @@ TAIL_CHARS = 2000
 def tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
     """The last ``lines`` lines of ``text``, at most ``chars`` characters, with a
     first line saying how much was left out when something was."""
-    text = text.rstrip("\n")
-    kept = text.splitlines()[-lines:] if lines else []
-    out = "\n".join(kept)
+    # Measured on the lines joined by LF, as they are shown: a CRLF line end is one
+    # line break, not a character left out.
+    every = text.rstrip("\r\n").splitlines()
+    whole = "\n".join(every)
+    out = "\n".join(every[-lines:] if lines else [])
     if len(out) > chars:
         out = out[-chars:]
-    if len(out) < len(text):
-        dropped = len(text) - len(out)
+    if len(out) < len(whole):
+        dropped = len(whole) - len(out)
         out = f"[... {dropped} characters before ...]\n{out}"
     return out
 
