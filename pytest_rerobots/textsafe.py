@@ -81,12 +81,15 @@ def block(text: str) -> str:
     return out + "\n" if out and text.endswith(("\n", "\r")) else out
 
 
-# Every ASCII punctuation character may be backslash-escaped in CommonMark, and then it
-# is a literal: no emphasis, code span, link, image, strikethrough, table pipe, math
-# ($), emoji shortcode (:) or mention. ``<``, ``>`` and ``&`` become character
-# references instead, so that no HTML tag (nor entity) is ever formed.
+# A table cell's content is parsed as inline Markdown only (no lists, headings, quotes),
+# so these are the characters that can mean something there: backslash escapes, code
+# spans, emphasis, strikethrough, links and images, the table's pipe, GitHub's math ($),
+# emoji shortcodes (:), mentions (@) and issue references (#). Backslash-escaped, each is
+# a literal (CommonMark lets every ASCII punctuation character be escaped); the others
+# (- . / = and the like) stay as they are, so that ids and numbers read as they are.
+# ``<``, ``>`` and ``&`` become character references, so no HTML tag or entity forms.
 _HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
-_MD_PUNCTUATION = frozenset("!\"#$%'()*+,-./:;=?@[\\]^_`{|}~")
+_MD_PUNCTUATION = frozenset("\\`*_~[]()!|$:@#")
 
 
 def md_cell(text: str) -> str:
