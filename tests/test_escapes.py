@@ -199,3 +199,10 @@ def test_commands_stopped_ends_its_block_when_an_error_leaves_it():
         raise RuntimeError
     runner = Runner().feed("\n".join([*written, "::notice::after"]))
     assert runner.acted == [("notice", "after")]
+
+
+def test_a_tail_of_crlf_output_leaves_nothing_out():
+    from pytest_rerobots.transcript import tail
+
+    assert tail("Kobuki bootloader 1.4.2\r\nkobuki> \r\n") == "Kobuki bootloader 1.4.2\nkobuki> "
+    assert tail("a\r\n" * 30, lines=2) == "[... 56 characters before ...]\na\na"
