@@ -45,6 +45,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .textsafe import block_lines, fence_prefixed
 from .transcript import tail
 
 if TYPE_CHECKING:
@@ -214,13 +215,19 @@ class SSHConnectError(SSHError):
 
 
 def _tails(stdout: str, stderr: str) -> str:
-    """The message lines that show both streams' tails (empty streams left out)."""
+    """The message lines that show both streams' tails (empty streams left out).
+
+    The robot's output, not ours: its control characters are shown as escapes, so that
+    the terminal that shows the failure acts on none, and under GitHub Actions the lines
+    are fenced off from the runner's workflow commands (textsafe). Never the message's
+    first line: pytest's one-line summaries show only that, and a fence cut in half
+    there would stop the job's workflow commands for good."""
     parts = []
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text.strip():
-            body = "\n".join(f"  {line}" for line in tail(text).splitlines())
+            body = "\n".join(f"  {line}" for line in block_lines(tail(text)))
             parts.append(f"{name} (last lines):\n{body}")
-    return "\n".join(parts) if parts else "(no output on stdout or stderr)"
+    return fence_prefixed("\n".join(parts)) if parts else "(no output on stdout or stderr)"
 
 
 class CommandTimeout(SSHError):

@@ -26,6 +26,7 @@ from typing import Any
 from .client import RerobotsClient, _epoch
 from .errors import ConfigurationError, RerobotsError
 from .settings import Settings
+from .textsafe import commands_stopped, one_line
 
 __all__ = ["Deployment", "Listing", "closest_first", "gather", "main", "render"]
 
@@ -120,8 +121,9 @@ def _with_queue(deployment: Deployment, live: Any) -> Deployment:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, flexible: int,
            right: Sequence[int] = (), width: int = WIDTH) -> list[str]:
     """Columns two spaces apart; column ``flexible`` is cut (ending in ``~``) so that a
-    line fits in ``width``. The others (ids) are never cut: they are meant to be copied."""
-    table = [list(headers), *[list(r) for r in rows]]
+    line fits in ``width``. The others (ids) are never cut: they are meant to be copied.
+    Cells are the API's strings: each shown on one line, its controls as escapes."""
+    table = [list(headers), *[[one_line(cell) for cell in r] for r in rows]]
     widths = [max(len(r[c]) for r in table) for c in range(len(headers))]
     excess = sum(widths) + 2 * (len(widths) - 1) - width
     if excess > 0:
@@ -155,14 +157,14 @@ def render(found: Listing, *, has_token: bool, wtype: str | None = None,
     type, if it has one: a type the API does not offer is pointed out."""
     now = time.time() if now is None else now
     token = "token set" if has_token else "no token"
-    lines = [f"rerobots: {found.api_url} ({found.mode}), {token}"]
+    lines = [one_line(f"rerobots: {found.api_url} ({found.mode}), {token}")]
     if found.wtypes:
-        lines += textwrap.wrap(", ".join(found.wtypes), WIDTH,
+        lines += textwrap.wrap(", ".join(one_line(w) for w in found.wtypes), WIDTH,
                                initial_indent="workspace types: ", subsequent_indent="  ")
     if wtype is not None and found.wtypes and wtype not in found.wtypes:
         source = f" (from {wtype_source})" if wtype_source else ""
-        lines += textwrap.wrap(f"this run's workspace type {wtype}{source} is not offered "
-                               "here", WIDTH)
+        lines += textwrap.wrap(one_line(f"this run's workspace type {wtype}{source} is not "
+                                        "offered here"), WIDTH)
     if found.deployments:
         lines.append("")
         lines += _table(("type", "deployment", "region", "queue"),
@@ -187,7 +189,8 @@ def render(found: Listing, *, has_token: bool, wtype: str | None = None,
                           _age(i.get("starttime"), now)) for i in found.instances],
                         flexible=1, right=(4,))
     for error in found.errors:
-        lines += textwrap.wrap(f"rerobots list: {error}", WIDTH, subsequent_indent="  ")
+        lines += textwrap.wrap(one_line(f"rerobots list: {error}"), WIDTH,
+                               subsequent_indent="  ")
     return lines
 
 
@@ -232,7 +235,11 @@ def main(settings: Settings, out: Callable[[str], Any] = print) -> int:
     makes it a usage error)."""
     with _client(settings) as (api, mode):
         found = gather(api, mode)
-        for line in render(found, has_token=api.has_token, wtype=settings.wtype,
-                           wtype_source=settings.sources.get("wtype", "")):
-            out(line)
+        lines = render(found, has_token=api.has_token, wtype=settings.wtype,
+                       wtype_source=settings.sources.get("wtype", ""))
+        # The API's strings start lines here (a type, a wrapped list of types or error
+        # text) or sit inside them: under GitHub Actions, the runner must act on none.
+        with commands_stopped(out):
+            for line in lines:
+                out(line)
     return 1 if found.errors else 0

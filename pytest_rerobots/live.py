@@ -40,6 +40,7 @@ import paramiko
 
 from . import _paramiko_compat
 from .errors import CommandTimeout, ExpectEOF, ExpectTimeout, SSHError
+from .textsafe import block_lines, fence_prefixed
 from .transcript import Entry, tail
 
 if TYPE_CHECKING:
@@ -248,7 +249,8 @@ class Process:
                       ) -> ExpectTimeout:
         shown = " or ".join(repr(p.pattern if isinstance(p, re.Pattern) else p)
                             for p in patterns)
-        printed = tail("".join(self._kept)) or "(nothing)"
+        kept = tail("".join(self._kept))
+        printed = kept or "(nothing)"
         if cls is ExpectEOF:
             # sshd sends the exit status just after the EOF.
             ended = _paramiko_compat.wait_for_exit_status(self._chan, 1.0)
@@ -257,7 +259,10 @@ class Process:
             head = f"{self.command!r} {why} before printing {shown}"
         else:
             head = f"{self.command!r} did not print {shown} within {timeout:g} s"
-        return cls(f"{head}; it printed:\n{printed}", command=self.command, timeout=timeout,
+        # The message shows the output made inert (textsafe, as errors._tails); ``output``
+        # keeps it as the process printed it.
+        body = fence_prefixed("\n".join(block_lines(kept))) if kept else printed
+        return cls(f"{head}; it printed:\n{body}", command=self.command, timeout=timeout,
                    output=printed)
 
     # -- writing ---------------------------------------------------------------

@@ -24,6 +24,7 @@ import pytest
 from . import guard, report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .settings import OPTIONS, Secret, Settings, allow_warnings, resolve
+from .textsafe import fence_block
 from .transcript import Transcript
 
 if TYPE_CHECKING:
@@ -478,7 +479,9 @@ class RerobotsPlugin:
         if entries or dropped:
             text = report.redact(Transcript.render(entries, dropped),
                                  self._token.reveal() if self._token else None)
-            item.add_report_section(when, TRANSCRIPT_KEY, text)
+            # pytest prints a section as it is, each line from its start: under GitHub
+            # Actions the runner would act on the workflow commands a robot printed.
+            item.add_report_section(when, TRANSCRIPT_KEY, fence_block(text))
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml closes the test case
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:

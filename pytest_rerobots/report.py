@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .outcome import ENDED_OUTCOMES, Outcome
+from .textsafe import commands_stopped, md_cell, md_code, one_line
 
 if TYPE_CHECKING:  # pytest's objects (this module does not import pytest), and ours
     import pytest
@@ -94,6 +95,7 @@ class Progress:
         reporter = self._reporter()
         if reporter is None:
             return
+        text = one_line(text)  # the API's status, in a line rewritten in place
         capman = self.config.pluginmanager.get_plugin("capturemanager")
         # Fixture setup runs under output capture; step outside it to reach the terminal.
         with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
@@ -225,16 +227,20 @@ def terminal_summary(reporter: TerminalReporter, records: Records,
     if not table_rows:
         return
     reporter.section("rerobots instances")
-    table = [HEADERS, *table_rows]
+    # Cells hold the API's strings (region, status, an error's text): one line each, no
+    # control character; and under GitHub Actions, no workflow command the runner reads
+    # (it reads the legacy ``##[command]`` anywhere in a line).
+    table = [HEADERS, *([one_line(cell) for cell in row] for row in table_rows)]
     widths = [max(len(r[c]) for r in table) for c in range(len(HEADERS))]
-    for row in table:
-        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-        reporter.write_line(line.rstrip())
-    for row in table_rows:
-        if not ended_ok(row[-1]):
-            reporter.write_line(
-                f"LEAKED: instance {row[0]} ({row[1]}) was not terminated: {row[-1]}. "
-                "Run `pytest --rerobots-sweep`.", red=True, bold=True)
+    with commands_stopped(reporter.write_line):
+        for row in table:
+            line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+            reporter.write_line(line.rstrip())
+        for row in table[1:]:
+            if not ended_ok(row[-1]):
+                reporter.write_line(
+                    f"LEAKED: instance {row[0]} ({row[1]}) was not terminated: {row[-1]}. "
+                    "Run `pytest --rerobots-sweep`.", red=True, bold=True)
 
 
 @dataclass(frozen=True)
@@ -285,7 +291,7 @@ def github_step_summary(records: Records, tally: Tally | None = None, *,
         lines += [f"### rerobots: {tally.line}", ""]
         for title, names in (("Failed", tally.failed_names), ("Errors", tally.errored_names)):
             if names:
-                lines += [f"{title}:", "", *(f"- `{name}`" for name in names), ""]
+                lines += [f"{title}:", "", *(f"- {md_code(name)}" for name in names), ""]
     if no_token:
         lines.append(f"No robot was rented: no API token (REROBOTS_API_TOKEN is not set; a "
                      f"pull request from a fork gets no secrets), so {skipped_for_token} "
@@ -293,7 +299,10 @@ def github_step_summary(records: Records, tally: Tally | None = None, *,
     else:
         lines += ["### rerobots instances", "", "| " + " | ".join(HEADERS) + " |",
                   "|" + "---|" * len(HEADERS)]
-        lines += ["| " + " | ".join(row) + " |" for row in table_rows]
+        # The API's strings, rendered by GitHub: no image, link, HTML, or "|" that
+        # breaks the table; what the API sent is shown as text.
+        lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |"
+                  for row in table_rows]
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")

@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .textsafe import block_lines, one_line
+
 __all__ = ["Entry", "Transcript", "tail"]
 
 TAIL_LINES = 20
@@ -23,13 +25,15 @@ TAIL_CHARS = 2000
 def tail(text: str, lines: int = TAIL_LINES, chars: int = TAIL_CHARS) -> str:
     """The last ``lines`` lines of ``text``, at most ``chars`` characters, with a
     first line saying how much was left out when something was."""
-    text = text.rstrip("\n")
-    kept = text.splitlines()[-lines:] if lines else []
-    out = "\n".join(kept)
+    # Measured on the lines joined by LF, as they are shown: a CRLF line end is one
+    # line break, not a character left out.
+    every = text.rstrip("\r\n").splitlines()
+    whole = "\n".join(every)
+    out = "\n".join(every[-lines:] if lines else [])
     if len(out) > chars:
         out = out[-chars:]
-    if len(out) < len(text):
-        dropped = len(text) - len(out)
+    if len(out) < len(whole):
+        dropped = len(whole) - len(out)
         out = f"[... {dropped} characters before ...]\n{out}"
     return out
 
@@ -55,18 +59,20 @@ class Entry:
     note: str = ""
 
     def render(self) -> str:
-        """The entry as the lines a report shows."""
+        """The entry as the lines a report shows: the robot's output as it printed it,
+        but with its control characters shown as escapes (``\\x1b[2J``), so that a
+        terminal that shows the report acts on none (textsafe)."""
         stamp = time.strftime("%H:%M:%S", time.localtime(self.at))
         facts = [] if self.status is None else [f"exit {self.status}"]
         facts.append(f"{self.duration:.2f} s")
         if self.note:
             facts.append(self.note)
         head = f"{stamp} [{self.instance}] {self.kind}: {self.command}  [{', '.join(facts)}]"
-        lines = [head]
+        lines = [one_line(head)]
         for name, text in (("stdout", self.stdout), ("stderr", self.stderr)):
             if text:
                 lines.append(f"  {name}:")
-                lines.extend(f"    {line}" for line in text.splitlines())
+                lines.extend(f"    {line}" for line in block_lines(text))
         return "\n".join(lines)
 
 
