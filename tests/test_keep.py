@@ -65,7 +65,7 @@ def sim(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def store(pytester: pytest.Pytester) -> Path:
-    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "kept"
+    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl.kept"
 
 
 def records(pytester: pytest.Pytester) -> list[dict]:
@@ -441,7 +441,11 @@ def test_claim_takes_only_this_origin_token_checkout_type_and_deployment(tmp_pat
         directory = tmp_path / ident
         directory.mkdir()
         (directory / "key").write_text(f"key of {ident}")
-        keep.KeptStore._write(directory, {**base, **change, "id": ident, "kept_at": float(n)})
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            keep.KeptStore._write(fd, {**base, **change, "id": ident, "kept_at": float(n)})
+        finally:
+            os.close(fd)
     assert store.claim("basic_kobuki", "d-2") is None  # another deployment, when pinned
     record, key = store.claim("basic_kobuki") or ({}, "")
     assert record["id"] == "mine" and key == "key of mine"
