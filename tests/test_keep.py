@@ -239,7 +239,10 @@ def test_keep_on_failure_keeps_the_failing_tests_instance_with_a_working_ssh_com
     for option in ("IdentitiesOnly=yes", "StrictHostKeyChecking=yes"):
         assert option in argv
     directory = store(pytester) / failed
-    assert stat.S_IMODE((directory / "key").stat().st_mode) == 0o600
+    for name in ("key", "known_hosts", "record.json"):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    for path in (directory, store(pytester)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
     assert f"UserKnownHostsFile={directory / 'known_hosts'}" in argv
     assert argv[argv.index("-p") + 1] == str(record["port"])
     assert argv[-1] == f"root@{record['host']}"
