@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -33,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from . import safefiles
+from .errors import ConfigurationError
 from .outcome import ENDED_OUTCOMES, Outcome
 from .settings import Secret
 
@@ -57,6 +60,11 @@ class Ledger:
     interleave lines and a SIGKILL right after ``POST /new`` loses nothing.
     An ``ended`` record says which layer ended the instance (``by``).
     Also an instance listener (``rented``/``ended``).
+
+    The file is opened without following a symbolic link and used only if it is a
+    regular file of this user that group and others cannot write (:mod:`.safefiles`):
+    otherwise :class:`.ConfigurationError`. A ``rented`` record carries the SHA-256 of
+    the token that rented it, so that a sweep with another token leaves it alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, run_id: str = "",
@@ -68,10 +76,35 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger({str(self.path)!r}, run_id={self.run_id!r})"
 
+    def check(self) -> str | None:
+        """Refuse (:class:`.ConfigurationError`) a ledger that another user could have
+        planted or could write, or a directory of it that another user owns; a one-line
+        warning if that directory is writable by others (such as ``/tmp``), else None.
+        Nothing is created."""
+        with contextlib.suppress(FileNotFoundError):
+            os.close(safefiles.open_file(self.path, "ledger", os.O_RDONLY))
+        try:
+            st = os.stat(self.path.parent)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            raise safefiles.refuse("ledger's directory", self.path.parent, "is not a directory")
+        if st.st_uid not in (0, os.geteuid()):
+            raise safefiles.refuse("ledger's directory", self.path.parent,
+                                   f"is owned by uid {st.st_uid}, not by this user "
+                                   f"(uid {os.geteuid()}) or root")
+        if st.st_mode & stat.S_IWOTH:
+            sticky = " (sticky)" if st.st_mode & stat.S_ISVTX else ""
+            return (f"rerobots: warning: the ledger's directory {self.path.parent} is writable "
+                    f"by others{sticky}: another user may plant files beside the ledger "
+                    "(refused if seen); a ledger in a directory of your own is safer "
+                    "(--rerobots-ledger)")
+        return None
+
     def _append(self, record: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = safefiles.open_file(self.path, "ledger", os.O_RDWR | os.O_APPEND | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
             size = os.fstat(fd).st_size
@@ -86,10 +119,14 @@ class Ledger:
         finally:
             os.close(fd)
 
-    def record_rented(self, instance_id: str, target: str) -> None:
-        self._append({"event": "rented", "id": instance_id, "target": target,
-                      "api_url": self.api_url, "run": self.run_id, "pid": os.getpid(),
-                      "time": time.time()})
+    def record_rented(self, instance_id: str, target: str, *,
+                      token_sha256: str | None = None) -> None:
+        record = {"event": "rented", "id": instance_id, "target": target,
+                  "api_url": self.api_url, "run": self.run_id, "pid": os.getpid(),
+                  "time": time.time()}
+        if token_sha256:
+            record["token_sha256"] = token_sha256
+        self._append(record)
 
     def record_ended(self, instance_id: str, outcome: str, *, by: str = "teardown",
                      wtype: str | None = None, deployment: str | None = None) -> None:
@@ -113,7 +150,8 @@ class Ledger:
     # The instance-listener protocol.
     def rented(self, instance: Instance) -> None:
         if instance.id:
-            self.record_rented(instance.id, instance.target)
+            self.record_rented(instance.id, instance.target,
+                               token_sha256=_token_sha256(instance.client))
 
     def progress(self, instance: Instance) -> None:
         pass
@@ -133,7 +171,8 @@ class Ledger:
                               deployment=failed.deployment)
 
     def reserved(self, instance: Instance, reservation: str) -> None:
-        self.record_rented(reservation, instance.target)
+        self.record_rented(reservation, instance.target,
+                           token_sha256=_token_sha256(instance.client))
 
     def unreserved(self, instance: Instance, reservation: str) -> None:
         self.record_ended(reservation, "cancelled", by="teardown")
@@ -141,9 +180,11 @@ class Ledger:
     def records(self) -> list[dict[str, Any]]:
         """Every readable record, oldest first (a torn line is skipped)."""
         try:
-            text = self.path.read_text(errors="replace")
+            fd = safefiles.open_file(self.path, "ledger", os.O_RDONLY)
         except FileNotFoundError:
             return []
+        with os.fdopen(fd, "rb") as fh:
+            text = fh.read().decode(errors="replace")
         out = []
         for line in text.splitlines():
             with contextlib.suppress(ValueError):
@@ -168,6 +209,10 @@ class Ledger:
                 rented.pop(item["id"], None)
         return [r for r in rented.values() if (run_id is None or r.get("run") == run_id)
                 and (include_kept or not r.get("kept"))]
+
+
+def _token_sha256(client: RerobotsClient) -> str | None:
+    return client.token_sha256() if client.has_token else None
 
 
 # -- ending many at once ------------------------------------------------------------
@@ -200,7 +245,7 @@ def end_all(
         if ledger is not None and outcome in ENDED_OUTCOMES:
             try:
                 ledger.record_ended(ident, outcome, by=by)
-            except OSError as exc:
+            except (OSError, ConfigurationError) as exc:
                 log.warning("rerobots ledger %s: cannot record the end of %s: %s",
                             ledger.path, ident, exc)
         return ident, outcome
@@ -217,19 +262,26 @@ def sweep(client: RerobotsClient, ledger: Ledger, write: Callable[[str], None]) 
     """Terminate every live instance in the ledger, writing one line per id.
 
     Records rented from another API origin than ``client``'s are listed and left
-    alone (ending them here would answer "not found" and wrongly clear them).
+    alone (ending them here would answer "not found" and wrongly clear them), and so
+    are those rented with another token (their ``token_sha256`` is not this token's;
+    records written before rentals carried it are taken as this token's).
     Returns the number that could not be ended (0 = all done).
     """
     live = ledger.live()
     if not live:
         write(f"rerobots sweep: no live instances in {ledger.path}")
         return 0
-    mine = [r for r in live if r.get("api_url") in (None, "", client.api_url)]
+    token = _token_sha256(client)
+    mine = []
     for record in live:
-        if record not in mine:
-            write(f"rerobots sweep: {record['id']} ({record.get('target', '?')}) skipped: "
-                  f"rented from {record['api_url']} (sweep with --rerobots-api-url "
+        where = f"rerobots sweep: {record['id']} ({record.get('target', '?')}) skipped:"
+        if record.get("api_url") not in (None, "", client.api_url):
+            write(f"{where} rented from {record['api_url']} (sweep with --rerobots-api-url "
                   f"{record['api_url']})")
+        elif token and record.get("token_sha256") not in (None, token):
+            write(f"{where} rented with another API token (sweep with that token)")
+        else:
+            mine.append(record)
     if mine and not client.has_token:
         for record in mine:
             write(f"rerobots sweep: {record['id']} ({record.get('target', '?')}) not ended: "

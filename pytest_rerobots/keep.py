@@ -11,10 +11,13 @@ Two options keep an instance instead of terminating it (docs/contract.md,
   of the same type (and deployment) instead of renting. One that no run attaches to for
   MINUTES is terminated.
 
-A kept instance lives in a directory of its own under the :class:`KeptStore` (beside the
-ledger, so under pytest's cache directory by default): ``record.json`` (what it is, where
-it listens, who kept it, and a SHA-256 of the token, never the token), ``key`` (the login
-key, mode 0600) and ``known_hosts`` (the host key the API reported, pinned for OpenSSH).
+A kept instance lives in a directory of its own under the :class:`KeptStore`, named after
+the ledger (``ledger.jsonl.kept/`` beside ``ledger.jsonl``, so under pytest's cache
+directory by default): ``record.json`` (what it is, where it listens, who kept it, and a
+SHA-256 of the token, never the token), ``key`` (the login key) and ``known_hosts`` (the
+host key the API reported, pinned for OpenSSH), each mode 0600 in directories of mode 0700.
+A store that is a symbolic link, belongs to another user or is writable by group or others
+is refused, and every file in it is reached without following links (:mod:`.safefiles`).
 
 The server ends an instance 60 s after its last keepalive ping, so a kept instance needs
 something that outlives the run to ping it: one *keeper* process per kept instance
@@ -37,7 +40,6 @@ import json
 import logging
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,7 +49,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import guard
+from . import guard, safefiles
+from .errors import ConfigurationError
 from .guard import Ledger, _child_env, ignore_terminal_signals, pid_alive
 
 if TYPE_CHECKING:
@@ -55,7 +58,7 @@ if TYPE_CHECKING:
     from .instance import Instance
     from .settings import Secret
 
-__all__ = ["KeptStore", "describe", "kept_dir", "ssh_command", "sweep"]
+__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "sweep"]
 
 log = logging.getLogger("pytest_rerobots.keep")
 
@@ -76,26 +79,38 @@ LEASE_MARGIN = 600.0
 STOP_WAIT = 5.0
 
 
+#: What the store is called in errors.
+WHAT = "kept directory"
+
+
 def kept_dir(ledger_path: str | os.PathLike[str]) -> Path:
-    """Where the instances kept by the runs of a ledger live: beside it."""
+    """Where the instances kept by the runs of a ledger live: beside it, named after it
+    (two ledgers in one directory never share it)."""
+    path = Path(ledger_path)
+    return path.with_name(path.name + ".kept")
+
+
+def legacy_kept_dir(ledger_path: str | os.PathLike[str]) -> Path:
+    """Where earlier versions kept them: ``kept/`` beside the ledger (only swept)."""
     return Path(ledger_path).parent / "kept"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to a new file readable by its owner only (0600 from the start)."""
+def check_ledger(ledger_path: str | os.PathLike[str]) -> str | None:
+    """Refuse (:class:`.ConfigurationError`) a ledger or kept directory that another user
+    could have planted or could write (:meth:`.Ledger.check`); the ledger directory's
+    one-line warning, if any. Creates nothing."""
+    warning = Ledger(ledger_path).check()
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+        os.close(safefiles.open_dir(kept_dir(ledger_path), WHAT))
+    return warning
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _parse(data: bytes | None) -> dict[str, Any] | None:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = json.loads(data) if data is not None else None
+    except ValueError:
         return None
-    return data if isinstance(data, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def _epoch(stamp: Any) -> float | None:
@@ -176,40 +191,70 @@ class KeptStore:
         return f"KeptStore({str(self.directory)!r})"
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        self._prepare()
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by close()
-            yield
-        finally:
-            os.close(fd)
+    def lock(self) -> Iterator[int]:
+        """Hold the store's ``flock``; the store's directory descriptor (checked), through
+        which everything in it is reached."""
+        with self.opened(create=True) as fd:
+            lock = safefiles.open_file(".lock", WHAT + " lock", os.O_RDWR | os.O_CREAT,
+                                       dir_fd=fd)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released by close()
+                yield fd
+            finally:
+                os.close(lock)
 
-    def _prepare(self) -> None:
-        if not self.directory.is_dir():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self.directory.chmod(0o700)
-            # Never committed, even where the cache directory is not ignored.
-            (self.directory / ".gitignore").write_text(
-                "# made by pytest-rerobots: instances kept after a run, and their keys\n*\n")
+    @contextlib.contextmanager
+    def opened(self, create: bool = False) -> Iterator[int]:
+        """The store's directory, opened and checked (made, mode 0700, if ``create``)."""
+        if create:
+            self.directory.parent.mkdir(parents=True, exist_ok=True)
+        with safefiles.opened_dir(self.directory, WHAT, create=create) as fd:
+            if create and not _exists(".gitignore", fd):
+                # Never committed, even where the cache directory is not ignored.
+                safefiles.write_atomic(".gitignore", b"# made by pytest-rerobots: instances "
+                                       b"kept after a run, and their keys\n*\n", fd)
+            yield fd
+
+    def _entry(self, ident: str, fd: int) -> int:
+        """Kept instance ``ident``'s directory in the store ``fd``, opened and checked."""
+        return safefiles.open_dir(ident, WHAT, dir_fd=fd)
+
+    def read_record(self, ident: str, fd: int) -> dict[str, Any] | None:
+        """``ident``'s record, if it has one: a regular file of this user, of bounded size,
+        naming ``ident`` (a record never names another directory)."""
+        try:
+            sub = self._entry(ident, fd)
+        except (OSError, ConfigurationError):
+            return None
+        try:
+            record = _parse(safefiles.read_regular("record.json", sub))
+        finally:
+            os.close(sub)
+        if record is None or record.get("id") != ident:
+            return None
+        record["dir"] = str(self.directory / ident)
+        return record
 
     def records(self) -> list[dict[str, Any]]:
         """Every kept instance's record, oldest first."""
-        if not self.directory.is_dir():
+        try:
+            with self.opened() as fd:
+                found = [r for r in map(lambda n: self.read_record(n, fd), os.listdir(fd))
+                         if r is not None]
+        except FileNotFoundError:
             return []
-        found = []
-        for sub in self.directory.iterdir():
-            record = _read_json(sub / "record.json") if sub.is_dir() else None
-            # (Its id must be its directory's name: a record never names another path.)
-            if record is not None and record.get("id") == sub.name:
-                record["dir"] = str(sub)
-                found.append(record)
         return sorted(found, key=lambda r: float(r.get("kept_at") or 0))
 
     def _mine(self, record: Mapping[str, Any]) -> bool:
         return (record.get("api_url") == self.api_url
                 and record.get("token_sha256") == self.token_sha256
                 and record.get("checkout") == self.checkout)
+
+    def _ours(self, record: Mapping[str, Any]) -> bool:
+        """Of this origin and, when the store knows its token, of this token."""
+        return (record.get("api_url") == self.api_url
+                and (self.token_sha256 is None
+                     or record.get("token_sha256") == self.token_sha256))
 
     # -- keeping ----------------------------------------------------------------
 
@@ -233,13 +278,17 @@ class KeptStore:
             "kept_at": time.time(), "idle": idle if kind == REUSE else None,
             "lease_end": lease_end, "keeper": None, "pid": os.getpid(),
         }
-        directory = self.directory / ident
-        with self.lock():
-            directory.mkdir(mode=0o700, exist_ok=True)
-            _write_private(directory / "key", text)
-            (directory / "known_hosts").write_text(
-                "".join(_known_hosts_line(inst.host, inst.port, k) for k in inst.hostkeys))
-            self._write(directory, record)
+        known_hosts = "".join(_known_hosts_line(inst.host, inst.port, k) for k in inst.hostkeys)
+        with self.lock() as fd:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(ident, 0o700, dir_fd=fd)
+            sub = self._entry(ident, fd)
+            try:
+                safefiles.write_atomic("key", text.encode(), sub)
+                safefiles.write_atomic("known_hosts", known_hosts.encode(), sub)
+                self._write(sub, record)
+            finally:
+                os.close(sub)
         header = {"id": ident, "dir": str(self.directory), "api_url": self.api_url,
                   "interval": interval, "idle": record["idle"],
                   "lease_end": lease_end, "ledger": None}
@@ -249,22 +298,25 @@ class KeptStore:
         try:
             pid = spawn_keeper(header, secret)
         except BaseException:
-            with self.lock():
-                shutil.rmtree(directory, ignore_errors=True)
+            with self.lock() as fd:
+                safefiles.remove_tree(ident, fd)
             raise
-        with self.lock():
-            if (directory / "record.json").exists():
+        with self.lock() as fd:
+            if self.read_record(ident, fd) is not None:
                 record["keeper"] = pid
-                self._write(directory, record)
-        record["dir"] = str(directory)
+                sub = self._entry(ident, fd)
+                try:
+                    self._write(sub, record)
+                finally:
+                    os.close(sub)
+        record["dir"] = str(self.directory / ident)
         return record
 
     @staticmethod
-    def _write(directory: Path, record: Mapping[str, Any]) -> None:
+    def _write(fd: int, record: Mapping[str, Any]) -> None:
+        """Write ``record.json`` in the kept instance's directory ``fd``."""
         data = {k: v for k, v in record.items() if k != "dir"}
-        partial = directory / ".record.json"
-        partial.write_text(json.dumps(data, sort_keys=True))
-        partial.replace(directory / "record.json")  # whole or not at all
+        safefiles.write_atomic("record.json", json.dumps(data, sort_keys=True).encode(), fd)
 
     # -- attaching ----------------------------------------------------------------
 
@@ -274,18 +326,22 @@ class KeptStore:
         its record and its key's text; its directory is removed, so its keeper stops.
         The newest one first. One whose lease is nearly over is ended (with ``client``)
         and skipped."""
-        with self.lock():
+        with self.lock() as fd:
             for record in reversed(self.records()):
                 if (record.get("kind") != REUSE or not self._mine(record)
                         or record.get("wtype") != wtype
                         or (deployment is not None and record.get("deployment") != deployment)):
                     continue
-                directory = Path(record["dir"])
+                ident = record["id"]
                 try:
-                    key = (directory / "key").read_text()
-                except OSError:
-                    key = ""
-                shutil.rmtree(directory, ignore_errors=True)
+                    sub = self._entry(ident, fd)
+                except (OSError, ConfigurationError):
+                    continue
+                try:
+                    key = (safefiles.read_regular("key", sub) or b"").decode(errors="replace")
+                finally:
+                    os.close(sub)
+                safefiles.remove_tree(ident, fd)
                 lease_end = record.get("lease_end")
                 if not key or (isinstance(lease_end, (int, float))
                                and lease_end - time.time() < LEASE_MARGIN):
@@ -298,14 +354,15 @@ class KeptStore:
     # -- sweeping -------------------------------------------------------------------
 
     def stop_keepers(self, write: Callable[[str], Any] | None = None) -> list[dict[str, Any]]:
-        """Stop the keepers of every kept instance of this API origin (SIGTERM, by pid);
-        the records. The instances stay as they are (ended by the sweep)."""
+        """Stop the keepers of every kept instance of this API origin and token (SIGTERM,
+        by pid, if that process is this user's keeper of that instance); the records. The
+        instances stay as they are (ended by the sweep)."""
         stopped = []
         for record in self.records():
-            if record.get("api_url") != self.api_url:
+            if not self._ours(record):
                 continue
             pid = record.get("keeper")
-            if isinstance(pid, int) and stop_keeper(pid) and write is not None:
+            if isinstance(pid, int) and stop_keeper(pid, record["id"]) and write is not None:
                 write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}) "
                       f"kept for {purpose(record.get('kind'))}: its keeper {pid} stopped")
             stopped.append(record)
@@ -313,22 +370,48 @@ class KeptStore:
 
     def forget(self, ident: str) -> None:
         """Remove a kept instance's record, key and known-hosts file."""
-        with self.lock():
-            shutil.rmtree(self.directory / ident, ignore_errors=True)
+        with self.lock() as fd:
+            safefiles.remove_tree(ident, fd)
+
+
+def _exists(name: str, fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> int:
     """``pytest --rerobots-sweep``: :func:`.guard.sweep`, with the instances kept beside
     ``ledger``. Their keepers are stopped first (they would keep them alive), kept
     instances the ledger never heard of (it was moved, or another ledger kept them) are
-    ended too, and the files of every one ended are removed. The number not ended."""
-    store = KeptStore(kept_dir(ledger.path), api_url=api.api_url)
+    ended too, and the files of every one ended are removed. The number not ended.
+
+    A ledger or kept directory that another user could have planted or could write is
+    refused (:class:`.ConfigurationError`) before anything is ended; only records of this
+    API origin and token are acted on. The ``kept/`` directory of earlier versions is swept
+    too, if it is this user's and safe."""
+    warning = check_ledger(ledger.path)
+    if warning:
+        write(warning)
+    token = api.token_sha256() if api.has_token else None
+    stores = [KeptStore(kept_dir(ledger.path), api_url=api.api_url, token_sha256=token)]
+    legacy = legacy_kept_dir(ledger.path)
+    try:
+        os.close(safefiles.open_dir(legacy, WHAT))
+        stores.append(KeptStore(legacy, api_url=api.api_url, token_sha256=token))
+    except FileNotFoundError:
+        pass
+    except ConfigurationError as exc:
+        write(f"rerobots sweep: {legacy} (of an earlier version) not read: {exc}")
+    kept = [(store, r) for store in stores for r in store.records() if store._ours(r)]
     if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
-        store.stop_keepers(write)
+        for store in stores:
+            store.stop_keepers(write)
     failed = guard.sweep(api, ledger, write)
     known = {r["id"] for r in ledger.records()}
-    orphans = {r["id"]: r.get("wtype") or "?" for r in store.records()
-               if r.get("api_url") == api.api_url and r["id"] not in known}
+    orphans = {r["id"]: r.get("wtype") or "?" for _, r in kept if r["id"] not in known}
     unended = set(orphans) if not api.has_token else set()
     if orphans and api.has_token:
         for ident, outcome in guard.end_all(api, orphans, ledger=ledger, by="sweep").items():
@@ -337,8 +420,8 @@ def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> i
                 unended.add(ident)
     failed += len(unended)
     live = {r["id"] for r in ledger.live()} | unended
-    for record in store.records():
-        if record.get("api_url") == api.api_url and record["id"] not in live:
+    for store, record in kept:
+        if record["id"] not in live:
             store.forget(record["id"])
             write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
                   "its key and known-hosts files removed")
@@ -355,16 +438,18 @@ def _end_quietly(client: RerobotsClient, ident: str) -> str:
         return f"failed: {exc}"
 
 
-def _is_keeper(pid: int) -> bool:
-    """Whether ``pid`` runs a keeper (not some other process that got its number since);
-    without ``/proc``, assumed."""
+def _is_keeper(pid: int, ident: str | None = None) -> bool:
+    """Whether ``pid`` runs a keeper of this user (of kept instance ``ident``, if given),
+    not some other process that got its number since; without ``/proc``, assumed."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        owner = os.stat(f"/proc/{pid}").st_uid
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except FileNotFoundError:
         return not Path("/proc/self").exists() and pid_alive(pid)
     except OSError:
         return False
-    return b"pytest_rerobots.keep" in cmdline
+    return (owner == os.geteuid() and b"pytest_rerobots.keep" in argv
+            and (ident is None or ident.encode() in argv))
 
 
 def _gone(pid: int) -> bool:
@@ -377,9 +462,10 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"  # exited; its parent (init) reaps it
 
 
-def stop_keeper(pid: int, wait: float = STOP_WAIT) -> bool:
-    """Stop keeper ``pid`` (SIGTERM) and wait for it to exit; whether one was stopped."""
-    if not _is_keeper(pid):
+def stop_keeper(pid: int, ident: str | None = None, wait: float = STOP_WAIT) -> bool:
+    """Stop keeper ``pid`` (of kept instance ``ident``, if given; SIGTERM) and wait for it
+    to exit; whether one was stopped."""
+    if not _is_keeper(pid, ident):
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -402,7 +488,7 @@ def spawn_keeper(header: Mapping[str, Any], secret: Secret | None = None,
     # The token goes down the pipe only: not on the command line, not in the child's
     # environment. (No local variable holds it: pytest's -l would print it.)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest_rerobots.keep", "keeper"],
+        [sys.executable, "-m", "pytest_rerobots.keep", "keeper", str(header["id"])],
         input=json.dumps({**header,
                           "token": secret.reveal() if secret else None}).encode(),
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=package_root,
@@ -428,10 +514,12 @@ def _launch(stream: IO[bytes]) -> int:
         return 0
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
-    log_path = Path(header["dir"]) / str(header["id"]) / "keeper.log"
     try:
-        err = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    except OSError:
+        with KeptStore(header["dir"]).opened() as store, \
+                safefiles.opened_dir(str(header["id"]), WHAT, dir_fd=store) as sub:
+            err = safefiles.open_file("keeper.log", "keeper log",
+                                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, dir_fd=sub)
+    except (OSError, ConfigurationError):
         err = devnull
     for fd, target in ((0, devnull), (1, devnull), (2, err)):
         os.dup2(target, fd)
@@ -455,7 +543,17 @@ def _keeper_main(header: dict[str, Any]) -> int:
     secret = Secret(str(header.pop("token"))) if header.get("token") else None
     ident = str(header["id"])
     store = KeptStore(header["dir"])
-    record_path = store.directory / ident / "record.json"
+
+    def current(fd: int | None = None) -> dict[str, Any] | None:
+        """The instance's record, None once it is gone (or the store no longer safe)."""
+        if fd is not None:
+            return store.read_record(ident, fd)
+        try:
+            with store.opened() as fd:
+                return store.read_record(ident, fd)
+        except (OSError, ConfigurationError):
+            return None
+
     interval = max(0.05, float(header.get("interval") or 40.0))
     idle = header.get("idle")
     ledger = None
@@ -467,23 +565,24 @@ def _keeper_main(header: dict[str, Any]) -> int:
     with RerobotsClient(secret.reveal() if secret else None, header.get("api_url"),
                         ignore_env=True, retries=1) as client:
 
-        def over(outcome: str, by: str) -> int:
-            """Forget the instance (the caller holds the store's lock) and record its end."""
-            shutil.rmtree(store.directory / ident, ignore_errors=True)
+        def over(fd: int, outcome: str, by: str) -> int:
+            """Forget the instance (the caller holds the store's lock, ``fd``) and record
+            its end."""
+            safefiles.remove_tree(ident, fd)
             if ledger is not None and not outcome.startswith("failed"):
                 ledger.record_ended(ident, outcome, by=by)
             return 0
 
         while True:
-            record = _read_json(record_path)
+            record = current()
             if record is None or record.get("keeper") not in (None, me):
                 return 0  # a run attached to it, a sweep took it, or another keeper did
             now = time.time()
             if idle is not None and now >= float(record.get("kept_at") or now) + float(idle):
-                with store.lock():
-                    if not record_path.exists():
+                with store.lock() as fd:
+                    if current(fd) is None:
                         return 0  # attached to at the last moment
-                    return over(_end_quietly(client, ident), "reaper")
+                    return over(fd, _end_quietly(client, ident), "reaper")
             if now >= next_ping:
                 next_ping = now + interval
                 try:
@@ -498,8 +597,8 @@ def _keeper_main(header: dict[str, Any]) -> int:
                     except RerobotsError:
                         status = "unknown"
                     if status in ("TERMINATING", "TERMINATED", "INIT_FAIL"):
-                        with store.lock():
-                            return over("already ended", "keeper")
+                        with store.lock() as fd:
+                            return over(fd, "already ended", "keeper")
                 except RerobotsError as exc:
                     log.warning("keepalive of %s failed: %s", ident, exc)
                     next_ping = now + min(5.0, interval)
@@ -510,7 +609,8 @@ def _main(argv: list[str]) -> int:
     if argv[:1] == ["keeper"]:
         ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
         return _launch(sys.stdin.buffer)
-    print("usage: python -m pytest_rerobots.keep keeper   (settings on stdin)", file=sys.stderr)
+    print("usage: python -m pytest_rerobots.keep keeper ID   (settings on stdin)",
+          file=sys.stderr)
     return 2
 
 

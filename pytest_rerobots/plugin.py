@@ -132,7 +132,10 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     from .client import RerobotsClient
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
-        failed = keep.sweep(api, ledger, print)
+        try:
+            failed = keep.sweep(api, ledger, print)
+        except ConfigurationError as exc:  # a ledger or kept directory another user can write
+            raise pytest.UsageError(str(exc)) from None
     return 1 if failed else 0
 
 
@@ -144,6 +147,12 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     settings = load_settings(config)
     plugin = RerobotsPlugin(config, settings)
+    if settings.ledger is not None and not settings.sim:  # (the embedded simulator's has none)
+        from .keep import check_ledger
+        try:
+            plugin.notes.extend(filter(None, [check_ledger(settings.ledger)]))
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(plugin), f"{PLUGIN_NAME}-xdist")

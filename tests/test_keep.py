@@ -65,7 +65,7 @@ def sim(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iter
 
 
 def store(pytester: pytest.Pytester) -> Path:
-    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "kept"
+    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl.kept"
 
 
 def records(pytester: pytest.Pytester) -> list[dict]:
@@ -239,7 +239,10 @@ def test_keep_on_failure_keeps_the_failing_tests_instance_with_a_working_ssh_com
     for option in ("IdentitiesOnly=yes", "StrictHostKeyChecking=yes"):
         assert option in argv
     directory = store(pytester) / failed
-    assert stat.S_IMODE((directory / "key").stat().st_mode) == 0o600
+    for name in ("key", "known_hosts", "record.json"):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    for path in (directory, store(pytester)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
     assert f"UserKnownHostsFile={directory / 'known_hosts'}" in argv
     assert argv[argv.index("-p") + 1] == str(record["port"])
     assert argv[-1] == f"root@{record['host']}"
@@ -441,7 +444,11 @@ def test_claim_takes_only_this_origin_token_checkout_type_and_deployment(tmp_pat
         directory = tmp_path / ident
         directory.mkdir()
         (directory / "key").write_text(f"key of {ident}")
-        keep.KeptStore._write(directory, {**base, **change, "id": ident, "kept_at": float(n)})
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            keep.KeptStore._write(fd, {**base, **change, "id": ident, "kept_at": float(n)})
+        finally:
+            os.close(fd)
     assert store.claim("basic_kobuki", "d-2") is None  # another deployment, when pinned
     record, key = store.claim("basic_kobuki") or ({}, "")
     assert record["id"] == "mine" and key == "key of mine"
