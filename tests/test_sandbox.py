@@ -21,7 +21,7 @@ import pytest
 
 from pytest_rerobots import ssh
 from pytest_rerobots.errors import ConfigurationError, SSHConnectError, SSHError
-from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager
+from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager, asyncssh_backend
 from pytest_rerobots.sim.hosts import sandbox as sandbox_module
 from pytest_rerobots.sim.hosts.processes import cmdline, descendants
 
@@ -317,6 +317,23 @@ def test_sftp_reaches_only_the_robots_files(
             f.write("theirs")
         assert target.read_text() == "mine"
         assert conn.run(f"cat {target}", timeout=10).stdout == "theirs"  # in the robot's /tmp
+
+
+def test_a_sandboxed_asyncssh_host_without_sftp_server_refuses_sftp(
+    tmp_path: pathlib.Path, client_key: tuple[paramiko.PKey, str],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Never asyncssh's own server instead: that one opens paths outside the sandbox.
+    _can_sandbox()
+    monkeypatch.setattr(asyncssh_backend, "find_sftp_server", lambda: None)
+    with caplog.at_level(logging.WARNING), \
+            HostManager(tmp_path / "hosts", "asyncssh", "require") as hosts:
+        info = _start(hosts, client_key[1])
+        with _connect(hosts, info, client_key[0]) as conn:
+            assert conn.run("echo still", timeout=10).stdout == "still\n"
+            with pytest.raises(SSHError, match="cannot open an SFTP session"):
+                _ = conn.sftp
+    assert any("refuses SFTP" in r.getMessage() for r in caplog.records)
 
 
 def test_require_is_an_error_and_auto_warns_once_where_the_machine_cannot_sandbox(

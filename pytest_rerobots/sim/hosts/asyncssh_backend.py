@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import pathlib
 import posixpath
@@ -31,6 +32,8 @@ from .host import SFTP_SERVERS, Host, HostContext, find_sftp_server
 from .processes import CHUNK, killpg, reap, subprocess_exec
 
 __all__ = ["AsyncsshHost"]
+
+log = logging.getLogger(__name__)
 
 
 class AsyncsshHost(Host):
@@ -62,6 +65,11 @@ class AsyncsshHost(Host):
             # sftp-server in the sandbox; asyncssh's own server never sees a robot's path.
             self._sftp_server = find_sftp_server()
             sessions = {}
+            if self._sftp_server is None:
+                # The client only sees its SFTP session end; say why where the runner looks.
+                log.warning("instance %s refuses SFTP: a sandboxed robot's SFTP is OpenSSH's "
+                            "sftp-server, which is in none of %s", self.instance_id,
+                            ", ".join(SFTP_SERVERS))
         self._options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: _SSHServer(self),
             server_host_keys=[asyncssh.import_private_key(self.key_pem)],

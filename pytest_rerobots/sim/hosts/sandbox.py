@@ -205,12 +205,6 @@ class Sandbox:
         assert self._fs is not None and path.parts[1] in PRIVATE_DIRS
         return self._fs.joinpath(*path.parts[1:])
 
-    def roots(self) -> list[tuple[str, str]]:
-        """(path inside, path outside) of every writable directory, the host's first."""
-        assert self._fs is not None
-        return [(str(self.home), str(self.home))] + [
-            (f"/{name}", str(self._fs / name)) for name in PRIVATE_DIRS]
-
     @property
     def pass_fds(self) -> tuple[int, ...]:
         """The descriptors a process started with :meth:`argv` must inherit."""
