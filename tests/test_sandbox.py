@@ -21,7 +21,7 @@ import pytest
 
 from pytest_rerobots import ssh
 from pytest_rerobots.errors import ConfigurationError, SSHConnectError, SSHError
-from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager
+from pytest_rerobots.sim.hosts import SSHD, HostInfo, HostManager, asyncssh_backend
 from pytest_rerobots.sim.hosts import sandbox as sandbox_module
 from pytest_rerobots.sim.hosts.processes import cmdline, descendants
 
@@ -293,28 +293,47 @@ def test_a_serial_device_served_by_the_catalogs_command(
         assert conn.run("test -c /dev/ttyUSB0 && echo char", timeout=10).stdout == "char\n"
 
 
-def test_asyncssh_sftp_reaches_only_the_robots_directories(
-    tmp_path: pathlib.Path, client_key: tuple[paramiko.PKey, str]
+def test_sftp_reaches_only_the_robots_files(
+    hosts: HostManager, tmp_path: pathlib.Path, client_key: tuple[paramiko.PKey, str]
 ) -> None:
+    # Both backends serve SFTP with sftp-server inside the sandbox: a path means there what
+    # it means to the robot's commands (tests/test_sandbox_sftp.py races a flipping link).
+    info = _start(hosts, client_key[1])
+    with _connect(hosts, info, client_key[0]) as conn:
+        local = tmp_path / "fw.bin"
+        local.write_text("image")
+        conn.put(str(local), "/opt/fw.bin")  # the robot's /opt
+        assert conn.run("cat /opt/fw.bin", timeout=10).stdout == "image"
+        assert not pathlib.Path("/opt/fw.bin").exists() or (
+            pathlib.Path("/opt/fw.bin").read_text() != "image")
+        with pytest.raises(OSError):
+            conn.sftp.open("/usr/evil", "w")
+        assert not pathlib.Path("/usr/evil").exists()
+        # A link the robot made leads SFTP to the robot's files, never to the runner's.
+        target = tmp_path / "runner-file"
+        target.write_text("mine")
+        conn.run(f"ln -s {target} escape", timeout=10)
+        with conn.sftp.open("escape", "w") as f:
+            f.write("theirs")
+        assert target.read_text() == "mine"
+        assert conn.run(f"cat {target}", timeout=10).stdout == "theirs"  # in the robot's /tmp
+
+
+def test_a_sandboxed_asyncssh_host_without_sftp_server_refuses_sftp(
+    tmp_path: pathlib.Path, client_key: tuple[paramiko.PKey, str],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Never asyncssh's own server instead: that one opens paths outside the sandbox.
     _can_sandbox()
-    with HostManager(tmp_path / "hosts", "asyncssh", "require") as hosts:
+    monkeypatch.setattr(asyncssh_backend, "find_sftp_server", lambda: None)
+    with caplog.at_level(logging.WARNING), \
+            HostManager(tmp_path / "hosts", "asyncssh", "require") as hosts:
         info = _start(hosts, client_key[1])
         with _connect(hosts, info, client_key[0]) as conn:
-            local = tmp_path / "fw.bin"
-            local.write_text("image")
-            conn.put(str(local), "/opt/fw.bin")  # the robot's /opt
-            assert conn.run("cat /opt/fw.bin", timeout=10).stdout == "image"
-            assert not pathlib.Path("/opt/fw.bin").exists() or (
-                pathlib.Path("/opt/fw.bin").read_text() != "image")
-            with pytest.raises(OSError):
-                conn.sftp.open("/usr/evil", "w")
-            # A link the robot made may not lead SFTP to the runner's files.
-            target = tmp_path / "runner-file"
-            target.write_text("mine")
-            conn.run(f"ln -s {target} escape", timeout=10)
-            with pytest.raises(OSError):
-                conn.sftp.open("escape", "w")
-            assert target.read_text() == "mine"
+            assert conn.run("echo still", timeout=10).stdout == "still\n"
+            with pytest.raises(SSHError, match="cannot open an SFTP session"):
+                _ = conn.sftp
+    assert any("refuses SFTP" in r.getMessage() for r in caplog.records)
 
 
 def test_require_is_an_error_and_auto_warns_once_where_the_machine_cannot_sandbox(

@@ -3,16 +3,21 @@
 Logins are user ``root``, public key only, with exactly the host's keys. Commands run as
 ``/bin/sh -c CMD`` in the host's directory with ``HOME`` set to it, in a process group of
 their own; a command killed by signal ``n`` exits with status ``128 + n``, as a shell reports
-it. SFTP resolves relative paths against the same directory. In a sandbox
-(:mod:`.sandbox`) commands run inside it, and SFTP, served in this process, reaches only
-the robot's writable directories (its home, ``/tmp``, ``/opt``, ...), each checked after
-resolving symbolic links, so that a link the robot made cannot lead it to the runner's files.
+it. SFTP resolves relative paths against the same directory. In a sandbox (:mod:`.sandbox`)
+commands run inside it, and so does SFTP: OpenSSH's ``sftp-server``, with the subsystem's
+channel piped to it as a command's is, so that every path it opens is resolved in the
+robot's own file system. (asyncssh's SFTP server runs in this process, outside the
+sandbox: no check of a path before opening it by name can keep up with a robot that swaps
+a directory for a link to ``/`` in between, and then the runner's files were open to it.)
+Unsandboxed, asyncssh serves SFTP itself, as the runner's user, as it runs commands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import os
 import pathlib
 import posixpath
@@ -23,10 +28,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ._asyncssh import asyncssh
-from .host import Host, HostContext
+from .host import SFTP_SERVERS, Host, HostContext, find_sftp_server
 from .processes import CHUNK, killpg, reap, subprocess_exec
 
 __all__ = ["AsyncsshHost"]
+
+log = logging.getLogger(__name__)
 
 
 class AsyncsshHost(Host):
@@ -45,17 +52,28 @@ class AsyncsshHost(Host):
         self._allowed = {asyncssh.import_public_key(line).public_data for line in self.authorized}
         self._conns: set[asyncssh.SSHServerConnection] = set()
         self._procs: set[asyncio.subprocess.Process] = set()
+        self._sftp_server: str | None = None
 
     async def _start_server(self) -> None:
         home = os.fsencode(self.directory)
-        roots = None
+        sessions: dict[str, Any] = {
+            "process_factory": self._handle_process,
+            "sftp_factory": lambda chan: _HomeSFTPServer(chan, home),
+        }
         if self.sandbox is not None:
-            roots = [(os.fsencode(i), os.fsencode(o)) for i, o in self.sandbox.roots()]
+            # Sessions come from _SSHServer.session_requested, which sends SFTP to
+            # sftp-server in the sandbox; asyncssh's own server never sees a robot's path.
+            self._sftp_server = find_sftp_server()
+            sessions = {}
+            if self._sftp_server is None:
+                # The client only sees its SFTP session end; say why where the runner looks.
+                log.warning("instance %s refuses SFTP: a sandboxed robot's SFTP is OpenSSH's "
+                            "sftp-server, which is in none of %s", self.instance_id,
+                            ", ".join(SFTP_SERVERS))
         self._options = await asyncssh.SSHServerConnectionOptions.construct(
             server_factory=lambda: _SSHServer(self),
             server_host_keys=[asyncssh.import_private_key(self.key_pem)],
-            process_factory=self._handle_process,
-            sftp_factory=lambda chan: _HomeSFTPServer(chan, home, roots),
+            **sessions,
             encoding=None,
             allow_scp=False,
             agent_forwarding=False,
@@ -95,7 +113,20 @@ class AsyncsshHost(Host):
                 process.exit(255)
 
     async def _exec(self, process: asyncssh.SSHServerProcess[bytes]) -> None:
-        argv = ["/bin/sh"] if process.command is None else ["/bin/sh", "-c", process.command]
+        if process.subsystem == "sftp":  # sandboxed only (see _SandboxedSession)
+            if self._sftp_server is None:
+                # What sshd's shell says of a Subsystem line whose program is missing.
+                process.stderr.write(
+                    b"sh: sftp-server: not found (a sandboxed robot's SFTP is OpenSSH's "
+                    b"sftp-server, which is in none of " + " ".join(SFTP_SERVERS).encode()
+                    + b"; Debian: apt-get install openssh-sftp-server)\n")
+                process.exit(127)
+                return
+            argv = [self._sftp_server]
+        elif process.command is None:
+            argv = ["/bin/sh"]
+        else:
+            argv = ["/bin/sh", "-c", process.command]
         try:
             transport, proc = await subprocess_exec(
                 *self.argv(*argv),
@@ -156,6 +187,10 @@ class _SSHServer(asyncssh.SSHServer):
         if self._conn is not None:
             self._host._conns.discard(self._conn)
 
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
+        # Asked only of a sandboxed host, whose options name no session factories.
+        return _SandboxedSession(self._host._handle_process)
+
     def begin_auth(self, username: str) -> bool:
         return True  # authentication is always required
 
@@ -177,41 +212,48 @@ class _SSHServer(asyncssh.SSHServer):
         return True
 
 
-class _HomeSFTPServer(asyncssh.SFTPServer):
-    """SFTP with relative paths resolved against the host's directory, like sftp-server.
+class _SandboxedSession(asyncssh.SSHServerProcess[bytes]):
+    """A sandboxed host's session: SFTP too is a process, sftp-server in the sandbox.
 
-    With ``roots`` (a sandbox's (inside, outside) writable directories), a path is
-    mapped into the directory that holds it, and any other path is refused.
+    asyncssh's stream session would serve a subsystem named ``sftp`` in this process, with
+    this process's view of the files; here it goes to the process factory, as a command
+    does, and :meth:`AsyncsshHost._exec` runs sftp-server for it. Other subsystems are
+    refused, as sshd refuses subsystems it has no line for.
     """
 
-    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], home: bytes,
-                 roots: list[tuple[bytes, bytes]] | None = None) -> None:
+    def __init__(self, process_factory: Callable[[asyncssh.SSHServerProcess[bytes]],
+                                                 Awaitable[None]]) -> None:
+        super().__init__(process_factory, None, 0, False)
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == "sftp"
+
+    def session_started(self) -> None:
+        chan = self._chan
+        if chan is None or chan.get_subsystem() != "sftp" or self._conn is None:
+            super().session_started()
+            return
+        # What the stream session does for a command: the channel as stdin, stdout and
+        # stderr of a process, which the process factory starts.
+        stdin = asyncssh.SSHReader[bytes](self, chan)
+        stdout = asyncssh.SSHWriter[bytes](self, chan)
+        stderr = asyncssh.SSHWriter[bytes](self, chan, asyncssh.EXTENDED_DATA_STDERR)
+        handler = self._start_process(stdin, stdout, stderr)
+        if inspect.isawaitable(handler):
+            self._conn.create_task(handler, stdin.logger)
+
+
+class _HomeSFTPServer(asyncssh.SFTPServer):
+    """SFTP with relative paths resolved against the host's directory, like sftp-server
+    (for an unsandboxed host only: it opens whatever path it is given, as the runner)."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], home: bytes) -> None:
         super().__init__(chan)
         self._home = home
-        self._roots = roots
 
     def map_path(self, path: bytes) -> bytes:
         # posixpath.join keeps absolute paths as they are, as OpenSSH does.
-        joined = posixpath.join(self._home, path)
-        if self._roots is None:
-            return joined
-        inside = posixpath.normpath(joined)
-        for top, outside in self._roots:
-            if inside == top or inside.startswith(top + b"/"):
-                mapped = outside + inside[len(top):]
-                real = os.path.realpath(mapped)
-                if real == outside or real.startswith(outside + b"/"):
-                    return mapped
-                break
-        raise asyncssh.SFTPPermissionDenied(
-            "the simulated robot's SFTP reaches only its home and private directories")
-
-    def reverse_map_path(self, path: bytes) -> bytes:
-        if self._roots is not None:
-            for top, outside in self._roots:
-                if path == outside or path.startswith(outside + b"/"):
-                    return top + path[len(outside):]
-        return path
+        return posixpath.join(self._home, path)
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> bool:

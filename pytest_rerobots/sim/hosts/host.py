@@ -28,9 +28,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .processes import CHUNK, MARKER_VAR, Leftovers, kill_marked
 from .sandbox import PATH, Sandbox
 
-__all__ = ["FIREWALL_VERDICTS", "Host", "HostContext", "reset"]
+__all__ = ["FIREWALL_VERDICTS", "SFTP_SERVERS", "Host", "HostContext", "find_sftp_server",
+           "reset"]
 
 FIREWALL_VERDICTS = frozenset({"ACCEPT", "DROP", "REJECT"})
+#: Where Debian, Fedora/RHEL and Arch put OpenSSH's sftp-server.
+SFTP_SERVERS = (
+    "/usr/lib/openssh/sftp-server",
+    "/usr/libexec/openssh/sftp-server",
+    "/usr/lib/ssh/sftp-server",
+    "/usr/libexec/sftp-server",
+)
+
+
+def find_sftp_server() -> str | None:
+    """The path of OpenSSH's sftp-server, or None where it is not installed."""
+    return next((path for path in SFTP_SERVERS if os.access(path, os.X_OK)), None)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import ConfigurationError, RerobotsError
-from .host import Host, HostContext, reset
+from .host import SFTP_SERVERS, Host, HostContext, find_sftp_server, reset
 from .processes import (
     MARKER_VAR,
     cmdline,
@@ -41,13 +41,6 @@ from .processes import (
 __all__ = ["SSHD", "OpensshHost", "OpensshSetup"]
 
 SSHD = "/usr/sbin/sshd"
-# Debian, Fedora/RHEL and Arch put OpenSSH's sftp-server in one of these.
-_SFTP_SERVERS = (
-    "/usr/lib/openssh/sftp-server",
-    "/usr/libexec/openssh/sftp-server",
-    "/usr/lib/ssh/sftp-server",
-    "/usr/libexec/sftp-server",
-)
 
 
 @dataclass(frozen=True)
@@ -248,13 +241,13 @@ def _check_openssh() -> None:
 
 
 def _sftp_server() -> str:
-    for path in _SFTP_SERVERS:
-        if os.access(path, os.X_OK):
-            return path
-    raise ConfigurationError(
-        "the openssh host backend needs OpenSSH's sftp-server "
-        f"(looked in {', '.join(_SFTP_SERVERS)})"
-    )
+    path = find_sftp_server()
+    if path is None:
+        raise ConfigurationError(
+            "the openssh host backend needs OpenSSH's sftp-server "
+            f"(looked in {', '.join(SFTP_SERVERS)})"
+        )
+    return path
 
 
 def _sshd_version_options() -> str:

@@ -12,7 +12,8 @@ emulator of the host enters those namespaces (``nsenter``) with a bounded capabi
 * its own ``/etc`` in memory, copied at its start from what others may read of the runner's
   ``/etc`` (no shadow file of the runner's, no private host keys);
 * the host's directory at its own path (``HOME`` and the working directory, as without the
-  sandbox), its own ``/proc`` and a minimal ``/dev`` with the catalog's serial devices;
+  sandbox), its own ``/proc``, read-only, and a minimal ``/dev`` with the catalog's serial
+  devices;
 * its own hostname, and an environment built from nothing of the runner's.
 
 Killing the init ends every process of the robot (the kernel kills a PID namespace with
@@ -60,6 +61,17 @@ CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
 _KEEPER = "trap '' HUP INT TERM; while :; do sleep 3600 & wait; done"
 _START_TIMEOUT = 10.0
 _NS_GET_PARENT = 0xB702  # ioctl of <linux/nsfs.h>: the owning user namespace
+# A fresh /proc still shows the kernel's own settings, and root may write many of them:
+# /proc/sys/kernel/core_pattern names a program that the kernel runs as root, outside every
+# namespace, when a process crashes. bwrap covers /proc/sys and the like read-only only
+# where access(W_OK) says they are writable, and as root that says no (those files check
+# the writer themselves), so root's robots could write them. The whole /proc is read-only
+# instead, which also covers what the kernel adds later and the network's files, shared
+# with the runner; a robot's writes through /proc/self/fd/N still reach the file it names.
+_PROC = ("--proc", "/proc", "--remount-ro", "/proc")
+# What a robot must not be able to write; the probe checks these inside its sandbox.
+_KERNEL_SETTINGS = ("/proc/sys/kernel/core_pattern", "/proc/sys/kernel/modprobe",
+                    "/proc/sysrq-trigger")
 
 
 @dataclass(frozen=True)
@@ -77,14 +89,18 @@ class SandboxSetup:
             if not os.access(tool, os.X_OK):
                 return f"{tool} is missing (Debian: apt-get install {package})"
         userns = os.geteuid() != 0
+        # The same /proc as a robot's: a bwrap that cannot make it read-only cannot sandbox.
+        writable = " || ".join(f"test -w {path}" for path in _KERNEL_SETTINGS)
         argv = [BWRAP, *(["--unshare-user"] if userns else []), "--unshare-pid",
-                "--unshare-uts", *_system_binds(), "--proc", "/proc", "--dev", "/dev",
-                "/bin/sh", "-c", "true"]
+                "--unshare-uts", *_system_binds(), *_PROC, "--dev", "/dev",
+                "/bin/sh", "-c", f"if {writable}; then exit 3; fi"]
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
                                   timeout=10, check=False, env={"PATH": PATH})
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"bwrap did not run: {exc}"
+        if done.returncode == 3:
+            return "bwrap left the kernel's settings in /proc writable inside its sandbox"
         if done.returncode != 0:
             why = done.stderr.decode(errors="replace").strip() or f"status {done.returncode}"
             return f"bwrap cannot make namespaces here ({why})"
@@ -143,7 +159,7 @@ class Sandbox:
         if self.setup.userns:
             argv += ["--unshare-user", "--uid", str(os.getuid()), "--gid", str(os.getgid())]
         argv += _system_binds()
-        argv += ["--proc", "/proc", "--dev", "/dev"]
+        argv += [*_PROC, "--dev", "/dev"]
         for name in PRIVATE_DIRS:
             argv += ["--bind", str(fs / name), f"/{name}"]
         # /etc lives in memory: copying it there takes a tenth of what a disk copy takes.
@@ -188,12 +204,6 @@ class Sandbox:
         path = pathlib.PurePosixPath(inside)
         assert self._fs is not None and path.parts[1] in PRIVATE_DIRS
         return self._fs.joinpath(*path.parts[1:])
-
-    def roots(self) -> list[tuple[str, str]]:
-        """(path inside, path outside) of every writable directory, the host's first."""
-        assert self._fs is not None
-        return [(str(self.home), str(self.home))] + [
-            (f"/{name}", str(self._fs / name)) for name in PRIVATE_DIRS]
 
     @property
     def pass_fds(self) -> tuple[int, ...]:
