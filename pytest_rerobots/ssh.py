@@ -527,7 +527,19 @@ class Connection:
             self._record(at, kind, what, None, begun, note=f"{remote}: {reason}")
             raise RemoteFileError(f"remote path {remote!r}{on}: {reason} ({kind} {what})",
                                   path=remote, reason=reason) from exc
-        except (paramiko.SSHException, EOFError, OSError) as exc:
+        except OSError as exc:
+            if not isinstance(exc, paramiko.SSHException) and exc.errno is None \
+                    and len(exc.args) == 1 and isinstance(exc.args[0], str):
+                # A status answer of the SFTP server other than "no such file" and
+                # "permission denied" (paramiko raises those two with an errno): the host
+                # is there and refused this path, say on a read-only file system.
+                reason = f"refused by the host (SFTP: {exc.args[0]})"
+                self._record(at, kind, what, None, begun, note=f"{remote}: {reason}")
+                raise RemoteFileError(f"remote path {remote!r}{on}: {reason} ({kind} {what})",
+                                      path=remote, reason=reason) from exc
+            self._record(at, kind, what, None, begun, note=_describe(exc))
+            raise SSHError(f"cannot {kind} {what}{on}: {_describe(exc)}") from exc
+        except (paramiko.SSHException, EOFError) as exc:
             self._record(at, kind, what, None, begun, note=_describe(exc))
             raise SSHError(f"cannot {kind} {what}{on}: {_describe(exc)}") from exc
         except SSHError as exc:  # no SFTP session

@@ -288,14 +288,26 @@ def test_missing_remote_path_is_a_test_failure_naming_it(
 def test_remote_permission_error_is_a_test_failure(
     conn: ssh.Connection, tmp_path: pathlib.Path
 ) -> None:
+    # Unreadable for root too, with or without the simulator's sandbox: a write-only
+    # sysctl (the kernel checks a sysctl's mode for root as well).
+    denied = "'/proc/sys/vm/drop_caches'.*permission denied"
+    with pytest.raises(RemoteFileError, match=denied) as info:
+        conn.get("/proc/sys/vm/drop_caches", tmp_path / "x")
+    assert not is_infrastructure(info.value) and info.value.reason == "permission denied"
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_path_the_host_refuses_is_a_test_failure(
+    robot: Robot, conn: ssh.Connection, tmp_path: pathlib.Path
+) -> None:
+    if robot.hosts.sandbox_problem is not None:  # /usr would be this machine's own
+        pytest.skip(f"needs a sandboxed robot: {robot.hosts.sandbox_problem}")
+    # A read-only file system: the SFTP server says only "Failure", and the host is there.
     local = tmp_path / "x"
     local.write_text("x")
-    # Read-only for root too, with or without the simulator's sandbox (a 0444 sysctl
-    # file; the sandbox mounts its own /proc but no /sys).
-    denied = "'/proc/sys/kernel/ostype'.*permission denied"
-    with pytest.raises(RemoteFileError, match=denied) as info:
-        conn.put(local, "/proc/sys/kernel/ostype")
-    assert not is_infrastructure(info.value) and info.value.reason == "permission denied"
+    with pytest.raises(RemoteFileError, match="'/usr/x'.*refused by the host") as info:
+        conn.put(local, "/usr/x")
+    assert not is_infrastructure(info.value)
 
 
 def test_connection_close_is_idempotent(robot: Robot) -> None:
