@@ -305,7 +305,7 @@ def test_a_path_the_host_refuses_is_a_test_failure(
     # A read-only file system: the SFTP server says only "Failure", and the host is there.
     local = tmp_path / "x"
     local.write_text("x")
-    with pytest.raises(RemoteFileError, match="'/usr/x'.*refused by the host") as info:
+    with pytest.raises(RemoteFileError, match=r"'/usr/x'.*refused by the host") as info:
         conn.put(local, "/usr/x")
     assert not is_infrastructure(info.value)
 
