@@ -1,6 +1,6 @@
 """The simulator against a hostile local caller: what one may cost it and what one may see.
 
-The limits are :class:`pytest_rerobots.sim.ServerLimits` (README, "Security notes"); the tests
+The limits are :class:`pytest_rerobots.sim.ServerLimits` (docs/security.md); the tests
 lower them where that keeps them fast. The memory and connection tests run the simulator as
 a process (``python -m pytest_rerobots.sim``) to measure it from outside.
 """

@@ -1,7 +1,7 @@
 """The simulator's HTTP server: werkzeug's threaded WSGI server with limits of its own.
 
 Any local user can reach the simulator without a token, so what one connection may cost is
-bounded (:class:`ServerLimits`, documented in the README's security notes):
+bounded (:class:`ServerLimits`, documented in the docs' security notes, docs/security.md):
 
 - a request body past ``max_body`` bytes is a 413 (checked on ``Content-Length`` before
   anything is read, and while reading a chunked body), and JSON nested deeper than
