@@ -77,7 +77,7 @@ def test_two_robots_run_the_same_firmware(rerobots_instance, rerobots_acquire, f
 
 def test_console_boots_the_flashed_firmware(rerobots_instance, flash, firmware):
     # The base's serial console, read live: the simulator's sandboxed robots have one at
-    # /dev/ttyUSB0 (see "Live processes" in docs/writing-tests.md); a real robot's may sit elsewhere.
+    # /dev/ttyUSB0 (see "Live processes" in docs/writing-tests.md); real robots vary.
     if rerobots_instance.run("test -c /dev/ttyUSB0").exit_status != 0:
         pytest.skip("this robot has no serial console at /dev/ttyUSB0 (on the simulator, "
                     "robots have one in their sandbox: install bubblewrap)")
