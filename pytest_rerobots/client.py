@@ -12,13 +12,10 @@ import hashlib
 import logging
 import math
 import os
-import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -44,6 +41,7 @@ from .errors import (
     WrongAuthToken,
 )
 from .settings import DEFAULT_API_URL, Secret
+from .wire import epoch, is_uuid
 
 if TYPE_CHECKING:
     from .instance import Instance
@@ -101,20 +99,9 @@ class NewInstance:
                 f"reconciled={self.reconciled})")
 
 
-def valid_id(value: Any) -> bool:
-    """Whether ``value`` is an id the API may give: a UUID in its canonical text form.
-    Anything else (``"../new/basic_kobuki"``) must never reach a URL path."""
-    if not isinstance(value, str) or len(value) != 36:
-        return False
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except ValueError:
-        return False
-
-
 def check_id(value: Any, what: str) -> str:
     """``value`` if it is a valid id, else ``MalformedResponse`` naming ``what`` it was."""
-    if not valid_id(value):
+    if not is_uuid(value):
         raise MalformedResponse(f"{what}: {str(value)[:80]!r} is not an instance id (a UUID)")
     return str(value)
 
@@ -619,10 +606,10 @@ class RerobotsClient:
         candidates = [
             str(item["id"]) for item in listing.get("workspace_instances", [])
             if isinstance(item, Mapping)
-            and valid_id(item.get("id"))
+            and is_uuid(item.get("id"))
             and item.get("id") not in known
             and target in (item.get("type"), item.get("deployment"))
-            and _epoch(item.get("starttime")) >= since
+            and epoch(item.get("starttime")) >= since
         ]
         if len(candidates) > 1:
             raise TransportError(
@@ -812,18 +799,3 @@ def _remaining(headers: Mapping[str, str]) -> int | None:
     return None if value is None else int(value)
 
 
-def _epoch(stamp: Any) -> float:
-    """Seconds since the epoch of an API timestamp (``isoformat()+'Z'`` or ``str(datetime)``);
-    -inf when it cannot be read, so an unreadable stamp never matches a lower bound."""
-    if not isinstance(stamp, str) or not stamp:
-        return float("-inf")
-    text = stamp.strip().removesuffix("Z").replace("T", " ")
-    # Python 3.10's fromisoformat takes only 3 or 6 digits of fraction.
-    text = re.sub(r"\.(\d{1,6})\d*$", lambda m: "." + m.group(1).ljust(6, "0"), text)
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        return float("-inf")
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()

@@ -46,6 +46,7 @@ from .outcome import ENDED_OUTCOMES, Outcome
 from .ssh import DEFAULT as DEFAULT_TIMEOUT
 from .ssh import Timeout
 from .transcript import Transcript
+from .wire import is_uuid
 
 if TYPE_CHECKING:
     from . import live
@@ -63,7 +64,6 @@ __all__ = [
     "Timings",
     "end",
     "end_all",
-    "is_deployment_id",
     "start_all",
 ]
 
@@ -181,17 +181,6 @@ def _explained(error: _E, hint: str, sep: str = "\n") -> _E:
                         method=error.method, path=error.path)
     again.args = (f"{error}{sep}{hint}",)
     return again
-
-
-def is_deployment_id(target: str) -> bool:
-    """Whether ``target`` is a deployment id (a UUID) rather than a workspace type."""
-    import uuid
-
-    try:
-        uuid.UUID(target)
-    except ValueError:
-        return False
-    return len(target) == 36
 
 
 class InstanceListener(Protocol):
@@ -401,7 +390,7 @@ class Instance:
         self.listeners = list(self.listeners)
         if isinstance(self.options, Mapping):  # a plain dict of settings is welcome too
             self.options = InstanceOptions().updated(**self.options)
-        if is_deployment_id(self.target):
+        if is_uuid(self.target):
             self.deployment = self.target
         elif self.wtype is None:
             self.wtype = self.target
@@ -649,7 +638,7 @@ class Instance:
         self._emit("replaced", failed)
         with self._lock:
             self.id, self.status, self.details = None, None, {}
-            self.deployment = self.target if is_deployment_id(self.target) else None
+            self.deployment = self.target if is_uuid(self.target) else None
 
     def _failed_to_start(self, cause: InstanceError) -> InstanceError:
         if not self.failed_rentals:
@@ -694,7 +683,7 @@ class Instance:
         valid types (``GET /workspaces``), the closest to ours first."""
         from .listing import closest_first
 
-        if is_deployment_id(self.target):
+        if is_uuid(self.target):
             return missing  # a deployment id: there is no list of them to suggest from
         try:
             types = self.client.workspace_types()

@@ -38,6 +38,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -52,6 +53,7 @@ from typing import IO, TYPE_CHECKING, Any
 from . import guard, safefiles
 from .errors import ConfigurationError
 from .guard import Ledger, _child_env, ignore_terminal_signals, pid_alive
+from .wire import epoch
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
@@ -111,17 +113,6 @@ def _parse(data: bytes | None) -> dict[str, Any] | None:
     except ValueError:
         return None
     return record if isinstance(record, dict) else None
-
-
-def _epoch(stamp: Any) -> float | None:
-    """A time as ``GET /instance`` gives it (naive UTC, ``str(datetime)``), in epoch s."""
-    if not isinstance(stamp, str) or not stamp:
-        return None
-    try:
-        moment = datetime.fromisoformat(stamp.rstrip("Z"))
-    except ValueError:
-        return None
-    return moment.replace(tzinfo=timezone.utc).timestamp()
 
 
 def _known_hosts_line(host: str, port: int, hostkey: str) -> str:
@@ -269,7 +260,8 @@ class KeptStore:
             raise ValueError(f"instance {ident} is not up: nothing to keep")
         if not text:
             raise ValueError(f"instance {ident}: its login key is not known in full")
-        lease_end = _epoch(inst.details.get("expires"))
+        expires = epoch(inst.details.get("expires"))
+        lease_end = expires if math.isfinite(expires) else None
         record: dict[str, Any] = {
             "id": ident, "kind": kind, "wtype": inst.wtype, "deployment": inst.deployment,
             "region": inst.region, "target": inst.target, "host": inst.host,

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .client import RerobotsClient, _epoch
+from .client import RerobotsClient
 from .errors import ConfigurationError, RerobotsError
 from .settings import Settings
 from .textsafe import commands_stopped, one_line
+from .wire import epoch
 
 __all__ = ["Deployment", "Listing", "closest_first", "gather", "main", "render"]
 
@@ -140,7 +141,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, flexible: i
 
 
 def _age(stamp: Any, now: float) -> str:
-    started = _epoch(stamp)
+    started = epoch(stamp)
     if started == float("-inf"):  # no start time, or one that cannot be read
         return "?"
     seconds = max(0, int(now - started))

@@ -41,13 +41,13 @@ from .instance import (
     InstanceOptions,
     Outcome,
     end_all,
-    is_deployment_id,
     start_all,
     wait_all,
 )
 from .settings import Secret
 from .share import SharedPool
 from .transcript import Transcript
+from .wire import is_uuid
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
 
@@ -255,7 +255,7 @@ class Run:
     def _claim_kept(self, target: str, deployment: str | None) -> tuple[dict[str, Any], str] | None:
         if not self.reusing or self.kept is None:
             return None
-        wtype = None if is_deployment_id(target) else target
+        wtype = None if is_uuid(target) else target
         try:
             return self.kept.claim(wtype, deployment, client=self.client)
         except OSError as exc:  # an unreadable store: rent, as without reuse

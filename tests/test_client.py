@@ -21,8 +21,9 @@ from pytest_rerobots import (
     TransportError,
     WrongAuthToken,
 )
-from pytest_rerobots.client import RerobotsClient, _epoch, classify
+from pytest_rerobots.client import RerobotsClient, classify
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.wire import epoch as _epoch
 
 # No 404 window after POST /new: these tests look at an instance right after renting it.
 FAST = dict(ready_delay=0.05, terminate_delay=0.05, not_found_window=0.0, ssh_backend="none")
