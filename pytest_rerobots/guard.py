@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import safefiles
+from .ending import end
 from .errors import ConfigurationError
 from .outcome import ENDED_OUTCOMES, Outcome
 from .settings import Secret
@@ -233,10 +234,6 @@ def end_all(
     with ``"failed:"``. Each success is recorded in ``ledger`` as ended ``by`` that
     layer. Never raises for one instance's trouble.
     """
-    # (Loaded here, not at the top: the signal guard and the ledger are needed by runs
-    # that never load the SSH and HTTP machinery.)
-    from .instance import end
-
     def one(ident: str) -> tuple[str, str]:
         try:
             outcome: str = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)

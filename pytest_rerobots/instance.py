@@ -26,10 +26,10 @@ import paramiko
 import tenacity
 
 from . import retry, ssh
+from .ending import end
 from .errors import (
     APIError,
     BusyWorkspaceDeployment,
-    BusyWorkspaceInstance,
     DeploymentNotFound,
     InstanceError,
     InstanceFailed,
@@ -120,44 +120,6 @@ _OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing
 #: Seconds to log in to a kept instance and run ``true`` on it before it counts as
 #: unusable (a run then rents another).
 KEPT_CHECK_TIMEOUT = 10.0
-
-
-def end(
-    client: RerobotsClient,
-    instance_id: str,
-    *,
-    deadline: float = 120.0,
-    notfound_grace: float = 0.0,
-    sleep: retry.Sleep = time.sleep,
-) -> Outcome:
-    """Terminate ``instance_id`` and say how it ended: terminated, already ended or not found.
-
-    Waits out INIT (the server refuses to terminate it) and transient errors
-    until ``deadline`` s; a 404 counts as "not visible yet" for ``notfound_grace``
-    s (the server inserts the instance after answering ``POST /new``).
-    """
-    begun = time.monotonic()
-    for attempt in retry.terminating(deadline=deadline, sleep=sleep):
-        with attempt:
-            try:
-                ended_now = client.terminate(instance_id, once=True)
-            except InstanceNotFound:
-                if _cancelled_reservation(client, instance_id):
-                    return Outcome.NOT_FOUND  # a reservation not served yet: now never
-                if time.monotonic() - begun < notfound_grace:
-                    raise BusyWorkspaceInstance(
-                        f"instance {instance_id} not visible yet", status=404) from None
-                return Outcome.NOT_FOUND
-    return Outcome.TERMINATED if ended_now else Outcome.ALREADY_ENDED
-
-
-def _cancelled_reservation(client: RerobotsClient, ident: str) -> bool:
-    """Whether ``ident`` was a reservation still waiting, now cancelled."""
-    try:
-        client.cancel_reservation(ident)
-    except NotFound:
-        return False
-    return True
 
 
 def _private_key(text: str) -> paramiko.PKey:

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from . import guard, safefiles
+from .ending import end
 from .errors import ConfigurationError
 from .guard import Ledger, _child_env, ignore_terminal_signals, pid_alive
 from .wire import epoch
@@ -421,8 +422,6 @@ def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> i
 
 
 def _end_quietly(client: RerobotsClient, ident: str) -> str:
-    from .instance import end
-
     try:
         return str(end(client, ident, deadline=30.0))
     except Exception as exc:  # the keepalive window ends it all the same

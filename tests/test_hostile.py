@@ -15,8 +15,9 @@ import requests.adapters
 
 from pytest_rerobots import retry
 from pytest_rerobots.client import RerobotsClient
+from pytest_rerobots.ending import end
 from pytest_rerobots.errors import MalformedResponse, ServerError, UnreadableNewAnswer
-from pytest_rerobots.instance import Instance, end
+from pytest_rerobots.instance import Instance
 from pytest_rerobots.outcome import Outcome
 from pytest_rerobots.sim import Simulator
 

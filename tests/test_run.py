@@ -442,7 +442,7 @@ def test_a_robot_an_earlier_run_of_this_checkout_released_is_named(fast_sim: Sim
 
 def test_a_reservation_is_held_by_the_ledger_and_ended_by_cancelling_it(fast_sim: Simulator,
                                                                          tmp_path: Path):
-    from pytest_rerobots.instance import end
+    from pytest_rerobots.ending import end
 
     with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
         (misty,) = api.deployments("fixed_misty2")["workspace_deployments"]
