@@ -33,7 +33,7 @@ from werkzeug.wrappers import Request, Response
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.sim import ServerLimits, Simulator
 from pytest_rerobots.sim.catalog import default_catalog, load_catalog
-from pytest_rerobots.sim.state import ManualClock, firewall_decision
+from pytest_rerobots.sim.world import ManualClock, firewall_decision
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
 KOBUKI_EU = "df013a45-f40f-451e-a911-2465a8c24f1a"

@@ -19,7 +19,7 @@ import test_sim_api
 
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.catalog import default_catalog, profile_catalog
-from pytest_rerobots.sim.state import ManualClock
+from pytest_rerobots.sim.world import ManualClock
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
 KOBUKI_EU = "df013a45-f40f-451e-a911-2465a8c24f1a"

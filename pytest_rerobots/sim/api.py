@@ -1,4 +1,4 @@
-"""The simulator's HTTP API: a WSGI application over a :class:`~.state.World`.
+"""The simulator's HTTP API: a WSGI application over a :class:`~.world.World`.
 
 Routing is a werkzeug :class:`~werkzeug.routing.Map` built from the one endpoint table,
 :data:`~.endpoints.ENDPOINTS`; converters carry the server's route patterns (UUIDs, 64-hex
@@ -64,7 +64,7 @@ from .model import (
     utc,
 )
 from .server import LimitedHandler, ServerLimits
-from .state import World
+from .world import World
 
 __all__ = ["RequestHandler", "SimApp"]
 

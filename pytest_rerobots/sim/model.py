@@ -1,6 +1,6 @@
 """The simulator's model objects: statuses, deployments, instances, reservations, CI projects.
 
-The world (:mod:`.state`) keeps and changes them under its lock; the HTTP layer (:mod:`.api`)
+The world (:mod:`.world`) keeps and changes them under its lock; the HTTP layer (:mod:`.api`)
 reads them to shape its answers. :class:`Refusal` is how the world declines a request: a
 status code and the error message the real server gives, which :mod:`.api` turns into a body.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import DeploymentSpec, WorkspaceTypeSpec
-from .hostapi import HostInfo
+from .hostproto import HostInfo
 
 __all__ = [
     "ACTIVE",

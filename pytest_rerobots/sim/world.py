@@ -24,7 +24,7 @@ exist yet), so a second POST /new there succeeds too, and the later instance end
 The world holds the other parts of the service as objects of their own: the users, tokens
 and rate windows (:class:`~.accounts.Accounts`), the injected faults
 (:class:`~.faults.FaultInjector`), the eurl notifications (:class:`~.eurl.EventSender`) and the
-SSH hosts (a :class:`~.hostapi.HostBackend`).
+SSH hosts (a :class:`~.hostproto.HostBackend`).
 
 Operations that the API exposes return model objects or plain data, and raise
 :class:`~.model.Refusal` with the status and error message the real server answers with;
@@ -59,7 +59,7 @@ from .accounts import Accounts
 from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
-from .hostapi import HostBackend, NullHostManager
+from .hostproto import HostBackend, NullHostManager
 from .model import (
     ACTIVE,
     HOLDING,
@@ -162,7 +162,7 @@ class World:
     """Everything the simulated service knows, behind one lock.
 
     ``clock`` returns epoch seconds (default :func:`time.time`). ``hosts`` starts and stops
-    the instances' SSH servers (default: :class:`~.hostapi.NullHostManager`, no servers).
+    the instances' SSH servers (default: :class:`~.hostproto.NullHostManager`, no servers).
     :meth:`start` launches the background ticker and workers; :meth:`close` stops them and
     every host. Without :meth:`start` the world still works, driven by explicit ticks.
     """
