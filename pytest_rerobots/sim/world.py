@@ -69,14 +69,14 @@ from .model import (
     TERMINATED,
     TERMINATING,
     CIProject,
-    Deployment,
-    Instance,
-    InstanceOptions,
     InstanceSnapshot,
     NewResult,
     QueueState,
     Refusal,
     Reservation,
+    SimDeployment,
+    SimInstance,
+    SimInstanceOptions,
     utc,
 )
 
@@ -189,11 +189,11 @@ class World:
         self._durations = random.Random(catalog.faults.seed)
         self.events = EventSender()
         self.lock = threading.RLock()
-        self.deployments: dict[str, Deployment] = {
-            spec.id: Deployment.from_spec(spec, catalog.types[spec.type])
+        self.deployments: dict[str, SimDeployment] = {
+            spec.id: SimDeployment.from_spec(spec, catalog.types[spec.type])
             for spec in catalog.deployments
         }
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, SimInstance] = {}
         self.reservations: list[Reservation] = []
         #: Unexpected exceptions from background work; :meth:`check` re-raises the first.
         self.errors: list[BaseException] = []
@@ -314,7 +314,7 @@ class World:
                                                                  inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
 
-    def _serve_reservation(self, deployment: Deployment, now: float) -> None:
+    def _serve_reservation(self, deployment: SimDeployment, now: float) -> None:
         """The server's post-termination cleanup: the deployment's first reservation becomes
         an instance, under its id, without keep-alive (the server drops it, and ``repo``)."""
         if not deployment.usable or self._holder(deployment) is not None:
@@ -330,12 +330,12 @@ class World:
                 )
                 return
 
-    def _begin_termination(self, inst: Instance, now: float) -> None:
+    def _begin_termination(self, inst: SimInstance, now: float) -> None:
         inst.status = TERMINATING
         inst.terminating_at = now
         self._stop_host(inst)
 
-    def _end(self, inst: Instance, status: str, now: float) -> None:
+    def _end(self, inst: SimInstance, status: str, now: float) -> None:
         inst.status = status
         inst.ended_at = now
         self._stop_host(inst)
@@ -346,13 +346,13 @@ class World:
 
     # ------------------------------------------------------------------ hosts
 
-    def _stop_host(self, inst: Instance) -> None:
+    def _stop_host(self, inst: SimInstance) -> None:
         # A host still starting is stopped by _start_host once it is up.
         if inst.host_state == "up":
             inst.host_state = "stopped"
             self._effects.append(partial(self.hosts.stop_host, inst.id))
 
-    def _queue_host_start(self, inst: Instance) -> None:
+    def _queue_host_start(self, inst: SimInstance) -> None:
         inst.host_state = "starting"
         if self.hosts.instant or self._host_pool is None:
             self._effects.append(partial(self._start_host, inst.id))
@@ -410,7 +410,7 @@ class World:
 
     # ------------------------------------------------------------------ eurl
 
-    def _notify(self, inst: Instance, status: str) -> None:
+    def _notify(self, inst: SimInstance, status: str) -> None:
         url = inst.options.eurl
         if not url:
             return
@@ -505,11 +505,11 @@ class World:
 
     # ------------------------------------------------------------------ deployments
 
-    def _visible(self, inst: Instance) -> bool:
+    def _visible(self, inst: SimInstance) -> bool:
         """Whether the instance is past its 404 window (its row exists on the server)."""
         return self.clock() >= inst.visible_at
 
-    def _holder(self, deployment: Deployment) -> Instance | None:
+    def _holder(self, deployment: SimDeployment) -> SimInstance | None:
         """The instance that holds ``deployment``; with ``busy_race``, one inside its 404
         window does not count yet (the server counts rows, which do not exist yet)."""
         race = self.switches.busy_race
@@ -520,15 +520,15 @@ class World:
                 return inst
         return None
 
-    def _queue(self, deployment: Deployment) -> list[Reservation]:
+    def _queue(self, deployment: SimDeployment) -> list[Reservation]:
         return [r for r in self.reservations if r.deployment is deployment]
 
-    def queuelen(self, deployment: Deployment) -> int:
+    def queuelen(self, deployment: SimDeployment) -> int:
         """Reservations waiting for the deployment, plus one if an instance holds it."""
         with self.lock:
             return len(self._queue(deployment)) + (1 if self._holder(deployment) else 0)
 
-    def deployment(self, deployment_id: str) -> Deployment:
+    def deployment(self, deployment_id: str) -> SimDeployment:
         """The deployment of ``GET /deployment/:id``; 404 for an unknown id."""
         with self.lock:
             deployment = self.deployments.get(deployment_id)
@@ -536,7 +536,7 @@ class World:
                 raise Refusal(404, "no workspace deployment found with given ID")
             return deployment
 
-    def users_instance(self, deployment: Deployment, user: str | None) -> str | None:
+    def users_instance(self, deployment: SimDeployment, user: str | None) -> str | None:
         """The id of ``user``'s instance on ``deployment`` that is INIT, READY or
         TERMINATING (and past its 404 window), if any."""
         if user is None:
@@ -594,14 +594,14 @@ class World:
         wtype: str | None = None,
         deployment: str | None = None,
         wds: list[str] | None = None,
-        options: InstanceOptions | None = None,
+        options: SimInstanceOptions | None = None,
     ) -> NewResult:
         """Rent an instance by workspace type, deployment id, or a list of deployment ids
         (the ``wds`` of the body).
 
         Raises :class:`~.model.Refusal` with the server's answer when nothing can be rented.
         """
-        options = options or InstanceOptions()
+        options = options or SimInstanceOptions()
         deployment_ids: list[str] | None
         if wds is not None:
             deployment_ids = wds
@@ -631,7 +631,7 @@ class World:
         user: str,
         wtype: str | None,
         deployment_ids: list[str] | None,
-        options: InstanceOptions,
+        options: SimInstanceOptions,
     ) -> tuple[str, str]:
         """Decide what POST /new does: ("noop"|"create"|"reserve", instance or deployment id).
 
@@ -661,7 +661,7 @@ class World:
         noop = self._existing(user, deployments) if options.allow_noop else None
         if noop:
             return "noop", noop
-        feasible: list[Deployment] = []
+        feasible: list[SimDeployment] = []
         refusal = Refusal(404, NO_MATCH, key="error")
         for deployment in deployments:
             if deployment.lockout:
@@ -682,7 +682,7 @@ class World:
             return "reserve", chosen.id
         raise Refusal(503, BUSY_BY_DEPLOYMENT, key="result_message")
 
-    def _existing(self, user: str, deployments: list[Deployment]) -> str | None:
+    def _existing(self, user: str, deployments: list[SimDeployment]) -> str | None:
         for inst in self.instances.values():
             if inst.user == user and inst.status in ACTIVE and inst.deployment in deployments:
                 return inst.id
@@ -691,13 +691,13 @@ class World:
     def _create_instance(
         self,
         user: str,
-        deployment: Deployment,
-        options: InstanceOptions,
+        deployment: SimDeployment,
+        options: SimInstanceOptions,
         keys: tuple[str, str],
         *,
         now: float,
         instance_id: str | None = None,
-    ) -> Instance:
+    ) -> SimInstance:
         injector = self.injector
         stuck_share = deployment.stuck_init
         fail_share = deployment.init_fail_rate
@@ -710,7 +710,7 @@ class World:
             # The race's loser: the launch task finds the deployment taken after all.
             will_fail = True
         window = duration_at(injector.settings.not_found_window, self._durations.random())
-        inst = Instance(
+        inst = SimInstance(
             id=instance_id or str(uuid.uuid4()),
             user=user,
             deployment=deployment,
@@ -733,7 +733,7 @@ class World:
 
     # ------------------------------------------------------------------ instances
 
-    def find(self, user: str, instance_id: str) -> Instance:
+    def find(self, user: str, instance_id: str) -> SimInstance:
         """The caller's instance; 404 "instance not found" for unknown, foreign or not yet
         visible (inside the 404 window after POST /new) instances."""
         with self.lock:
@@ -749,7 +749,7 @@ class World:
         wtype: str | None,
         statuses: frozenset[str],
         newest_first: bool,
-    ) -> list[Instance]:
+    ) -> list[SimInstance]:
         """The caller's visible instances with those statuses, sorted by start time."""
         with self.lock:
             now = self.clock()
@@ -790,7 +790,7 @@ class World:
                 raise Refusal(404, "no keep-alive monitor for this instance")
             inst.last_ka = self.clock()
 
-    def _active(self, user: str, instance_id: str) -> Instance:
+    def _active(self, user: str, instance_id: str) -> SimInstance:
         """The caller's instance for the firewall and VPN commands: the server refuses
         only a TERMINATED one (INIT_FAIL and TERMINATING still answer)."""
         inst = self.find(user, instance_id)
