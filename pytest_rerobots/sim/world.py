@@ -28,7 +28,8 @@ SSH hosts (a :class:`~.hostproto.HostBackend`).
 
 Operations that the API exposes return model objects or plain data, and raise
 :class:`~.model.Refusal` with the status and error message the real server answers with;
-:mod:`.api` shapes every body. Work that must not run under the lock (starting and stopping
+:mod:`.api` shapes every body. What POST /new does is decided by :mod:`.renting`; the world
+carries the decision out. Work that must not run under the lock (starting and stopping
 SSH hosts, eurl POSTs) is queued as an effect and run when the outermost
 :meth:`World.transaction` ends.
 """
@@ -46,7 +47,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -55,6 +56,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigurationError
+from . import renting
 from .accounts import Accounts
 from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
 from .eurl import EventSender, event_payload
@@ -84,15 +86,7 @@ __all__ = ["ManualClock", "World", "firewall_decision", "generate_keypair"]
 
 log = logging.getLogger(__name__)
 
-BUSY_BY_DEPLOYMENT = "All matching workspace deployments are busy. Try again later."
-BUSY_BY_WTYPE = "All feasible workspace deployments are busy"
 BUSY_INSTANCE = "This instance is busy. Try again later."
-NO_MATCH = "no matching wdeployment found"
-SOME_NO_MATCH = "some given IDs have no matching wdeployment"
-DISSOLVED = "workspace deployment is permanently unavailable"
-SOME_DISSOLVED = "some of the given workspace deployments are permanently unavailable"
-LOCKED_OUT = "workspace deployment is locked out (unavailable), please contact us "
-OFFLINE = "workspace deployment temporarily unavailable, try again later"
 
 
 class ManualClock:
@@ -564,13 +558,7 @@ class World:
         with self.lock:
             now = self.clock()
             if wds is not None:
-                found = [self.deployments.get(i) for i in wds]
-                if any(d is None for d in found):
-                    raise Refusal(404, NO_MATCH if len(wds) == 1 else SOME_NO_MATCH, key="error")
-                chosen = [d for d in found if d is not None]
-                if any(d.dissolved is not None for d in chosen):
-                    raise Refusal(400, DISSOLVED if len(wds) == 1 else SOME_DISSOLVED,
-                                  key="error")
+                chosen = renting.lookup(self.deployments, wds)
             else:
                 chosen = [d for d in self.deployments.values()
                           if d.type == wtype and d.dissolved is None]
@@ -601,88 +589,31 @@ class World:
 
         Raises :class:`~.model.Refusal` with the server's answer when nothing can be rented.
         """
-        options = options or SimInstanceOptions()
-        deployment_ids: list[str] | None
-        if wds is not None:
-            deployment_ids = wds
-        else:
-            deployment_ids = [deployment] if deployment else None
+        request = renting.RentRequest(
+            user, wtype, wds if wds is not None else [deployment] if deployment else None,
+            options or SimInstanceOptions())
         with self.transaction():
-            plan, target = self._plan_new(user, wtype, deployment_ids, options)
-            if plan == "noop":
-                return NewResult(True, target)
+            first = renting.plan(self, request)
+            if first.action == renting.NOOP:
+                return NewResult(True, first.target)
         # Making an RSA key takes tens of milliseconds: never hold the lock for it.
         keys = generate_keypair()
         with self.transaction():
             now = self.clock()
-            plan, target = self._plan_new(user, wtype, deployment_ids, options)
-            if plan == "noop":
-                return NewResult(True, target)
-            chosen = self.deployments[target]
-            if plan == "reserve":
-                reservation = Reservation(str(uuid.uuid4()), user, chosen, now, options, *keys)
+            decided = renting.plan(self, request)
+            if decided.action == renting.NOOP:
+                return NewResult(True, decided.target)
+            chosen = self.deployments[decided.target]
+            if decided.action == renting.RESERVE:
+                reservation = Reservation(str(uuid.uuid4()), user, chosen, now, request.options,
+                                          *keys)
                 self.reservations.append(reservation)
                 return NewResult(False, reservation.id)
-            inst = self._create_instance(user, chosen, options, keys, now=now)
+            inst = self._create_instance(user, chosen, request.options, keys, now=now)
             return NewResult(True, inst.id, inst.private_key)
 
-    def _plan_new(
-        self,
-        user: str,
-        wtype: str | None,
-        deployment_ids: list[str] | None,
-        options: SimInstanceOptions,
-    ) -> tuple[str, str]:
-        """Decide what POST /new does: ("noop"|"create"|"reserve", instance or deployment id).
-
-        The checks and their answers follow the server's, in its order.
-        """
-        if wtype is not None:
-            of_type = [d for d in self.deployments.values() if d.type == wtype]
-            noop = self._existing(user, of_type) if options.allow_noop else None
-            if noop:
-                return "noop", noop
-            usable = [d for d in of_type if d.usable]
-            if not usable:
-                raise Refusal(404, NO_MATCH, key="error")
-            free = [d for d in usable if self.queuelen(d) == 0]
-            if not free:
-                # Requests by type never queue, whatever ``reserve`` says.
-                raise Refusal(404, BUSY_BY_WTYPE, key="error")
-            return "create", free[0].id
-        assert deployment_ids is not None
-        one = len(deployment_ids) == 1
-        found = [self.deployments.get(i) for i in deployment_ids]
-        if any(d is None for d in found):
-            raise Refusal(404, NO_MATCH if one else SOME_NO_MATCH, key="error")
-        deployments = [d for d in found if d is not None]
-        if any(d.dissolved is not None for d in deployments):
-            raise Refusal(400, DISSOLVED if one else SOME_DISSOLVED, key="error")
-        noop = self._existing(user, deployments) if options.allow_noop else None
-        if noop:
-            return "noop", noop
-        feasible: list[SimDeployment] = []
-        refusal = Refusal(404, NO_MATCH, key="error")
-        for deployment in deployments:
-            if deployment.lockout:
-                refusal = Refusal(400, LOCKED_OUT, key="error")
-            elif deployment.offline:
-                refusal = Refusal(503, OFFLINE, key="error")
-            else:
-                feasible.append(deployment)
-        if len({d.type for d in feasible}) > 1:
-            raise Refusal(400, "multiple request for wdeployments of different wtype "
-                               "not supported", key="error")
-        if not feasible:
-            raise refusal
-        chosen = min(feasible, key=self.queuelen)
-        if self.queuelen(chosen) == 0:
-            return "create", chosen.id
-        if options.reserve:
-            return "reserve", chosen.id
-        raise Refusal(503, BUSY_BY_DEPLOYMENT, key="result_message")
-
-    def _existing(self, user: str, deployments: list[SimDeployment]) -> str | None:
+    def active_instance(self, user: str, deployments: Sequence[SimDeployment]) -> str | None:
+        """The id of ``user``'s INIT or READY instance on one of ``deployments``, if any."""
         for inst in self.instances.values():
             if inst.user == user and inst.status in ACTIVE and inst.deployment in deployments:
                 return inst.id
