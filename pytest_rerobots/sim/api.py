@@ -807,19 +807,19 @@ class SimApp:
         repo_url = _body(request).get("repo_url")
         if not isinstance(repo_url, str) or not repo_url:
             raise Refusal(400, "request is missing required parameter: repo_url")
-        return _json(200, {"pid": self.world.ci_new(user, repo_url)})
+        return _json(200, {"pid": self.world.ci.new(user, repo_url)})
 
     def ci_projects(self, request: Request, user: str) -> Response:
         """``GET /ci/projects``."""
         return _json(200, {p.pid: {"created": format_time(p.created), "repo_url": p.repo_url}
-                           for p in self.world.ci_projects(user)})
+                           for p in self.world.ci.of(user)})
 
     def ci_job(self, request: Request, user: str, pid: str) -> Response:
         """``POST /ci/project/:pid/job`` with ``{"branch", "commit"}``."""
         body = _body(request)
         if not isinstance(body.get("branch"), str) or not isinstance(body.get("commit"), str):
             raise Refusal(400, "request is missing required parameters")
-        return _json(200, {"jid": self.world.ci_job(user, pid)})
+        return _json(200, {"jid": self.world.ci.job(user, pid)})
 
 
 class RequestHandler(LimitedHandler):

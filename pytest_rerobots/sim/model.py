@@ -1,4 +1,4 @@
-"""The simulator's model objects: statuses, deployments, instances, reservations, CI projects.
+"""The simulator's model objects: statuses, deployments, instances, reservations.
 
 The world (:mod:`.world`) keeps and changes them under its lock; the HTTP layer (:mod:`.api`)
 reads them to shape its answers. :class:`Refusal` is how the world declines a request: a
@@ -26,7 +26,6 @@ __all__ = [
     "READY",
     "TERMINATED",
     "TERMINATING",
-    "CIProject",
     "InstanceSnapshot",
     "NewResult",
     "QueueState",
@@ -190,17 +189,6 @@ class Reservation:
     options: SimInstanceOptions
     private_key: str
     public_key: str
-
-
-@dataclass
-class CIProject:
-    """A CI project of ``POST /ci/new``; jobs are only counted."""
-
-    pid: str
-    user: str
-    repo_url: str
-    created: float
-    jobs: int = 0
 
 
 @dataclass(frozen=True)

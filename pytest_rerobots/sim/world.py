@@ -23,8 +23,9 @@ exist yet), so a second POST /new there succeeds too, and the later instance end
 
 The world holds the other parts of the service as objects of their own: the users, tokens
 and rate windows (:class:`~.accounts.Accounts`), the injected faults
-(:class:`~.faults.FaultInjector`), the eurl notifications (:class:`~.eurl.EventSender`) and the
-SSH hosts (a :class:`~.hostproto.HostBackend`).
+(:class:`~.faults.FaultInjector`), the eurl notifications (:class:`~.eurl.EventSender`), the
+SSH hosts (a :class:`~.hostproto.HostBackend`), the CI projects (:class:`~.ci.CIProjects`) and
+the work done off the lock (:class:`~.background.Background`).
 
 Operations that the API exposes return model objects or plain data, and raise
 :class:`~.model.Refusal` with the status and error message the real server answers with;
@@ -36,19 +37,16 @@ SSH hosts, eurl POSTs) is queued as an effect and run when the outermost
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import ipaddress
 import logging
 import math
 import random
-import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -58,7 +56,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from ..errors import ConfigurationError
 from . import renting
 from .accounts import Accounts
+from .background import Background
 from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
+from .ci import CIProjects
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
 from .hostproto import HostBackend, NullHostManager
@@ -70,7 +70,6 @@ from .model import (
     READY,
     TERMINATED,
     TERMINATING,
-    CIProject,
     InstanceSnapshot,
     NewResult,
     QueueState,
@@ -146,12 +145,6 @@ def generate_keypair() -> tuple[str, str]:
     return private, f"{public} rerobots-sim"
 
 
-class _Depth(threading.local):
-    """How deeply the current thread is nested in :meth:`World.transaction`."""
-
-    n = 0
-
-
 class World:
     """Everything the simulated service knows, behind one lock.
 
@@ -172,7 +165,6 @@ class World:
         self.catalog = catalog
         self.clock: Callable[[], float] = clock or time.time
         self.hosts: HostBackend = hosts or NullHostManager()
-        self.tick_interval = tick_interval
         # The tunable sections are copied so that run-time changes never touch the catalog.
         self.timings = dataclasses.replace(catalog.timings)
         self.switches = dataclasses.replace(catalog.switches)
@@ -183,20 +175,16 @@ class World:
         self._durations = random.Random(catalog.faults.seed)
         self.events = EventSender()
         self.lock = threading.RLock()
+        self.background = Background(self.lock, self.tick, tick_interval)
+        #: Unexpected exceptions from background work; :meth:`check` re-raises the first.
+        self.errors = self.background.errors
+        self.ci = CIProjects(self.clock)
         self.deployments: dict[str, SimDeployment] = {
             spec.id: SimDeployment.from_spec(spec, catalog.types[spec.type])
             for spec in catalog.deployments
         }
         self.instances: dict[str, SimInstance] = {}
         self.reservations: list[Reservation] = []
-        #: Unexpected exceptions from background work; :meth:`check` re-raises the first.
-        self.errors: list[BaseException] = []
-        self._ci: dict[str, CIProject] = {}
-        self._effects: list[Callable[[], None]] = []
-        self._depth = _Depth()
-        self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
-        self._host_pool: ThreadPoolExecutor | None = None
 
     @property
     def faults(self) -> Faults:
@@ -212,21 +200,12 @@ class World:
 
     def start(self) -> None:
         """Start the ticker and the workers that start hosts and send eurl POSTs."""
-        if self._ticker is not None:
-            return
-        self._host_pool = ThreadPoolExecutor(4, thread_name_prefix="rerobots-sim-host")
         self.events.start()
-        self._ticker = threading.Thread(target=self._tick_loop, name="rerobots-sim-ticker",
-                                        daemon=True)
-        self._ticker.start()
+        self.background.start()
 
     def close(self) -> None:
         """Stop the background threads and every host. Idempotent."""
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join(timeout=5)
-        if self._host_pool is not None:
-            self._host_pool.shutdown(wait=True, cancel_futures=True)
+        self.background.stop()
         self.events.close()
         try:
             self.hosts.close()
@@ -239,39 +218,9 @@ class World:
         if self.errors:
             raise self.errors[0]
 
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(self.tick_interval):
-            try:
-                self.tick()
-            except Exception as exc:
-                log.exception("simulator tick failed")
-                self.errors.append(exc)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """Hold the lock; when the outermost transaction ends, run the queued effects."""
-        with self.lock:
-            depth = self._depth.n
-            self._depth.n = depth + 1
-            try:
-                yield
-            finally:
-                self._depth.n = depth
-        if depth == 0:
-            self._run_effects()
-
-    def _run_effects(self) -> None:
-        while True:
-            with self.lock:
-                effects, self._effects = self._effects, []
-            if not effects:
-                return
-            for effect in effects:
-                try:
-                    effect()
-                except Exception as exc:
-                    log.exception("simulator effect failed")
-                    self.errors.append(exc)
+        return self.background.transaction()
 
     # ------------------------------------------------------------------ time
 
@@ -344,22 +293,15 @@ class World:
         # A host still starting is stopped by _start_host once it is up.
         if inst.host_state == "up":
             inst.host_state = "stopped"
-            self._effects.append(partial(self.hosts.stop_host, inst.id))
+            self.background.defer(partial(self.hosts.stop_host, inst.id))
 
     def _queue_host_start(self, inst: SimInstance) -> None:
         inst.host_state = "starting"
-        if self.hosts.instant or self._host_pool is None:
-            self._effects.append(partial(self._start_host, inst.id))
+        work = partial(self._start_host, inst.id)
+        if self.hosts.instant:
+            self.background.defer(work)
         else:
-            pool = self._host_pool
-            self._effects.append(partial(self._submit, pool, partial(self._start_host, inst.id)))
-
-    def _submit(self, pool: ThreadPoolExecutor, work: Callable[[], None]) -> None:
-        try:
-            pool.submit(work)
-        except RuntimeError:
-            # The world is closing; nothing more is started.
-            log.debug("not starting work: the simulator is closing")
+            self.background.offload(work)
 
     def _start_host(self, instance_id: str) -> None:
         with self.lock:
@@ -387,7 +329,7 @@ class World:
             return
         with self.lock:
             inst.host = info
-            still_wanted = inst.status == INIT and not self._stop.is_set()
+            still_wanted = inst.status == INIT and not self.background.stopping
             inst.host_state = "up" if still_wanted else "stopped"
         if not still_wanted:
             self.hosts.stop_host(instance_id)
@@ -410,7 +352,7 @@ class World:
             return
         private_key = inst.private_key if status == INIT and not inst.options.sshkey else None
         payload = event_payload(inst.id, inst.deployment.id, inst.user, status, private_key)
-        self._effects.append(partial(self.events.send, url, payload))
+        self.background.defer(partial(self.events.send, url, payload))
 
     # ------------------------------------------------------------------ users and settings
 
@@ -763,7 +705,7 @@ class World:
                 "client\ndev tun\nproto udp\nremote 127.0.0.1 1194\nnobind\n")
         return client_id, ovpn
 
-    # ------------------------------------------------------------------ reservations and CI
+    # ------------------------------------------------------------------ reservations
 
     def list_reservations(self, user: str) -> list[Reservation]:
         """``GET /reservations``: the caller's waiting reservations, oldest first."""
@@ -778,24 +720,3 @@ class World:
                     self.reservations.remove(reservation)
                     return
         raise Refusal(404, "reservation not found")
-
-    def ci_new(self, user: str, repo_url: str) -> str:
-        """``POST /ci/new``: register a CI project; returns its 22-character id."""
-        pid = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
-        with self.lock:
-            self._ci[pid] = CIProject(pid, user, repo_url, self.clock())
-        return pid
-
-    def ci_projects(self, user: str) -> list[CIProject]:
-        """``GET /ci/projects``: the caller's projects."""
-        with self.lock:
-            return [p for p in self._ci.values() if p.user == user]
-
-    def ci_job(self, user: str, pid: str) -> int:
-        """``POST /ci/project/:pid/job``: count a job; returns its number."""
-        with self.lock:
-            project = self._ci.get(pid)
-            if project is None or project.user != user:
-                raise Refusal(404)
-            project.jobs += 1
-            return project.jobs
