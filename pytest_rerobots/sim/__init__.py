@@ -13,10 +13,13 @@
 
 The parts: :mod:`.catalog` (the TOML catalog), :mod:`.endpoints` (the one table of
 endpoints), :mod:`.model` (statuses, deployments, instances), :mod:`.world` (the world and
-its clock), :mod:`.accounts` (tokens and rate limits), :mod:`.faults` (fault injection),
-:mod:`.eurl` (status events), :mod:`.api` (the WSGI routes and every body),
-:mod:`.hostproto` (what the world needs from hosts), :mod:`.hosts` (SSH servers per instance)
-and :mod:`.__main__` (the ``rerobots-sim`` command). Nothing here imports pytest.
+its clock), :mod:`.renting` (what POST /new decides), :mod:`.background` (the world's work off
+its lock), :mod:`.accounts` (tokens and rate limits), :mod:`.faults` (fault injection),
+:mod:`.eurl` (status events), :mod:`.ci` (CI projects), :mod:`.api` (the WSGI routes and
+every body), :mod:`.server` (the limited HTTP server), :mod:`.hostproto` (the protocol
+between the world and its hosts), :mod:`.hosts` (SSH servers per instance), :mod:`.__main__`
+(the ``rerobots-sim`` command) and :mod:`.launch` (that command in a process of its own).
+Nothing here imports pytest.
 """
 
 from __future__ import annotations
