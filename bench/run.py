@@ -50,9 +50,7 @@ import os
 import platform
 import random
 import resource
-import selectors
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -73,6 +71,8 @@ from rerobots.api import APIClient
 
 from pytest_rerobots import RerobotsClient, Run
 from pytest_rerobots.sim.hosts import SSHD
+from pytest_rerobots.sim.launch import SimProcess as LaunchedSim
+from pytest_rerobots.sim.launch import start_process
 
 KOBUKI = "basic_kobuki"
 
@@ -150,48 +150,29 @@ def note(message: str) -> None:
 class SimProcess:
     """``python -m pytest_rerobots.sim`` in a process of its own; a context manager.
 
-    ``url`` and ``token`` come from the two lines it prints once it serves; ``rss_kib()``
-    reads its resident set from ``/proc``. It is stopped with SIGTERM (it ends its
-    hosts, sshd included), and killed by its id if it outlives ten seconds.
+    Started by :func:`pytest_rerobots.sim.launch.start_process`: ``url`` and ``token`` come
+    from the two lines it prints once it serves; ``rss_kib()`` reads its resident set from
+    ``/proc``. It is stopped with SIGTERM (it ends its hosts, sshd included), and killed by
+    its id if it outlives ten seconds.
     """
 
     def __init__(self, config: Path | None = None, backend: str = "asyncssh") -> None:
-        self.argv = [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0",
-                     "--ssh-backend", backend]
+        self.args = ["--ssh-backend", backend]
         if config is not None:
-            self.argv += ["--config", str(config)]
-        self.proc: subprocess.Popen[bytes] | None = None
+            self.args += ["--config", str(config)]
+        self.process: LaunchedSim | None = None
         self.url = self.token = ""
         self._stderr = tempfile.TemporaryFile(mode="w+")
 
     def __enter__(self) -> SimProcess:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._stderr,
-                                     env=clean_env(), bufsize=0)
         try:
-            seen = dict(line.split("=", 1) for line in self._lines(2, deadline=30.0))
-            self.url, self.token = seen["REROBOTS_API_URL"], seen["REROBOTS_API_TOKEN"]
-        except BaseException:
-            self.stop()
-            raise
+            self.process = start_process(*self.args, env=clean_env(), stderr=self._stderr)
+        except RuntimeError as exc:
+            message = f"{exc}: {self.errors()}"
+            self._stderr.close()
+            raise RuntimeError(message) from exc
+        self.url, self.token = self.process.url, self.process.token
         return self
-
-    def _lines(self, count: int, deadline: float) -> list[str]:
-        """The first ``count`` lines of its output, read unbuffered: a buffered reader
-        would take both lines at once and leave select() nothing to report."""
-        assert self.proc is not None and self.proc.stdout is not None
-        end = time.monotonic() + deadline
-        fd = self.proc.stdout.fileno()
-        out = b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while out.count(b"\n") < count:
-                if not sel.select(timeout=max(0.0, end - time.monotonic())):
-                    raise RuntimeError(f"the simulator did not start: {self.errors()}")
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"the simulator exited: {self.errors()}")
-                out += chunk
-        return out.decode().splitlines()[:count]
 
     def errors(self) -> str:
         self._stderr.seek(0)
@@ -199,8 +180,8 @@ class SimProcess:
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self.process is not None
+        return self.process.pid
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -214,18 +195,10 @@ class SimProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        if self.proc is None:
+        if self.process is None:
             return
-        proc, self.proc = self.proc, None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        process, self.process = self.process, None
+        process.stop()
         self._stderr.close()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import selectors
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
+
+from pytest_rerobots.sim.launch import start_process
 
 CATALOG = """
 [rate_limits]
@@ -56,42 +54,17 @@ class Side:
     def __enter__(self) -> Side:
         env = {k: v for k, v in os.environ.items() if not k.startswith("REROBOTS_")}
         env["PYTHONPATH"] = str(self.tree)
-        nofile = self.nofile
-
-        def limit() -> None:
-            if nofile is not None:
-                hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend",
-             "none", "--config", str(self.config)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=self.tree,
-            preexec_fn=limit)
-        assert self.proc.stdout is not None
-        out = b""
-        fd = self.proc.stdout.fileno()
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            while out.count(b"\n") < 2:
-                if not sel.select(timeout=30):
-                    raise RuntimeError(f"{self.name}: the simulator did not start")
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    raise RuntimeError(f"{self.name}: the simulator exited")
-                out += chunk
-        seen = dict(line.split("=", 1) for line in out.decode().splitlines()[:2])
-        self.url, self.token = seen["REROBOTS_API_URL"], seen["REROBOTS_API_TOKEN"]
+        try:
+            self.sim = start_process("--ssh-backend", "none", "--config", str(self.config),
+                                     env=env, cwd=self.tree, nofile=self.nofile)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.name}: {exc}") from exc
+        self.proc = self.sim.proc
+        self.url, self.token = self.sim.url, self.sim.token
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        self.sim.stop()
 
     def status_kib(self, field: str) -> int:
         with open(f"/proc/{self.proc.pid}/status") as status:

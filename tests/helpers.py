@@ -4,7 +4,11 @@ directory on ``sys.path``, as it has no ``__init__.py``)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pytest_rerobots.sim.launch import SimProcess, start_process
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
@@ -16,3 +20,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@contextmanager
+def sim_process(*args: str, **kwargs: Any) -> Iterator[SimProcess]:
+    """``python -m pytest_rerobots.sim --port 0 *args`` serving (see
+    :func:`pytest_rerobots.sim.launch.start_process`, which takes ``kwargs``); stopped by
+    its process id afterwards."""
+    sim = start_process(*args, **kwargs)
+    try:
+        yield sim
+    finally:
+        sim.stop()

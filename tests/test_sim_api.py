@@ -12,7 +12,6 @@ import io
 import json
 import os
 import secrets
-import selectors
 import shutil
 import signal
 import socket
@@ -27,13 +26,14 @@ from typing import Any
 import paramiko
 import pytest
 import requests
+from helpers import sim_process
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.sim import ServerLimits, Simulator
 from pytest_rerobots.sim.catalog import default_catalog, load_catalog
-from pytest_rerobots.sim.state import ManualClock, firewall_decision
+from pytest_rerobots.sim.world import ManualClock, firewall_decision
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
 KOBUKI_EU = "df013a45-f40f-451e-a911-2465a8c24f1a"
@@ -1217,16 +1217,13 @@ def test_port_in_use() -> None:
 def test_command_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("cli-token\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
-         "--token-file", str(token_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
+    with sim_process("--ssh-backend", "none", "--token-file", str(token_file),
+                     timeout=15) as sim:
+        proc = sim.proc
         # The token is nowhere on the command line other local users can read.
         with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
             assert b"cli-token" not in cmdline.read()
-        lines = _read_lines(proc, 2, timeout=15)
+        lines = sim.lines
         assert lines[0].startswith("REROBOTS_API_URL=http://127.0.0.1:")
         assert lines[1] == "REROBOTS_API_TOKEN=cli-token"
         url = lines[0].split("=", 1)[1]
@@ -1235,24 +1232,13 @@ def test_command_line_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert res.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=10)
 
 
 def test_command_line_token_from_the_environment_and_argv_refused(tmp_path: Path) -> None:
     env = {**os.environ, "REROBOTS_SIM_TOKEN": "env-token"}
     env.pop("REROBOTS_API_TOKEN", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-    )
-    try:
-        assert _read_lines(proc, 2, timeout=15)[1] == "REROBOTS_API_TOKEN=env-token"
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=10)
+    with sim_process("--ssh-backend", "none", env=env, timeout=15) as sim:
+        assert sim.lines[1] == "REROBOTS_API_TOKEN=env-token"
     refused = subprocess.run(
         [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
          "--token", "argv-token"], capture_output=True, text=True, timeout=30)
@@ -1268,24 +1254,6 @@ def test_command_line_token_from_the_environment_and_argv_refused(tmp_path: Path
              "none", "--token-file", str(path)], capture_output=True, text=True, timeout=30)
         assert bad.returncode == 2, bad.stderr
         assert message in bad.stderr
-
-
-def _read_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[str]:
-    """The first ``count`` lines of the child's stdout, read unbuffered so none hide."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    data = b""
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while data.count(b"\n") < count:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no output in time; got {data!r}"
-            if selector.select(timeout=remaining):
-                chunk = os.read(fd, 4096)
-                assert chunk, f"the simulator exited: {proc.poll()}; got {data!r}"
-                data += chunk
-    return data.decode().splitlines()[:count]
 
 
 # ---------------------------------------------------------------------- host scripts

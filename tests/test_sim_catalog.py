@@ -19,7 +19,7 @@ from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.catalog import default_catalog, load_catalog, profile_catalog
 from pytest_rerobots.sim.hosts import SSHD
 from pytest_rerobots.sim.hosts import sandbox as sandbox_module
-from pytest_rerobots.sim.state import ManualClock
+from pytest_rerobots.sim.world import ManualClock
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
 MISTY = "38496d28-386c-4cad-8daf-ef8a86616687"

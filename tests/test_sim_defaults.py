@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import requests
 import test_sim_api
+from helpers import sim_process
 
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.catalog import default_catalog, profile_catalog
-from pytest_rerobots.sim.state import ManualClock
+from pytest_rerobots.sim.world import ManualClock
 
 KOBUKI_US = "b34d1ee4-2a7b-445a-824a-ba4a30759f7f"
 KOBUKI_EU = "df013a45-f40f-451e-a911-2465a8c24f1a"
@@ -624,19 +625,12 @@ def test_realistic_profile_by_name_on_the_command_line(tmp_path: Path) -> None:
     # A bare profile name is never read as a file, even where one has that name.
     (tmp_path / "realistic").write_text("this is not TOML [")
     (tmp_path / "token").write_text("t0k3n\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
-         "--config", "realistic", "--token-file", str(tmp_path / "token")],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=tmp_path,
-    )
-    try:
-        first, second = test_sim_api._read_lines(proc, 2, timeout=30)
+    with sim_process("--ssh-backend", "none", "--config", "realistic", "--token-file",
+                     str(tmp_path / "token"), cwd=tmp_path) as sim:
+        first, second = sim.lines
         assert second == "REROBOTS_API_TOKEN=t0k3n"
         res = requests.get(f"{first.split('=', 1)[1]}/workspaces", timeout=5)
         assert "basic_kobuki" in res.json()["workspace_types"]
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=15)
 
 
 def test_plugin_passes_the_realistic_profile(pytester: pytest.Pytester) -> None:

@@ -11,20 +11,18 @@ import base64
 import io
 import os
 import resource
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import helpers
 import paramiko
 import pytest
 import requests
-import test_sim_api
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from test_sim_api import Api
@@ -43,28 +41,10 @@ def sim_process(tmp_path: Path, *args: str, nofile: int | None = None
     token_file = tmp_path / "sim-token"
     token_file.write_text("limits-token\n")
 
-    def _limit_files() -> None:
-        if nofile is not None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--ssh-backend", "none",
-         "--token-file", str(token_file), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, preexec_fn=_limit_files,
-    )
-    try:
-        first, second = test_sim_api._read_lines(proc, 2, timeout=30)  # type: ignore[arg-type]
-        yield proc, first.split("=", 1)[1], second.split("=", 1)[1]
-        assert proc.poll() is None, "the simulator died"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=10)
+    with helpers.sim_process("--ssh-backend", "none", "--token-file", str(token_file), *args,
+                             nofile=nofile) as sim:
+        yield sim.proc, sim.url, sim.token
+        assert sim.proc.poll() is None, "the simulator died"
 
 
 def _rss_kb(pid: int, field: str = "VmRSS") -> int:

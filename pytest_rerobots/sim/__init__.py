@@ -12,11 +12,14 @@
         assert sim.live_instances() == []
 
 The parts: :mod:`.catalog` (the TOML catalog), :mod:`.endpoints` (the one table of
-endpoints), :mod:`.model` (statuses, deployments, instances), :mod:`.state` (the world and
-its clock), :mod:`.accounts` (tokens and rate limits), :mod:`.faults` (fault injection),
-:mod:`.eurl` (status events), :mod:`.api` (the WSGI routes and every body),
-:mod:`.hostapi` (what the world needs from hosts), :mod:`.hosts` (SSH servers per instance)
-and :mod:`.__main__` (the ``rerobots-sim`` command). Nothing here imports pytest.
+endpoints), :mod:`.model` (statuses, deployments, instances), :mod:`.world` (the world and
+its clock), :mod:`.renting` (what POST /new decides), :mod:`.background` (the world's work off
+its lock), :mod:`.accounts` (tokens and rate limits), :mod:`.faults` (fault injection),
+:mod:`.eurl` (status events), :mod:`.ci` (CI projects), :mod:`.api` (the WSGI routes and
+every body), :mod:`.server` (the limited HTTP server), :mod:`.hostproto` (the protocol
+between the world and its hosts), :mod:`.hosts` (SSH servers per instance), :mod:`.__main__`
+(the ``rerobots-sim`` command) and :mod:`.launch` (that command in a process of its own).
+Nothing here imports pytest.
 """
 
 from __future__ import annotations
@@ -42,10 +45,10 @@ from .catalog import (
     load_catalog,
     profile_catalog,
 )
-from .hostapi import HostBackend, NullHostManager
+from .hostproto import HostBackend, NullHostManager
 from .model import InstanceSnapshot
 from .server import LimitedServer, ServerLimits
-from .state import ManualClock, World
+from .world import ManualClock, World
 
 __all__ = ["SSH_BACKENDS", "Catalog", "ManualClock", "ServerLimits", "Simulator", "World"]
 
@@ -88,7 +91,7 @@ class Simulator:
     and shaped like the real service); the format is in ``docs/simulator-catalog.md``.
     ``port=0`` picks a free port. ``token`` is the default user's token (made
     with :mod:`secrets` unless given). ``ssh_backend`` is one of :data:`SSH_BACKENDS`.
-    ``clock`` replaces :func:`time.time` (see :class:`~.state.ManualClock`). ``overrides``
+    ``clock`` replaces :func:`time.time` (see :class:`~.world.ManualClock`). ``overrides``
     replace catalog settings by their flat names (``ready_delay=0.05``, ``token_budget=5``,
     ``stuck_init=True``, ...; see :data:`~.catalog.OVERRIDE_KEYS`). ``limits`` bounds what a
 caller may cost the HTTP server (:class:`~.server.ServerLimits`: body size, JSON depth,
@@ -257,7 +260,7 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         return self.world.snapshots(live_only=True)
 
     def configure(self, **settings: Any) -> None:
-        """Change settings at run time (see :meth:`.state.World.configure`)."""
+        """Change settings at run time (see :meth:`.world.World.configure`)."""
         self.world.configure(**settings)
 
     def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,

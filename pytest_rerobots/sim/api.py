@@ -1,4 +1,4 @@
-"""The simulator's HTTP API: a WSGI application over a :class:`~.state.World`.
+"""The simulator's HTTP API: a WSGI application over a :class:`~.world.World`.
 
 Routing is a werkzeug :class:`~werkzeug.routing.Map` built from the one endpoint table,
 :data:`~.endpoints.ENDPOINTS`; converters carry the server's route patterns (UUIDs, 64-hex
@@ -51,20 +51,20 @@ from .accounts import RateState
 from .endpoints import ENDPOINTS
 from .model import (
     ACTIVE,
-    ENDED,
+    ENDED_STATUSES,
     INIT_FAIL,
     READY,
     TERMINATED,
     TERMINATING,
-    Deployment,
-    InstanceOptions,
     Refusal,
+    SimDeployment,
+    SimInstanceOptions,
     format_iso_z,
     format_time,
     utc,
 )
 from .server import LimitedHandler, ServerLimits
-from .state import World
+from .world import World
 
 __all__ = ["RequestHandler", "SimApp"]
 
@@ -216,11 +216,11 @@ def _paginate(items: list[Any], max_per_page: int, page: int, *, empty_pages: in
     return items[start:start + max_per_page], page_count
 
 
-def _filter_types(found: list[Deployment], types: str) -> list[Deployment]:
+def _filter_types(found: list[SimDeployment], types: str) -> list[SimDeployment]:
     """``types=a,!b,...`` the server's way: the first item selects; each next one adds its
     type (a union) or, as ``!t`` (or a literal ``%21t``), removes ``t`` from what is selected.
     So ``!a,b`` is everything but ``a``, plus ``b``."""
-    selected: list[Deployment] | None = None
+    selected: list[SimDeployment] | None = None
     for item in (part.strip() for part in types.split(",")):
         negated = item.startswith(("!", "%21"))
         name = item[1:] if item.startswith("!") else item[3:] if negated else item
@@ -308,7 +308,7 @@ def _wrong_type(name: str) -> Refusal:
     return Refusal(400, f"value for option `{name}` has wrong type")
 
 
-def _new_options(body: dict[str, Any]) -> InstanceOptions:
+def _new_options(body: dict[str, Any]) -> SimInstanceOptions:
     """Type-check the POST /new options, with the server's error strings and in its order."""
     values: dict[str, Any] = {}
     if "repo" in body:
@@ -330,7 +330,7 @@ def _new_options(body: dict[str, Any]) -> InstanceOptions:
             if not value:
                 raise Refusal(400, "value for option `eurl` must be nonempty")
         values[name] = value
-    return InstanceOptions(**values)
+    return SimInstanceOptions(**values)
 
 
 class SimApp:
@@ -483,7 +483,7 @@ class SimApp:
 
     # ------------------------------------------------------------------ bodies
 
-    def _deployment_summary(self, deployment: Deployment) -> dict[str, Any]:
+    def _deployment_summary(self, deployment: SimDeployment) -> dict[str, Any]:
         """The per-deployment object of ``GET /deployments?info``."""
         return {
             "type": deployment.type,
@@ -496,7 +496,7 @@ class SimApp:
             "queuelen": self.world.queuelen(deployment),
         }
 
-    def _deployment_info(self, deployment: Deployment, user: str | None) -> dict[str, Any]:
+    def _deployment_info(self, deployment: SimDeployment, user: str | None) -> dict[str, Any]:
         """The body of ``GET /deployment/:id`` (also ``wdinfo`` in GET /instance)."""
         with self.world.lock:
             info = {"id": deployment.id, **self._deployment_summary(deployment)}
@@ -587,7 +587,7 @@ class SimApp:
         if sort_by not in _SORT_KEYS:
             sort_by = "inc_wtype"
         field = sort_by[4:]
-        keys: dict[str, Callable[[Deployment], Any]] = {
+        keys: dict[str, Callable[[SimDeployment], Any]] = {
             "wtype": lambda d: (d.type, d.created, d.id),
             "created": lambda d: (d.created, d.type, d.id),
             "count": lambda d: (d.icounter, d.type, d.id),
@@ -708,7 +708,7 @@ class SimApp:
                 body["expires"] = format_time(inst.created + inst.options.expire_d)
             if inst.ended_at is not None and inst.status != INIT_FAIL:
                 body["endtime"] = format_time(inst.ended_at)
-            if inst.status not in ENDED:
+            if inst.status not in ENDED_STATUSES:
                 # ``hostkeys`` is absent, not empty, until the host key is known.
                 if inst.status == READY and inst.host is not None:
                     body["fwd"] = {"ipv4": "127.0.0.1", "port": inst.host.port}
@@ -807,19 +807,19 @@ class SimApp:
         repo_url = _body(request).get("repo_url")
         if not isinstance(repo_url, str) or not repo_url:
             raise Refusal(400, "request is missing required parameter: repo_url")
-        return _json(200, {"pid": self.world.ci_new(user, repo_url)})
+        return _json(200, {"pid": self.world.ci.new(user, repo_url)})
 
     def ci_projects(self, request: Request, user: str) -> Response:
         """``GET /ci/projects``."""
         return _json(200, {p.pid: {"created": format_time(p.created), "repo_url": p.repo_url}
-                           for p in self.world.ci_projects(user)})
+                           for p in self.world.ci.of(user)})
 
     def ci_job(self, request: Request, user: str, pid: str) -> Response:
         """``POST /ci/project/:pid/job`` with ``{"branch", "commit"}``."""
         body = _body(request)
         if not isinstance(body.get("branch"), str) or not isinstance(body.get("commit"), str):
             raise Refusal(400, "request is missing required parameters")
-        return _json(200, {"jid": self.world.ci_job(user, pid)})
+        return _json(200, {"jid": self.world.ci.job(user, pid)})
 
 
 class RequestHandler(LimitedHandler):

@@ -46,8 +46,8 @@ __all__ = [
     "EndpointFault",
     "Faults",
     "RateLimits",
+    "SimTimings",
     "Switches",
-    "Timings",
     "WorkspaceTypeSpec",
     "apply_overrides",
     "default_catalog",
@@ -114,7 +114,7 @@ def duration_at(value: Duration, fraction: float) -> float:
 
 
 @dataclass
-class Timings:
+class SimTimings:
     """Durations (seconds) and rates that drive the instance lifecycle.
 
     The defaults are the built-in catalog's: the real service's behaviour, much faster.
@@ -183,7 +183,7 @@ class Catalog:
 
     types: Mapping[str, WorkspaceTypeSpec]
     deployments: tuple[DeploymentSpec, ...]
-    timings: Timings = field(default_factory=Timings)
+    timings: SimTimings = field(default_factory=SimTimings)
     rate_limits: RateLimits = field(default_factory=RateLimits)
     switches: Switches = field(default_factory=Switches)
     faults: Faults = field(default_factory=Faults)
@@ -193,7 +193,7 @@ class Catalog:
 # The flat names accepted by ``Simulator(**overrides)`` and ``World.configure``: every scalar
 # setting of the four tunable sections, each name unique across them.
 _SECTIONS: dict[str, type] = {
-    "timings": Timings,
+    "timings": SimTimings,
     "rate_limits": RateLimits,
     "switches": Switches,
     "faults": Faults,
@@ -482,7 +482,7 @@ def parse_catalog(data: Mapping[str, Any], source: str = "<catalog>",
     return Catalog(
         types=known_types,
         deployments=tuple(d for d in base.deployments if d.id not in replaced) + deployments,
-        timings=dataclasses.replace(base.timings, **_section(check, data, "timings", Timings)),
+        timings=dataclasses.replace(base.timings, **_section(check, data, "timings", SimTimings)),
         rate_limits=dataclasses.replace(base.rate_limits,
                                         **_section(check, data, "rate_limits", RateLimits)),
         switches=dataclasses.replace(base.switches,

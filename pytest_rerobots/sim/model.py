@@ -1,8 +1,10 @@
-"""The simulator's model objects: statuses, deployments, instances, reservations, CI projects.
+"""The simulator's model objects: statuses, deployments, instances, reservations.
 
-The world (:mod:`.state`) keeps and changes them under its lock; the HTTP layer (:mod:`.api`)
+The world (:mod:`.world`) keeps and changes them under its lock; the HTTP layer (:mod:`.api`)
 reads them to shape its answers. :class:`Refusal` is how the world declines a request: a
 status code and the error message the real server gives, which :mod:`.api` turns into a body.
+The classes that share a name with one of the client's (its instance, deployment and
+options) carry a ``Sim`` prefix here, so that a name always says which side it is on.
 """
 
 from __future__ import annotations
@@ -13,26 +15,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .catalog import DeploymentSpec, WorkspaceTypeSpec
-from .hostapi import HostInfo
+from .hostproto import HostInfo
 
 __all__ = [
     "ACTIVE",
-    "ENDED",
+    "ENDED_STATUSES",
     "HOLDING",
     "INIT",
     "INIT_FAIL",
     "READY",
     "TERMINATED",
     "TERMINATING",
-    "CIProject",
-    "Deployment",
-    "Instance",
-    "InstanceOptions",
     "InstanceSnapshot",
     "NewResult",
     "QueueState",
     "Refusal",
     "Reservation",
+    "SimDeployment",
+    "SimInstance",
+    "SimInstanceOptions",
     "format_iso_z",
     "format_time",
     "utc",
@@ -48,7 +49,7 @@ HOLDING = frozenset({INIT, READY, TERMINATING})
 #: Statuses in which an instance can be used or configured.
 ACTIVE = frozenset({INIT, READY})
 #: Statuses without ``fwd``/``hostkeys`` in GET /instance.
-ENDED = frozenset({TERMINATING, TERMINATED, INIT_FAIL})
+ENDED_STATUSES = frozenset({TERMINATING, TERMINATED, INIT_FAIL})
 
 
 def utc(t: float) -> dt.datetime:
@@ -82,7 +83,7 @@ class Refusal(Exception):
 
 
 @dataclass
-class Deployment:
+class SimDeployment:
     """A workspace deployment of the world (mutable: counters, lockout, dissolution)."""
 
     id: str
@@ -99,7 +100,7 @@ class Deployment:
     stuck_init: float | None = None
 
     @classmethod
-    def from_spec(cls, spec: DeploymentSpec, wtype: WorkspaceTypeSpec) -> Deployment:
+    def from_spec(cls, spec: DeploymentSpec, wtype: WorkspaceTypeSpec) -> SimDeployment:
         """A deployment as the catalog describes it."""
         return cls(
             id=spec.id,
@@ -122,7 +123,7 @@ class Deployment:
 
 
 @dataclass(frozen=True)
-class InstanceOptions:
+class SimInstanceOptions:
     """The type-checked options of a POST /new body."""
 
     sshkey: str | None = None
@@ -136,7 +137,7 @@ class InstanceOptions:
 
 
 @dataclass
-class Instance:
+class SimInstance:
     """A workspace instance; ``created`` is when it started (left the queue).
 
     ``visible_at`` ends the 404 window after POST /new. ``ready_draw`` and
@@ -146,8 +147,8 @@ class Instance:
 
     id: str
     user: str
-    deployment: Deployment
-    options: InstanceOptions
+    deployment: SimDeployment
+    options: SimInstanceOptions
     created: float
     visible_at: float
     private_key: str
@@ -183,22 +184,11 @@ class Reservation:
 
     id: str
     user: str
-    deployment: Deployment
+    deployment: SimDeployment
     created: float
-    options: InstanceOptions
+    options: SimInstanceOptions
     private_key: str
     public_key: str
-
-
-@dataclass
-class CIProject:
-    """A CI project of ``POST /ci/new``; jobs are only counted."""
-
-    pid: str
-    user: str
-    repo_url: str
-    created: float
-    jobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -233,7 +223,7 @@ class InstanceSnapshot:
     status: str
 
     @classmethod
-    def of(cls, inst: Instance) -> InstanceSnapshot:
+    def of(cls, inst: SimInstance) -> InstanceSnapshot:
         """A snapshot of ``inst`` (call it under the world's lock)."""
         return cls(id=inst.id, user=inst.user, deployment=inst.deployment.id,
                    type=inst.wtype, region=inst.region, status=inst.status)

@@ -9,7 +9,7 @@ one; :mod:`.processes` holds the process utilities both use to leave nothing run
 
 from __future__ import annotations
 
-from ..hostapi import HostInfo
+from ..hostproto import HostInfo
 from .manager import BACKENDS, HostManager
 from .openssh_backend import SSHD
 

@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from ...errors import ConfigurationError, RerobotsError
-from ..hostapi import HostInfo
+from ..hostproto import HostInfo
 from ._asyncssh import asyncssh
 from .asyncssh_backend import AsyncsshHost
 from .host import Host, HostContext
@@ -66,7 +66,7 @@ T = TypeVar("T")
 class HostManager:
     """Start and stop simulated robot hosts; thread-safe; a context manager.
 
-    A :class:`~pytest_rerobots.sim.hostapi.HostBackend`.
+    A :class:`~pytest_rerobots.sim.hostproto.HostBackend`.
 
     ``root`` holds one directory per host (left in place after the host stops,
     for inspection; the caller owns ``root``). ``backend`` is ``"asyncssh"`` or

@@ -23,31 +23,30 @@ exist yet), so a second POST /new there succeeds too, and the later instance end
 
 The world holds the other parts of the service as objects of their own: the users, tokens
 and rate windows (:class:`~.accounts.Accounts`), the injected faults
-(:class:`~.faults.FaultInjector`), the eurl notifications (:class:`~.eurl.EventSender`) and the
-SSH hosts (a :class:`~.hostapi.HostBackend`).
+(:class:`~.faults.FaultInjector`), the eurl notifications (:class:`~.eurl.EventSender`), the
+SSH hosts (a :class:`~.hostproto.HostBackend`), the CI projects (:class:`~.ci.CIProjects`) and
+the work done off the lock (:class:`~.background.Background`).
 
 Operations that the API exposes return model objects or plain data, and raise
 :class:`~.model.Refusal` with the status and error message the real server answers with;
-:mod:`.api` shapes every body. Work that must not run under the lock (starting and stopping
+:mod:`.api` shapes every body. What POST /new does is decided by :mod:`.renting`; the world
+carries the decision out. Work that must not run under the lock (starting and stopping
 SSH hosts, eurl POSTs) is queued as an effect and run when the outermost
 :meth:`World.transaction` ends.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import ipaddress
 import logging
 import math
 import random
-import secrets
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -55,11 +54,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from ..errors import ConfigurationError
+from . import renting
 from .accounts import Accounts
+from .background import Background
 from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
+from .ci import CIProjects
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
-from .hostapi import HostBackend, NullHostManager
+from .hostproto import HostBackend, NullHostManager
 from .model import (
     ACTIVE,
     HOLDING,
@@ -68,15 +70,14 @@ from .model import (
     READY,
     TERMINATED,
     TERMINATING,
-    CIProject,
-    Deployment,
-    Instance,
-    InstanceOptions,
     InstanceSnapshot,
     NewResult,
     QueueState,
     Refusal,
     Reservation,
+    SimDeployment,
+    SimInstance,
+    SimInstanceOptions,
     utc,
 )
 
@@ -84,15 +85,7 @@ __all__ = ["ManualClock", "World", "firewall_decision", "generate_keypair"]
 
 log = logging.getLogger(__name__)
 
-BUSY_BY_DEPLOYMENT = "All matching workspace deployments are busy. Try again later."
-BUSY_BY_WTYPE = "All feasible workspace deployments are busy"
 BUSY_INSTANCE = "This instance is busy. Try again later."
-NO_MATCH = "no matching wdeployment found"
-SOME_NO_MATCH = "some given IDs have no matching wdeployment"
-DISSOLVED = "workspace deployment is permanently unavailable"
-SOME_DISSOLVED = "some of the given workspace deployments are permanently unavailable"
-LOCKED_OUT = "workspace deployment is locked out (unavailable), please contact us "
-OFFLINE = "workspace deployment temporarily unavailable, try again later"
 
 
 class ManualClock:
@@ -152,17 +145,11 @@ def generate_keypair() -> tuple[str, str]:
     return private, f"{public} rerobots-sim"
 
 
-class _Depth(threading.local):
-    """How deeply the current thread is nested in :meth:`World.transaction`."""
-
-    n = 0
-
-
 class World:
     """Everything the simulated service knows, behind one lock.
 
     ``clock`` returns epoch seconds (default :func:`time.time`). ``hosts`` starts and stops
-    the instances' SSH servers (default: :class:`~.hostapi.NullHostManager`, no servers).
+    the instances' SSH servers (default: :class:`~.hostproto.NullHostManager`, no servers).
     :meth:`start` launches the background ticker and workers; :meth:`close` stops them and
     every host. Without :meth:`start` the world still works, driven by explicit ticks.
     """
@@ -178,7 +165,6 @@ class World:
         self.catalog = catalog
         self.clock: Callable[[], float] = clock or time.time
         self.hosts: HostBackend = hosts or NullHostManager()
-        self.tick_interval = tick_interval
         # The tunable sections are copied so that run-time changes never touch the catalog.
         self.timings = dataclasses.replace(catalog.timings)
         self.switches = dataclasses.replace(catalog.switches)
@@ -189,20 +175,16 @@ class World:
         self._durations = random.Random(catalog.faults.seed)
         self.events = EventSender()
         self.lock = threading.RLock()
-        self.deployments: dict[str, Deployment] = {
-            spec.id: Deployment.from_spec(spec, catalog.types[spec.type])
+        self.background = Background(self.lock, self.tick, tick_interval)
+        #: Unexpected exceptions from background work; :meth:`check` re-raises the first.
+        self.errors = self.background.errors
+        self.ci = CIProjects(self.clock)
+        self.deployments: dict[str, SimDeployment] = {
+            spec.id: SimDeployment.from_spec(spec, catalog.types[spec.type])
             for spec in catalog.deployments
         }
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, SimInstance] = {}
         self.reservations: list[Reservation] = []
-        #: Unexpected exceptions from background work; :meth:`check` re-raises the first.
-        self.errors: list[BaseException] = []
-        self._ci: dict[str, CIProject] = {}
-        self._effects: list[Callable[[], None]] = []
-        self._depth = _Depth()
-        self._stop = threading.Event()
-        self._ticker: threading.Thread | None = None
-        self._host_pool: ThreadPoolExecutor | None = None
 
     @property
     def faults(self) -> Faults:
@@ -218,21 +200,12 @@ class World:
 
     def start(self) -> None:
         """Start the ticker and the workers that start hosts and send eurl POSTs."""
-        if self._ticker is not None:
-            return
-        self._host_pool = ThreadPoolExecutor(4, thread_name_prefix="rerobots-sim-host")
         self.events.start()
-        self._ticker = threading.Thread(target=self._tick_loop, name="rerobots-sim-ticker",
-                                        daemon=True)
-        self._ticker.start()
+        self.background.start()
 
     def close(self) -> None:
         """Stop the background threads and every host. Idempotent."""
-        self._stop.set()
-        if self._ticker is not None:
-            self._ticker.join(timeout=5)
-        if self._host_pool is not None:
-            self._host_pool.shutdown(wait=True, cancel_futures=True)
+        self.background.stop()
         self.events.close()
         try:
             self.hosts.close()
@@ -245,39 +218,9 @@ class World:
         if self.errors:
             raise self.errors[0]
 
-    def _tick_loop(self) -> None:
-        while not self._stop.wait(self.tick_interval):
-            try:
-                self.tick()
-            except Exception as exc:
-                log.exception("simulator tick failed")
-                self.errors.append(exc)
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
         """Hold the lock; when the outermost transaction ends, run the queued effects."""
-        with self.lock:
-            depth = self._depth.n
-            self._depth.n = depth + 1
-            try:
-                yield
-            finally:
-                self._depth.n = depth
-        if depth == 0:
-            self._run_effects()
-
-    def _run_effects(self) -> None:
-        while True:
-            with self.lock:
-                effects, self._effects = self._effects, []
-            if not effects:
-                return
-            for effect in effects:
-                try:
-                    effect()
-                except Exception as exc:
-                    log.exception("simulator effect failed")
-                    self.errors.append(exc)
+        return self.background.transaction()
 
     # ------------------------------------------------------------------ time
 
@@ -314,7 +257,7 @@ class World:
                                                                  inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
 
-    def _serve_reservation(self, deployment: Deployment, now: float) -> None:
+    def _serve_reservation(self, deployment: SimDeployment, now: float) -> None:
         """The server's post-termination cleanup: the deployment's first reservation becomes
         an instance, under its id, without keep-alive (the server drops it, and ``repo``)."""
         if not deployment.usable or self._holder(deployment) is not None:
@@ -330,12 +273,12 @@ class World:
                 )
                 return
 
-    def _begin_termination(self, inst: Instance, now: float) -> None:
+    def _begin_termination(self, inst: SimInstance, now: float) -> None:
         inst.status = TERMINATING
         inst.terminating_at = now
         self._stop_host(inst)
 
-    def _end(self, inst: Instance, status: str, now: float) -> None:
+    def _end(self, inst: SimInstance, status: str, now: float) -> None:
         inst.status = status
         inst.ended_at = now
         self._stop_host(inst)
@@ -346,26 +289,19 @@ class World:
 
     # ------------------------------------------------------------------ hosts
 
-    def _stop_host(self, inst: Instance) -> None:
+    def _stop_host(self, inst: SimInstance) -> None:
         # A host still starting is stopped by _start_host once it is up.
         if inst.host_state == "up":
             inst.host_state = "stopped"
-            self._effects.append(partial(self.hosts.stop_host, inst.id))
+            self.background.defer(partial(self.hosts.stop_host, inst.id))
 
-    def _queue_host_start(self, inst: Instance) -> None:
+    def _queue_host_start(self, inst: SimInstance) -> None:
         inst.host_state = "starting"
-        if self.hosts.instant or self._host_pool is None:
-            self._effects.append(partial(self._start_host, inst.id))
+        work = partial(self._start_host, inst.id)
+        if self.hosts.instant:
+            self.background.defer(work)
         else:
-            pool = self._host_pool
-            self._effects.append(partial(self._submit, pool, partial(self._start_host, inst.id)))
-
-    def _submit(self, pool: ThreadPoolExecutor, work: Callable[[], None]) -> None:
-        try:
-            pool.submit(work)
-        except RuntimeError:
-            # The world is closing; nothing more is started.
-            log.debug("not starting work: the simulator is closing")
+            self.background.offload(work)
 
     def _start_host(self, instance_id: str) -> None:
         with self.lock:
@@ -393,7 +329,7 @@ class World:
             return
         with self.lock:
             inst.host = info
-            still_wanted = inst.status == INIT and not self._stop.is_set()
+            still_wanted = inst.status == INIT and not self.background.stopping
             inst.host_state = "up" if still_wanted else "stopped"
         if not still_wanted:
             self.hosts.stop_host(instance_id)
@@ -410,13 +346,13 @@ class World:
 
     # ------------------------------------------------------------------ eurl
 
-    def _notify(self, inst: Instance, status: str) -> None:
+    def _notify(self, inst: SimInstance, status: str) -> None:
         url = inst.options.eurl
         if not url:
             return
         private_key = inst.private_key if status == INIT and not inst.options.sshkey else None
         payload = event_payload(inst.id, inst.deployment.id, inst.user, status, private_key)
-        self._effects.append(partial(self.events.send, url, payload))
+        self.background.defer(partial(self.events.send, url, payload))
 
     # ------------------------------------------------------------------ users and settings
 
@@ -505,11 +441,11 @@ class World:
 
     # ------------------------------------------------------------------ deployments
 
-    def _visible(self, inst: Instance) -> bool:
+    def _visible(self, inst: SimInstance) -> bool:
         """Whether the instance is past its 404 window (its row exists on the server)."""
         return self.clock() >= inst.visible_at
 
-    def _holder(self, deployment: Deployment) -> Instance | None:
+    def _holder(self, deployment: SimDeployment) -> SimInstance | None:
         """The instance that holds ``deployment``; with ``busy_race``, one inside its 404
         window does not count yet (the server counts rows, which do not exist yet)."""
         race = self.switches.busy_race
@@ -520,15 +456,15 @@ class World:
                 return inst
         return None
 
-    def _queue(self, deployment: Deployment) -> list[Reservation]:
+    def _queue(self, deployment: SimDeployment) -> list[Reservation]:
         return [r for r in self.reservations if r.deployment is deployment]
 
-    def queuelen(self, deployment: Deployment) -> int:
+    def queuelen(self, deployment: SimDeployment) -> int:
         """Reservations waiting for the deployment, plus one if an instance holds it."""
         with self.lock:
             return len(self._queue(deployment)) + (1 if self._holder(deployment) else 0)
 
-    def deployment(self, deployment_id: str) -> Deployment:
+    def deployment(self, deployment_id: str) -> SimDeployment:
         """The deployment of ``GET /deployment/:id``; 404 for an unknown id."""
         with self.lock:
             deployment = self.deployments.get(deployment_id)
@@ -536,7 +472,7 @@ class World:
                 raise Refusal(404, "no workspace deployment found with given ID")
             return deployment
 
-    def users_instance(self, deployment: Deployment, user: str | None) -> str | None:
+    def users_instance(self, deployment: SimDeployment, user: str | None) -> str | None:
         """The id of ``user``'s instance on ``deployment`` that is INIT, READY or
         TERMINATING (and past its 404 window), if any."""
         if user is None:
@@ -564,13 +500,7 @@ class World:
         with self.lock:
             now = self.clock()
             if wds is not None:
-                found = [self.deployments.get(i) for i in wds]
-                if any(d is None for d in found):
-                    raise Refusal(404, NO_MATCH if len(wds) == 1 else SOME_NO_MATCH, key="error")
-                chosen = [d for d in found if d is not None]
-                if any(d.dissolved is not None for d in chosen):
-                    raise Refusal(400, DISSOLVED if len(wds) == 1 else SOME_DISSOLVED,
-                                  key="error")
+                chosen = renting.lookup(self.deployments, wds)
             else:
                 chosen = [d for d in self.deployments.values()
                           if d.type == wtype and d.dissolved is None]
@@ -594,95 +524,38 @@ class World:
         wtype: str | None = None,
         deployment: str | None = None,
         wds: list[str] | None = None,
-        options: InstanceOptions | None = None,
+        options: SimInstanceOptions | None = None,
     ) -> NewResult:
         """Rent an instance by workspace type, deployment id, or a list of deployment ids
         (the ``wds`` of the body).
 
         Raises :class:`~.model.Refusal` with the server's answer when nothing can be rented.
         """
-        options = options or InstanceOptions()
-        deployment_ids: list[str] | None
-        if wds is not None:
-            deployment_ids = wds
-        else:
-            deployment_ids = [deployment] if deployment else None
+        request = renting.RentRequest(
+            user, wtype, wds if wds is not None else [deployment] if deployment else None,
+            options or SimInstanceOptions())
         with self.transaction():
-            plan, target = self._plan_new(user, wtype, deployment_ids, options)
-            if plan == "noop":
-                return NewResult(True, target)
+            first = renting.plan(self, request)
+            if first.action == renting.NOOP:
+                return NewResult(True, first.target)
         # Making an RSA key takes tens of milliseconds: never hold the lock for it.
         keys = generate_keypair()
         with self.transaction():
             now = self.clock()
-            plan, target = self._plan_new(user, wtype, deployment_ids, options)
-            if plan == "noop":
-                return NewResult(True, target)
-            chosen = self.deployments[target]
-            if plan == "reserve":
-                reservation = Reservation(str(uuid.uuid4()), user, chosen, now, options, *keys)
+            decided = renting.plan(self, request)
+            if decided.action == renting.NOOP:
+                return NewResult(True, decided.target)
+            chosen = self.deployments[decided.target]
+            if decided.action == renting.RESERVE:
+                reservation = Reservation(str(uuid.uuid4()), user, chosen, now, request.options,
+                                          *keys)
                 self.reservations.append(reservation)
                 return NewResult(False, reservation.id)
-            inst = self._create_instance(user, chosen, options, keys, now=now)
+            inst = self._create_instance(user, chosen, request.options, keys, now=now)
             return NewResult(True, inst.id, inst.private_key)
 
-    def _plan_new(
-        self,
-        user: str,
-        wtype: str | None,
-        deployment_ids: list[str] | None,
-        options: InstanceOptions,
-    ) -> tuple[str, str]:
-        """Decide what POST /new does: ("noop"|"create"|"reserve", instance or deployment id).
-
-        The checks and their answers follow the server's, in its order.
-        """
-        if wtype is not None:
-            of_type = [d for d in self.deployments.values() if d.type == wtype]
-            noop = self._existing(user, of_type) if options.allow_noop else None
-            if noop:
-                return "noop", noop
-            usable = [d for d in of_type if d.usable]
-            if not usable:
-                raise Refusal(404, NO_MATCH, key="error")
-            free = [d for d in usable if self.queuelen(d) == 0]
-            if not free:
-                # Requests by type never queue, whatever ``reserve`` says.
-                raise Refusal(404, BUSY_BY_WTYPE, key="error")
-            return "create", free[0].id
-        assert deployment_ids is not None
-        one = len(deployment_ids) == 1
-        found = [self.deployments.get(i) for i in deployment_ids]
-        if any(d is None for d in found):
-            raise Refusal(404, NO_MATCH if one else SOME_NO_MATCH, key="error")
-        deployments = [d for d in found if d is not None]
-        if any(d.dissolved is not None for d in deployments):
-            raise Refusal(400, DISSOLVED if one else SOME_DISSOLVED, key="error")
-        noop = self._existing(user, deployments) if options.allow_noop else None
-        if noop:
-            return "noop", noop
-        feasible: list[Deployment] = []
-        refusal = Refusal(404, NO_MATCH, key="error")
-        for deployment in deployments:
-            if deployment.lockout:
-                refusal = Refusal(400, LOCKED_OUT, key="error")
-            elif deployment.offline:
-                refusal = Refusal(503, OFFLINE, key="error")
-            else:
-                feasible.append(deployment)
-        if len({d.type for d in feasible}) > 1:
-            raise Refusal(400, "multiple request for wdeployments of different wtype "
-                               "not supported", key="error")
-        if not feasible:
-            raise refusal
-        chosen = min(feasible, key=self.queuelen)
-        if self.queuelen(chosen) == 0:
-            return "create", chosen.id
-        if options.reserve:
-            return "reserve", chosen.id
-        raise Refusal(503, BUSY_BY_DEPLOYMENT, key="result_message")
-
-    def _existing(self, user: str, deployments: list[Deployment]) -> str | None:
+    def active_instance(self, user: str, deployments: Sequence[SimDeployment]) -> str | None:
+        """The id of ``user``'s INIT or READY instance on one of ``deployments``, if any."""
         for inst in self.instances.values():
             if inst.user == user and inst.status in ACTIVE and inst.deployment in deployments:
                 return inst.id
@@ -691,13 +564,13 @@ class World:
     def _create_instance(
         self,
         user: str,
-        deployment: Deployment,
-        options: InstanceOptions,
+        deployment: SimDeployment,
+        options: SimInstanceOptions,
         keys: tuple[str, str],
         *,
         now: float,
         instance_id: str | None = None,
-    ) -> Instance:
+    ) -> SimInstance:
         injector = self.injector
         stuck_share = deployment.stuck_init
         fail_share = deployment.init_fail_rate
@@ -710,7 +583,7 @@ class World:
             # The race's loser: the launch task finds the deployment taken after all.
             will_fail = True
         window = duration_at(injector.settings.not_found_window, self._durations.random())
-        inst = Instance(
+        inst = SimInstance(
             id=instance_id or str(uuid.uuid4()),
             user=user,
             deployment=deployment,
@@ -733,7 +606,7 @@ class World:
 
     # ------------------------------------------------------------------ instances
 
-    def find(self, user: str, instance_id: str) -> Instance:
+    def find(self, user: str, instance_id: str) -> SimInstance:
         """The caller's instance; 404 "instance not found" for unknown, foreign or not yet
         visible (inside the 404 window after POST /new) instances."""
         with self.lock:
@@ -749,7 +622,7 @@ class World:
         wtype: str | None,
         statuses: frozenset[str],
         newest_first: bool,
-    ) -> list[Instance]:
+    ) -> list[SimInstance]:
         """The caller's visible instances with those statuses, sorted by start time."""
         with self.lock:
             now = self.clock()
@@ -790,7 +663,7 @@ class World:
                 raise Refusal(404, "no keep-alive monitor for this instance")
             inst.last_ka = self.clock()
 
-    def _active(self, user: str, instance_id: str) -> Instance:
+    def _active(self, user: str, instance_id: str) -> SimInstance:
         """The caller's instance for the firewall and VPN commands: the server refuses
         only a TERMINATED one (INIT_FAIL and TERMINATING still answer)."""
         inst = self.find(user, instance_id)
@@ -832,7 +705,7 @@ class World:
                 "client\ndev tun\nproto udp\nremote 127.0.0.1 1194\nnobind\n")
         return client_id, ovpn
 
-    # ------------------------------------------------------------------ reservations and CI
+    # ------------------------------------------------------------------ reservations
 
     def list_reservations(self, user: str) -> list[Reservation]:
         """``GET /reservations``: the caller's waiting reservations, oldest first."""
@@ -847,24 +720,3 @@ class World:
                     self.reservations.remove(reservation)
                     return
         raise Refusal(404, "reservation not found")
-
-    def ci_new(self, user: str, repo_url: str) -> str:
-        """``POST /ci/new``: register a CI project; returns its 22-character id."""
-        pid = base64.urlsafe_b64encode(secrets.token_bytes(16)).decode("ascii").rstrip("=")
-        with self.lock:
-            self._ci[pid] = CIProject(pid, user, repo_url, self.clock())
-        return pid
-
-    def ci_projects(self, user: str) -> list[CIProject]:
-        """``GET /ci/projects``: the caller's projects."""
-        with self.lock:
-            return [p for p in self._ci.values() if p.user == user]
-
-    def ci_job(self, user: str, pid: str) -> int:
-        """``POST /ci/project/:pid/job``: count a job; returns its number."""
-        with self.lock:
-            project = self._ci.get(pid)
-            if project is None or project.user != user:
-                raise Refusal(404)
-            project.jobs += 1
-            return project.jobs

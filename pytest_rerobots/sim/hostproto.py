@@ -1,4 +1,5 @@
-"""What the world needs from the SSH hosts of its instances, and a backend without hosts.
+"""The protocol between the world and the SSH hosts of its instances (calls, not HTTP), and
+a backend without hosts.
 
 :class:`HostBackend` names every call the world and the :class:`~pytest_rerobots.sim.Simulator`
 make; :class:`pytest_rerobots.sim.hosts.HostManager` is the real implementation (it needs
