@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import secrets
-import select
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import pytest
 
 from pytest_rerobots import RerobotsClient
 from pytest_rerobots.sim.catalog import PROFILES
+from pytest_rerobots.sim.launch import start_process
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -210,27 +210,11 @@ def start_sim(name: str, timings: dict[str, float], tokens: list[str],
               directory: Path) -> SimProcess:
     config = directory / f"{name}.toml"
     config.write_text(catalog(timings, tokens))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pytest_rerobots.sim", "--port", "0", "--config", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True,
-        bufsize=0,  # unbuffered: select() sees what readline() has not taken yet
-    )
-    assert process.stdout is not None
-    values: dict[str, str] = {}
-    deadline = time.monotonic() + 30
-    while len(values) < 2 and time.monotonic() < deadline:
-        ready, _, _ = select.select([process.stdout], [], [], 0.5)
-        if ready:
-            line = process.stdout.readline()
-            if not line:
-                break
-            key, _, value = line.decode().strip().partition("=")
-            values[key] = value
-    sim = SimProcess(name, process, values.get("REROBOTS_API_URL", ""), tokens)
-    if not sim.url or "REROBOTS_API_TOKEN" not in values:
-        sim.stop()
-        pytest.fail(f"the {name} simulator did not start (exit status {process.poll()})")
-    return sim
+    try:
+        launched = start_process("--config", str(config), start_new_session=True)
+    except RuntimeError as exc:
+        pytest.fail(f"the {name} simulator did not start: {exc}")
+    return SimProcess(name, launched.proc, launched.url, tokens)
 
 
 @dataclass
