@@ -34,11 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import safefiles
+from . import procs, safefiles
 from .ending import end
 from .errors import ConfigurationError
 from .outcome import ENDED_OUTCOMES, Outcome
 from .settings import Secret
+from .xdist_pool import SharedPool
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
@@ -383,15 +384,6 @@ class SignalGuard:
 # -- layer 3: the watchdog -----------------------------------------------------------
 
 
-#: Variables a child process never inherits: the token reaches the watchdog on its pipe.
-SECRET_VARIABLES = ("REROBOTS_API_TOKEN",)
-
-
-def _child_env() -> dict[str, str]:
-    """This process's environment without the secrets."""
-    return {k: v for k, v in os.environ.items() if k not in SECRET_VARIABLES}
-
-
 class Watchdog:
     """A detached process that terminates what this process did not release.
 
@@ -446,12 +438,7 @@ class Watchdog:
             if self.process.stdin is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self.process.stdin.close()
-        package_root = Path(__file__).resolve().parent.parent
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pytest_rerobots.guard", "watchdog"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            cwd=package_root, start_new_session=True, close_fds=True, env=_child_env(),
-        )
+        self.process = procs.spawn("pytest_rerobots.guard", "watchdog")
         ledger = None
         if self.ledger is not None:
             ledger = {"path": os.path.abspath(self.ledger.path), "run": self.ledger.run_id,
@@ -521,8 +508,6 @@ class Watchdog:
 
 def _others_hold(directory: str, key: str, dead: int, instance_id: str) -> bool:
     """Whether live processes other than ``dead`` still use shared ``instance_id``."""
-    from .share import SharedPool
-
     try:
         return SharedPool(directory).abandon(key, dead, instance_id)
     except OSError:
@@ -570,30 +555,9 @@ def _watchdog_main(stream: IO[bytes]) -> int:
     return 0 if all(o in ENDED_OUTCOMES for o in results.values()) else 1
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def ignore_terminal_signals() -> None:
-    """For a helper process that must outlive its run: the dying run's terminal or process
-    group may still send SIGINT and SIGHUP. (SIGTERM still stops it, for an operator who
-    means it.)"""
-    for name in ("SIGINT", "SIGHUP"):
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            signal.signal(signum, signal.SIG_IGN)
-
-
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["watchdog"]:
-        ignore_terminal_signals()
+        procs.ignore_terminal_signals()
         return _watchdog_main(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.guard watchdog", file=sys.stderr)
     return 2

@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -50,10 +49,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import guard, safefiles
+from . import guard, procs, safefiles
 from .ending import end
 from .errors import ConfigurationError
-from .guard import Ledger, _child_env, ignore_terminal_signals, pid_alive
+from .guard import Ledger
 from .wire import epoch
 
 if TYPE_CHECKING:
@@ -61,7 +60,8 @@ if TYPE_CHECKING:
     from .instance import Instance
     from .settings import Secret
 
-__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "sweep"]
+__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "stop_keeper",
+           "sweep"]
 
 log = logging.getLogger("pytest_rerobots.keep")
 
@@ -429,41 +429,15 @@ def _end_quietly(client: RerobotsClient, ident: str) -> str:
         return f"failed: {exc}"
 
 
-def _is_keeper(pid: int, ident: str | None = None) -> bool:
-    """Whether ``pid`` runs a keeper of this user (of kept instance ``ident``, if given),
-    not some other process that got its number since; without ``/proc``, assumed."""
-    try:
-        owner = os.stat(f"/proc/{pid}").st_uid
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists() and pid_alive(pid)
-    except OSError:
-        return False
-    return (owner == os.geteuid() and b"pytest_rerobots.keep" in argv
-            and (ident is None or ident.encode() in argv))
-
-
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return not pid_alive(pid)
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # exited; its parent (init) reaps it
+#: The keeper's module: ``python -m pytest_rerobots.keep keeper ID``.
+MODULE = "pytest_rerobots.keep"
 
 
 def stop_keeper(pid: int, ident: str | None = None, wait: float = STOP_WAIT) -> bool:
     """Stop keeper ``pid`` (of kept instance ``ident``, if given; SIGTERM) and wait for it
-    to exit; whether one was stopped."""
-    if not _is_keeper(pid, ident):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return True
+    to exit; whether one was stopped (not if ``pid`` is no keeper of this user: some other
+    process may have got its number since)."""
+    return procs.stop_helper(pid, MODULE, ident, wait)
 
 
 # -- the keeper process ----------------------------------------------------------------
@@ -471,24 +445,26 @@ def stop_keeper(pid: int, ident: str | None = None, wait: float = STOP_WAIT) -> 
 
 def spawn_keeper(header: Mapping[str, Any], secret: Secret | None = None,
                  timeout: float = 30.0) -> int:
-    """Start a keeper for ``header["id"]``; its pid. The header, with the token
-    (``secret``), goes down a pipe, as the watchdog's does; the launcher forks the keeper
-    into a session of its own, prints its pid and exits, so the keeper is nobody's child
-    and outlives the run."""
-    package_root = Path(__file__).resolve().parent.parent
-    # The token goes down the pipe only: not on the command line, not in the child's
-    # environment. (No local variable holds it: pytest's -l would print it.)
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest_rerobots.keep", "keeper", str(header["id"])],
-        input=json.dumps({**header,
-                          "token": secret.reveal() if secret else None}).encode(),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=package_root,
-        env=_child_env(), close_fds=True, timeout=timeout, check=False,
-    )
+    """Start a keeper for ``header["id"]``; its pid. The launcher (:func:`.procs.spawn`)
+    reads the header, with the token (``secret``), from its pipe, as the watchdog does;
+    it forks the keeper into a session of its own, prints its pid and exits, so the keeper
+    is nobody's child and outlives the run."""
+    launcher = procs.spawn(MODULE, "keeper", str(header["id"]), stdout=subprocess.PIPE)
+    with launcher:  # (its pipes closed and it waited for, whatever happens)
+        try:
+            # The token goes down the pipe only: not on the command line, not in the
+            # child's environment. (No local variable holds it: pytest's -l would print it.)
+            out, _ = launcher.communicate(
+                json.dumps({**header, "token": secret.reveal() if secret else None}).encode(),
+                timeout=timeout)
+        except BaseException:
+            launcher.kill()
+            raise
     try:
-        return int(done.stdout.decode().strip())
+        return int(out.decode().strip())
     except ValueError:
-        raise RuntimeError(f"the keeper did not start (exit status {done.returncode})") from None
+        raise RuntimeError(f"the keeper did not start (exit status {launcher.returncode})"
+                           ) from None
 
 
 def _launch(stream: IO[bytes]) -> int:
@@ -598,7 +574,7 @@ def _keeper_main(header: dict[str, Any]) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["keeper"]:
-        ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
+        procs.ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
         return _launch(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.keep keeper ID   (settings on stdin)",
           file=sys.stderr)

@@ -45,9 +45,9 @@ from .instance import (
     wait_all,
 )
 from .settings import Secret
-from .share import SharedPool
 from .transcript import Transcript
 from .wire import is_uuid
+from .xdist_pool import SharedPool
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
 

@@ -324,7 +324,7 @@ def test_watchdog_leaves_a_shared_instance_that_others_still_use(
         sim: Simulator, api: RerobotsClient, tmp_path: Path):
     """xdist shared mode: the watchdog of a worker that dies ends a shared instance only
     when no other live worker still uses it."""
-    from pytest_rerobots.share import SharedPool
+    from pytest_rerobots.xdist_pool import SharedPool
 
     pool = SharedPool(tmp_path / "share")
     other_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
