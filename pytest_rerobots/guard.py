@@ -10,7 +10,7 @@ The five layers (docs/contract.md, "Termination"), and where each lives:
    not released when the pipe closes (SIGKILL, ``os._exit``, a crashed worker).
 4. Server side: ``keepalive: true`` and ``expire_d`` on every ``POST /new``
    (:class:`.instance.Instance`).
-5. The :class:`Ledger` and ``pytest --rerobots-sweep`` (:func:`sweep`).
+5. The :class:`Ledger` and ``pytest --rerobots-sweep`` (:func:`.sweep.sweep`).
 
 Every layer is idempotent: ending an instance twice is success the second time.
 Nothing here imports pytest.
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import FailedRental, Instance
 
-__all__ = ["ENDED_OUTCOMES", "Ledger", "SignalGuard", "Watchdog", "end_all", "sweep"]
+__all__ = ["ENDED_OUTCOMES", "Ledger", "SignalGuard", "Watchdog", "end_all"]
 
 log = logging.getLogger("pytest_rerobots.guard")
 
@@ -254,45 +254,6 @@ def end_all(
     with ThreadPoolExecutor(max_workers=min(16, len(unique)),
                             thread_name_prefix="rerobots-end") as pool:
         return dict(pool.map(one, unique))
-
-
-def sweep(client: RerobotsClient, ledger: Ledger, write: Callable[[str], None]) -> int:
-    """Terminate every live instance in the ledger, writing one line per id.
-
-    Records rented from another API origin than ``client``'s are listed and left
-    alone (ending them here would answer "not found" and wrongly clear them), and so
-    are those rented with another token (their ``token_sha256`` is not this token's;
-    records written before rentals carried it are taken as this token's).
-    Returns the number that could not be ended (0 = all done).
-    """
-    live = ledger.live()
-    if not live:
-        write(f"rerobots sweep: no live instances in {ledger.path}")
-        return 0
-    token = _token_sha256(client)
-    mine = []
-    for record in live:
-        where = f"rerobots sweep: {record['id']} ({record.get('target', '?')}) skipped:"
-        if record.get("api_url") not in (None, "", client.api_url):
-            write(f"{where} rented from {record['api_url']} (sweep with --rerobots-api-url "
-                  f"{record['api_url']})")
-        elif token and record.get("token_sha256") not in (None, token):
-            write(f"{where} rented with another API token (sweep with that token)")
-        else:
-            mine.append(record)
-    if mine and not client.has_token:
-        for record in mine:
-            write(f"rerobots sweep: {record['id']} ({record.get('target', '?')}) not ended: "
-                  "no API token (set REROBOTS_API_TOKEN or pass --rerobots-token-file)")
-        return len(mine)
-    targets = {r["id"]: r.get("target", "?") for r in mine}
-    results = end_all(client, targets, ledger=ledger, by="sweep")
-    for ident, outcome in results.items():
-        write(f"rerobots sweep: {ident} ({targets[ident]}) {outcome}")
-    failed = sum(1 for o in results.values() if o not in ENDED_OUTCOMES)
-    write(f"rerobots sweep: {len(results) - failed} ended, {failed} failed, "
-          f"{len(live) - len(mine)} skipped")
-    return failed
 
 
 # -- layer 2: signals ----------------------------------------------------------------

@@ -28,8 +28,8 @@ exits when the instance is gone, when a run attached to it (its directory is gon
 SIGTERM (it then leaves the instance as it is). Its pid is in ``record.json``;
 ``pytest --rerobots-sweep`` stops it, ends the instance and removes the files.
 
-Nothing here imports pytest; the client and the instance machinery load only where an
-instance is ended (:mod:`.guard`, which it builds on, imports neither).
+Nothing here imports pytest; the client loads in the keeper process only, and the
+instances never. ``pytest --rerobots-sweep`` (:mod:`.sweep`) ends what is kept here.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import guard, procs, safefiles
+from . import procs, safefiles
 from .ending import end
 from .errors import ConfigurationError
 from .guard import Ledger
@@ -60,8 +60,7 @@ if TYPE_CHECKING:
     from .instance import Instance
     from .settings import Secret
 
-__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "stop_keeper",
-           "sweep"]
+__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "stop_keeper"]
 
 log = logging.getLogger("pytest_rerobots.keep")
 
@@ -242,7 +241,7 @@ class KeptStore:
                 and record.get("token_sha256") == self.token_sha256
                 and record.get("checkout") == self.checkout)
 
-    def _ours(self, record: Mapping[str, Any]) -> bool:
+    def ours(self, record: Mapping[str, Any]) -> bool:
         """Of this origin and, when the store knows its token, of this token."""
         return (record.get("api_url") == self.api_url
                 and (self.token_sha256 is None
@@ -352,7 +351,7 @@ class KeptStore:
         instances stay as they are (ended by the sweep)."""
         stopped = []
         for record in self.records():
-            if not self._ours(record):
+            if not self.ours(record):
                 continue
             pid = record.get("keeper")
             if isinstance(pid, int) and stop_keeper(pid, record["id"]) and write is not None:
@@ -373,52 +372,6 @@ def _exists(name: str, fd: int) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> int:
-    """``pytest --rerobots-sweep``: :func:`.guard.sweep`, with the instances kept beside
-    ``ledger``. Their keepers are stopped first (they would keep them alive), kept
-    instances the ledger never heard of (it was moved, or another ledger kept them) are
-    ended too, and the files of every one ended are removed. The number not ended.
-
-    A ledger or kept directory that another user could have planted or could write is
-    refused (:class:`.ConfigurationError`) before anything is ended; only records of this
-    API origin and token are acted on. The ``kept/`` directory of earlier versions is swept
-    too, if it is this user's and safe."""
-    warning = check_ledger(ledger.path)
-    if warning:
-        write(warning)
-    token = api.token_sha256() if api.has_token else None
-    stores = [KeptStore(kept_dir(ledger.path), api_url=api.api_url, token_sha256=token)]
-    legacy = legacy_kept_dir(ledger.path)
-    try:
-        os.close(safefiles.open_dir(legacy, WHAT))
-        stores.append(KeptStore(legacy, api_url=api.api_url, token_sha256=token))
-    except FileNotFoundError:
-        pass
-    except ConfigurationError as exc:
-        write(f"rerobots sweep: {legacy} (of an earlier version) not read: {exc}")
-    kept = [(store, r) for store in stores for r in store.records() if store._ours(r)]
-    if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
-        for store in stores:
-            store.stop_keepers(write)
-    failed = guard.sweep(api, ledger, write)
-    known = {r["id"] for r in ledger.records()}
-    orphans = {r["id"]: r.get("wtype") or "?" for _, r in kept if r["id"] not in known}
-    unended = set(orphans) if not api.has_token else set()
-    if orphans and api.has_token:
-        for ident, outcome in guard.end_all(api, orphans, ledger=ledger, by="sweep").items():
-            write(f"rerobots sweep: {ident} ({orphans[ident]}) {outcome}")
-            if outcome not in guard.ENDED_OUTCOMES:
-                unended.add(ident)
-    failed += len(unended)
-    live = {r["id"] for r in ledger.live()} | unended
-    for store, record in kept:
-        if record["id"] not in live:
-            store.forget(record["id"])
-            write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
-                  "its key and known-hosts files removed")
-    return failed
 
 
 def _end_quietly(client: RerobotsClient, ident: str) -> str:

@@ -128,12 +128,12 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = load_settings(config)
     assert settings.ledger is not None
     ledger = guard.Ledger(settings.ledger)
-    from . import keep
     from .client import RerobotsClient
+    from .sweep import sweep
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
         try:
-            failed = keep.sweep(api, ledger, print)
+            failed = sweep(api, ledger, print)
         except ConfigurationError as exc:  # a ledger or kept directory another user can write
             raise pytest.UsageError(str(exc)) from None
     return 1 if failed else 0

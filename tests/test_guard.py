@@ -21,8 +21,9 @@ import pytest
 from helpers import wait_until
 
 from pytest_rerobots import RerobotsClient
-from pytest_rerobots.guard import Ledger, SignalGuard, Watchdog, end_all, sweep
+from pytest_rerobots.guard import Ledger, SignalGuard, Watchdog, end_all
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.sweep import sweep
 
 pytest_plugins = ["pytester"]
 
