@@ -51,14 +51,14 @@ from typing import IO, TYPE_CHECKING, Any
 
 from . import procs, safefiles
 from .ending import end
-from .errors import ConfigurationError
-from .guard import Ledger
+from .errors import ConfigurationError, NotFound, RerobotsError
+from .ledger import Ledger
+from .settings import Secret
 from .wire import epoch
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance
-    from .settings import Secret
 
 __all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "stop_keeper"]
 
@@ -455,9 +455,9 @@ def _launch(stream: IO[bytes]) -> int:
 
 def _keeper_main(header: dict[str, Any]) -> int:
     """Keep one instance alive until it should end (see the module docstring)."""
+    # Loaded here: the plugin loads this module in every run with a ledger, and a run
+    # that rents nothing must not load requests (the keeper process always does).
     from .client import RerobotsClient
-    from .errors import NotFound, RerobotsError
-    from .settings import Secret
 
     # Held as a Secret from here on (the header keeps no copy), revealed to the client.
     secret = Secret(str(header.pop("token"))) if header.get("token") else None

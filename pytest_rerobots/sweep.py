@@ -14,8 +14,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import keep, safefiles
+from .ending import end_ids
 from .errors import ConfigurationError
-from .guard import Ledger, end_all
+from .ledger import Ledger
 from .outcome import ENDED_OUTCOMES
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> i
     orphans = {r["id"]: r.get("wtype") or "?" for _, r in kept if r["id"] not in known}
     unended = set(orphans) if not api.has_token else set()
     if orphans and api.has_token:
-        for ident, outcome in end_all(api, orphans, ledger=ledger, by="sweep").items():
+        for ident, outcome in end_ids(api, orphans, ledger=ledger, by="sweep").items():
             write(f"rerobots sweep: {ident} ({orphans[ident]}) {outcome}")
             if outcome not in ENDED_OUTCOMES:
                 unended.add(ident)
@@ -101,7 +102,7 @@ def _sweep_ledger(client: RerobotsClient, ledger: Ledger, write: Callable[[str],
                   "no API token (set REROBOTS_API_TOKEN or pass --rerobots-token-file)")
         return len(mine)
     targets = {r["id"]: r.get("target", "?") for r in mine}
-    results = end_all(client, targets, ledger=ledger, by="sweep")
+    results = end_ids(client, targets, ledger=ledger, by="sweep")
     for ident, outcome in results.items():
         write(f"rerobots sweep: {ident} ({targets[ident]}) {outcome}")
     failed = sum(1 for o in results.values() if o not in ENDED_OUTCOMES)

@@ -24,7 +24,7 @@ import pytest
 from helpers import wait_until
 
 from pytest_rerobots import keep, procs
-from pytest_rerobots.guard import Ledger
+from pytest_rerobots.ledger import Ledger
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.hosts import SSHD
 

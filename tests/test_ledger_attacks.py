@@ -25,7 +25,7 @@ import pytest
 from helpers import wait_until
 
 from pytest_rerobots import ConfigurationError, RerobotsClient, keep
-from pytest_rerobots.guard import Ledger
+from pytest_rerobots.ledger import Ledger
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sweep import sweep as sweep_all
 
@@ -214,7 +214,7 @@ def test_a_planted_reuse_record_is_neither_attached_to_nor_ended(
 SWEEP = textwrap.dedent("""
     import sys
     from pytest_rerobots import ConfigurationError, RerobotsClient
-    from pytest_rerobots.guard import Ledger
+    from pytest_rerobots.ledger import Ledger
     from pytest_rerobots.sweep import sweep
     with RerobotsClient(None, "http://127.0.0.1:9", ignore_env=True) as api:
         try:
