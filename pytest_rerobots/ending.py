@@ -1,24 +1,43 @@
-"""Ending one instance by its id: ``POST /terminate``, waiting out INIT and the moment
-after ``POST /new`` when the server does not list the instance yet.
+"""Ending instances by their ids: ``POST /terminate``, waiting out INIT and the moment
+after ``POST /new`` when the server does not list the instance yet; one (:func:`end`), or
+many in parallel with each end recorded in the ledger (:func:`end_ids`).
 
 The one way every layer ends an instance: an :class:`~pytest_rerobots.instance.Instance`
-at its end, the ledger's sweep, the watchdog and the keepers. It needs the client only,
-not the SSH machinery, so those layers load it without loading paramiko.
+at its end, the sweep, the watchdog, the keepers and an xdist controller ending a dead
+worker's leftovers. It needs the client only, not the SSH machinery, so those layers load
+it without loading paramiko. (:func:`.instance.end_all` ends ``Instance`` objects, SSH
+sessions and all.)
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Protocol
 
 from . import retry
-from .errors import BusyWorkspaceInstance, InstanceNotFound, NotFound
-from .outcome import Outcome
+from .errors import BusyWorkspaceInstance, ConfigurationError, InstanceNotFound, NotFound
+from .outcome import ENDED_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
 
-__all__ = ["end"]
+__all__ = ["end", "end_ids"]
+
+log = logging.getLogger("pytest_rerobots.ending")
+
+
+class EndRecorder(Protocol):
+    """Where :func:`end_ids` records each end: a :class:`~pytest_rerobots.ledger.Ledger`
+    (named by its protocol, so that this module stays below the ledger)."""
+
+    @property
+    def path(self) -> os.PathLike[str]: ...
+
+    def record_ended(self, instance_id: str, outcome: str, *, by: str = ...) -> None: ...
 
 
 def end(
@@ -57,3 +76,40 @@ def _cancelled_reservation(client: RerobotsClient, ident: str) -> bool:
     except NotFound:
         return False
     return True
+
+
+def end_ids(
+    client: RerobotsClient,
+    ids: Iterable[str],
+    *,
+    deadline: float = 120.0,
+    notfound_grace: float = 0.0,
+    ledger: EndRecorder | None = None,
+    by: str = "controller",
+) -> dict[str, str]:
+    """Terminate every id in parallel (:func:`end`), waiting out INIT for up to
+    ``deadline`` s.
+
+    Returns ``{id: outcome}``, an outcome of :data:`.ENDED_OUTCOMES` or one starting
+    with ``"failed:"``. Each success is recorded in ``ledger`` as ended ``by`` that
+    layer. Never raises for one instance's trouble.
+    """
+    def one(ident: str) -> tuple[str, str]:
+        try:
+            outcome: str = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)
+        except Exception as exc:  # one instance's trouble must not stop the others
+            outcome = f"failed: {exc}"
+        if ledger is not None and outcome in ENDED_OUTCOMES:
+            try:
+                ledger.record_ended(ident, outcome, by=by)
+            except (OSError, ConfigurationError) as exc:
+                log.warning("rerobots ledger %s: cannot record the end of %s: %s",
+                            ledger.path, ident, exc)
+        return ident, outcome
+
+    unique = list(dict.fromkeys(ids))
+    if not unique:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(16, len(unique)),
+                            thread_name_prefix="rerobots-end") as pool:
+        return dict(pool.map(one, unique))

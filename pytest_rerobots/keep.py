@@ -28,8 +28,8 @@ exits when the instance is gone, when a run attached to it (its directory is gon
 SIGTERM (it then leaves the instance as it is). Its pid is in ``record.json``;
 ``pytest --rerobots-sweep`` stops it, ends the instance and removes the files.
 
-Nothing here imports pytest; the client and the instance machinery load only where an
-instance is ended (:mod:`.guard`, which it builds on, imports neither).
+Nothing here imports pytest; the client loads in the keeper process only, and the
+instances never. ``pytest --rerobots-sweep`` (:mod:`.sweep`) ends what is kept here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ import logging
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
@@ -50,18 +49,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from . import guard, safefiles
+from . import procs, safefiles
 from .ending import end
-from .errors import ConfigurationError
-from .guard import Ledger, _child_env, ignore_terminal_signals, pid_alive
+from .errors import ConfigurationError, NotFound, RerobotsError
+from .ledger import Ledger
+from .settings import Secret
 from .wire import epoch
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance
-    from .settings import Secret
 
-__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "sweep"]
+__all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "stop_keeper"]
 
 log = logging.getLogger("pytest_rerobots.keep")
 
@@ -242,7 +241,7 @@ class KeptStore:
                 and record.get("token_sha256") == self.token_sha256
                 and record.get("checkout") == self.checkout)
 
-    def _ours(self, record: Mapping[str, Any]) -> bool:
+    def ours(self, record: Mapping[str, Any]) -> bool:
         """Of this origin and, when the store knows its token, of this token."""
         return (record.get("api_url") == self.api_url
                 and (self.token_sha256 is None
@@ -352,7 +351,7 @@ class KeptStore:
         instances stay as they are (ended by the sweep)."""
         stopped = []
         for record in self.records():
-            if not self._ours(record):
+            if not self.ours(record):
                 continue
             pid = record.get("keeper")
             if isinstance(pid, int) and stop_keeper(pid, record["id"]) and write is not None:
@@ -375,52 +374,6 @@ def _exists(name: str, fd: int) -> bool:
     return True
 
 
-def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> int:
-    """``pytest --rerobots-sweep``: :func:`.guard.sweep`, with the instances kept beside
-    ``ledger``. Their keepers are stopped first (they would keep them alive), kept
-    instances the ledger never heard of (it was moved, or another ledger kept them) are
-    ended too, and the files of every one ended are removed. The number not ended.
-
-    A ledger or kept directory that another user could have planted or could write is
-    refused (:class:`.ConfigurationError`) before anything is ended; only records of this
-    API origin and token are acted on. The ``kept/`` directory of earlier versions is swept
-    too, if it is this user's and safe."""
-    warning = check_ledger(ledger.path)
-    if warning:
-        write(warning)
-    token = api.token_sha256() if api.has_token else None
-    stores = [KeptStore(kept_dir(ledger.path), api_url=api.api_url, token_sha256=token)]
-    legacy = legacy_kept_dir(ledger.path)
-    try:
-        os.close(safefiles.open_dir(legacy, WHAT))
-        stores.append(KeptStore(legacy, api_url=api.api_url, token_sha256=token))
-    except FileNotFoundError:
-        pass
-    except ConfigurationError as exc:
-        write(f"rerobots sweep: {legacy} (of an earlier version) not read: {exc}")
-    kept = [(store, r) for store in stores for r in store.records() if store._ours(r)]
-    if api.has_token:  # (without one nothing is ended: the keepers keep them alive)
-        for store in stores:
-            store.stop_keepers(write)
-    failed = guard.sweep(api, ledger, write)
-    known = {r["id"] for r in ledger.records()}
-    orphans = {r["id"]: r.get("wtype") or "?" for _, r in kept if r["id"] not in known}
-    unended = set(orphans) if not api.has_token else set()
-    if orphans and api.has_token:
-        for ident, outcome in guard.end_all(api, orphans, ledger=ledger, by="sweep").items():
-            write(f"rerobots sweep: {ident} ({orphans[ident]}) {outcome}")
-            if outcome not in guard.ENDED_OUTCOMES:
-                unended.add(ident)
-    failed += len(unended)
-    live = {r["id"] for r in ledger.live()} | unended
-    for store, record in kept:
-        if record["id"] not in live:
-            store.forget(record["id"])
-            write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
-                  "its key and known-hosts files removed")
-    return failed
-
-
 def _end_quietly(client: RerobotsClient, ident: str) -> str:
     try:
         return str(end(client, ident, deadline=30.0))
@@ -429,41 +382,15 @@ def _end_quietly(client: RerobotsClient, ident: str) -> str:
         return f"failed: {exc}"
 
 
-def _is_keeper(pid: int, ident: str | None = None) -> bool:
-    """Whether ``pid`` runs a keeper of this user (of kept instance ``ident``, if given),
-    not some other process that got its number since; without ``/proc``, assumed."""
-    try:
-        owner = os.stat(f"/proc/{pid}").st_uid
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except FileNotFoundError:
-        return not Path("/proc/self").exists() and pid_alive(pid)
-    except OSError:
-        return False
-    return (owner == os.geteuid() and b"pytest_rerobots.keep" in argv
-            and (ident is None or ident.encode() in argv))
-
-
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return not pid_alive(pid)
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # exited; its parent (init) reaps it
+#: The keeper's module: ``python -m pytest_rerobots.keep keeper ID``.
+MODULE = "pytest_rerobots.keep"
 
 
 def stop_keeper(pid: int, ident: str | None = None, wait: float = STOP_WAIT) -> bool:
     """Stop keeper ``pid`` (of kept instance ``ident``, if given; SIGTERM) and wait for it
-    to exit; whether one was stopped."""
-    if not _is_keeper(pid, ident):
-        return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + wait
-    while not _gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return True
+    to exit; whether one was stopped (not if ``pid`` is no keeper of this user: some other
+    process may have got its number since)."""
+    return procs.stop_helper(pid, MODULE, ident, wait)
 
 
 # -- the keeper process ----------------------------------------------------------------
@@ -471,24 +398,26 @@ def stop_keeper(pid: int, ident: str | None = None, wait: float = STOP_WAIT) -> 
 
 def spawn_keeper(header: Mapping[str, Any], secret: Secret | None = None,
                  timeout: float = 30.0) -> int:
-    """Start a keeper for ``header["id"]``; its pid. The header, with the token
-    (``secret``), goes down a pipe, as the watchdog's does; the launcher forks the keeper
-    into a session of its own, prints its pid and exits, so the keeper is nobody's child
-    and outlives the run."""
-    package_root = Path(__file__).resolve().parent.parent
-    # The token goes down the pipe only: not on the command line, not in the child's
-    # environment. (No local variable holds it: pytest's -l would print it.)
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest_rerobots.keep", "keeper", str(header["id"])],
-        input=json.dumps({**header,
-                          "token": secret.reveal() if secret else None}).encode(),
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=package_root,
-        env=_child_env(), close_fds=True, timeout=timeout, check=False,
-    )
+    """Start a keeper for ``header["id"]``; its pid. The launcher (:func:`.procs.spawn`)
+    reads the header, with the token (``secret``), from its pipe, as the watchdog does;
+    it forks the keeper into a session of its own, prints its pid and exits, so the keeper
+    is nobody's child and outlives the run."""
+    launcher = procs.spawn(MODULE, "keeper", str(header["id"]), stdout=subprocess.PIPE)
+    with launcher:  # (its pipes closed and it waited for, whatever happens)
+        try:
+            # The token goes down the pipe only: not on the command line, not in the
+            # child's environment. (No local variable holds it: pytest's -l would print it.)
+            out, _ = launcher.communicate(
+                json.dumps({**header, "token": secret.reveal() if secret else None}).encode(),
+                timeout=timeout)
+        except BaseException:
+            launcher.kill()
+            raise
     try:
-        return int(done.stdout.decode().strip())
+        return int(out.decode().strip())
     except ValueError:
-        raise RuntimeError(f"the keeper did not start (exit status {done.returncode})") from None
+        raise RuntimeError(f"the keeper did not start (exit status {launcher.returncode})"
+                           ) from None
 
 
 def _launch(stream: IO[bytes]) -> int:
@@ -526,9 +455,9 @@ def _launch(stream: IO[bytes]) -> int:
 
 def _keeper_main(header: dict[str, Any]) -> int:
     """Keep one instance alive until it should end (see the module docstring)."""
+    # Loaded here: the plugin loads this module in every run with a ledger, and a run
+    # that rents nothing must not load requests (the keeper process always does).
     from .client import RerobotsClient
-    from .errors import NotFound, RerobotsError
-    from .settings import Secret
 
     # Held as a Secret from here on (the header keeps no copy), revealed to the client.
     secret = Secret(str(header.pop("token"))) if header.get("token") else None
@@ -598,7 +527,7 @@ def _keeper_main(header: dict[str, Any]) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["keeper"]:
-        ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
+        procs.ignore_terminal_signals()  # SIGTERM stops it (and leaves the instance as it is)
         return _launch(sys.stdin.buffer)
     print("usage: python -m pytest_rerobots.keep keeper ID   (settings on stdin)",
           file=sys.stderr)

@@ -21,9 +21,11 @@ import pytest
 
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
-from . import guard, report
+from . import report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
+from .ledger import Ledger
 from .settings import OPTIONS, Secret, Settings, allow_warnings, resolve
+from .signals import SignalGuard
 from .textsafe import fence_block
 from .transcript import Transcript
 
@@ -127,13 +129,13 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
         return None
     settings = load_settings(config)
     assert settings.ledger is not None
-    ledger = guard.Ledger(settings.ledger)
-    from . import keep
+    ledger = Ledger(settings.ledger)
     from .client import RerobotsClient
+    from .sweep import sweep
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
         try:
-            failed = keep.sweep(api, ledger, print)
+            failed = sweep(api, ledger, print)
         except ConfigurationError as exc:  # a ledger or kept directory another user can write
             raise pytest.UsageError(str(exc)) from None
     return 1 if failed else 0
@@ -208,11 +210,11 @@ class RerobotsPlugin:
         self.records = report.Records()
         self.run_id = str((self.worker_input or {}).get("rerobots_run_id") or uuid.uuid4())
         # Under xdist with --rerobots-xdist shared: the controller's directory for the
-        # workers to share instances through (see share.py).
+        # workers to share instances through (see xdist_pool.py).
         self.share_dir: Path | None = None
         # A Secret, so that vars(plugin) and pytest's -l locals never show the token.
         self.api_url, self._token = settings.api_url, settings.secret
-        self.signals = guard.SignalGuard()
+        self.signals = SignalGuard()
         self._run: Run | None = None
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
@@ -439,7 +441,7 @@ class RerobotsPlugin:
         teardown). Reading the ledger is cheap; the client loads only if there is any."""
         ledger = self.settings.ledger
         if self.guarded and ledger is not None and (
-                self._run is not None or guard.Ledger(ledger).live(run_id=self.run_id)):
+                self._run is not None or Ledger(ledger).live(run_id=self.run_id)):
             self.run.end_leftovers()
 
     def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:

@@ -32,8 +32,9 @@ from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, overload
 
-from . import guard, keep, report
+from . import keep, report
 from .client import RerobotsClient
+from .ending import end_ids
 from .instance import (
     ENDED_OUTCOMES,
     Instance,
@@ -44,10 +45,13 @@ from .instance import (
     start_all,
     wait_all,
 )
+from .ledger import Ledger
 from .settings import Secret
-from .share import SharedPool
+from .signals import SignalGuard
 from .transcript import Transcript
+from .watchdog import Watchdog
 from .wire import is_uuid
+from .xdist_pool import SharedPool
 
 __all__ = ["DEFAULT_LEDGER", "Run"]
 
@@ -73,7 +77,7 @@ class Run:
     ``signals`` False leaves SIGTERM and SIGHUP alone. ``share_dir`` is the
     directory of an xdist run's shared pool. ``listeners`` see every instance's
     life (the plugin's live progress line); ``records`` keeps them for the summary.
-    ``signals`` may also be a :class:`.guard.SignalGuard` to use (the plugin's).
+    ``signals`` may also be a :class:`.signals.SignalGuard` to use (the plugin's).
     ``keep_on_failure`` and ``reuse`` (minutes) let instances outlive the run (see
     :mod:`.keep`): in a store beside the ledger, or in ``kept_dir``, for ``checkout``
     (default: the current directory); they need a ledger and a token.
@@ -89,7 +93,7 @@ class Run:
         ledger: str | os.PathLike[str] | None = _DEFAULT,
         run_id: str | None = None,
         watchdog: bool = True,
-        signals: bool | guard.SignalGuard = True,
+        signals: bool | SignalGuard = True,
         share_dir: str | os.PathLike[str] | None = None,
         listeners: Iterable[InstanceListener] = (),
         records: report.Records | None = None,
@@ -114,15 +118,15 @@ class Run:
             self._unprepared: Path | None = DEFAULT_LEDGER.parent
         else:
             self._unprepared = None
-        self.ledger = (guard.Ledger(ledger, run_id=self.run_id, api_url=self.client.api_url)
+        self.ledger = (Ledger(ledger, run_id=self.run_id, api_url=self.client.api_url)
                        if ledger is not None else None)
         # REROBOTS_NO_WATCHDOG=1 is undocumented: it leaves layer 3 out so that the
         # project's own tests can show layer 4 (keepalive) working alone.
-        self.watchdog: guard.Watchdog | None = None
+        self.watchdog: Watchdog | None = None
         if watchdog and os.environ.get("REROBOTS_NO_WATCHDOG") != "1":
             # Spawned with the first rental. Long enough to wait out an INIT that may
             # last until the ready timeout.
-            self.watchdog = guard.Watchdog(
+            self.watchdog = Watchdog(
                 self.client.api_url, token, ledger=self.ledger,
                 deadline=max(180.0, self.defaults.ready_timeout + 60.0))
         # Held as a Secret (vars(run) never shows it), for the keepers' pipes only.
@@ -135,7 +139,7 @@ class Run:
                 kept_dir if kept_dir is not None else keep.kept_dir(self.ledger.path),
                 api_url=self.client.api_url, token_sha256=self.client.token_sha256(),
                 checkout=checkout)
-        self.signals = signals if isinstance(signals, guard.SignalGuard) else guard.SignalGuard()
+        self.signals = signals if isinstance(signals, SignalGuard) else SignalGuard()
         self._signals = signals is not False
         self.shared = SharedPool(share_dir) if share_dir is not None else None
         self._pool: dict[Hashable, Instance] = {}
@@ -452,7 +456,7 @@ class Run:
         leftovers = [r["id"] for r in self.ledger.live(run_id=self.run_id, include_kept=False)]
         if not leftovers:
             return {}
-        results = guard.end_all(self.client, leftovers, ledger=self.ledger, by=by)
+        results = end_ids(self.client, leftovers, ledger=self.ledger, by=by)
         for ident, outcome in results.items():
             self.records.note_leftover(ident, outcome)
         return results

@@ -21,8 +21,12 @@ import pytest
 from helpers import wait_until
 
 from pytest_rerobots import RerobotsClient
-from pytest_rerobots.guard import Ledger, SignalGuard, Watchdog, end_all, sweep
+from pytest_rerobots.ending import end_ids
+from pytest_rerobots.ledger import Ledger
+from pytest_rerobots.signals import SignalGuard
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.sweep import sweep
+from pytest_rerobots.watchdog import Watchdog
 
 pytest_plugins = ["pytester"]
 
@@ -82,7 +86,7 @@ def rent_ready(api: RerobotsClient, target: str) -> str:
 
 APPENDER = textwrap.dedent("""
     import sys
-    from pytest_rerobots.guard import Ledger
+    from pytest_rerobots.ledger import Ledger
     path, name = sys.argv[1], sys.argv[2]
     ledger = Ledger(path, run_id=name)
     for n in range(int(sys.argv[3])):
@@ -151,17 +155,17 @@ def test_a_missing_ledger_is_empty(tmp_path: Path):
 # -- ending many, and the sweep ---------------------------------------------------------
 
 
-def test_end_all_reports_each_outcome_and_never_raises(sim: Simulator, api: RerobotsClient,
+def test_end_ids_reports_each_outcome_and_never_raises(sim: Simulator, api: RerobotsClient,
                                                       tmp_path: Path):
     ready = rent_ready(api, "basic_kobuki")
     init = rent_in_init(sim, api, "fixed_misty2")  # waited out
     gone = str(uuid.uuid4())
     ledger = Ledger(tmp_path / "ledger.jsonl", run_id="r")
     with RerobotsClient("not-the-token", sim.url, ignore_env=True) as stranger:
-        assert end_all(stranger, [ready])[ready].startswith("failed: ")
-    results = end_all(api, [ready, init, gone, ready], deadline=20, ledger=ledger, by="sweep")
+        assert end_ids(stranger, [ready])[ready].startswith("failed: ")
+    results = end_ids(api, [ready, init, gone, ready], deadline=20, ledger=ledger, by="sweep")
     assert results == {ready: "terminated", init: "terminated", gone: "not found"}
-    assert end_all(api, [ready]) == {ready: "already ended"}
+    assert end_ids(api, [ready]) == {ready: "already ended"}
     assert {(r["id"], r["by"]) for r in ledger.records()} == {
         (ready, "sweep"), (init, "sweep"), (gone, "sweep")}
     assert sim.live_instances() == []
@@ -324,7 +328,7 @@ def test_watchdog_leaves_a_shared_instance_that_others_still_use(
         sim: Simulator, api: RerobotsClient, tmp_path: Path):
     """xdist shared mode: the watchdog of a worker that dies ends a shared instance only
     when no other live worker still uses it."""
-    from pytest_rerobots.share import SharedPool
+    from pytest_rerobots.xdist_pool import SharedPool
 
     pool = SharedPool(tmp_path / "share")
     other_worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -356,7 +360,7 @@ def test_watchdog_ends_what_a_killed_process_held(sim: Simulator, api: RerobotsC
     owner = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent("""
             import sys, time
-            from pytest_rerobots.guard import Watchdog
+            from pytest_rerobots.watchdog import Watchdog
             url, token, ident = sys.stdin.read().split()
             watchdog = Watchdog(url, token)
             watchdog.rent(ident)

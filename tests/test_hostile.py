@@ -142,8 +142,8 @@ def test_terminate_that_keeps_failing_is_bounded(fast_sim: Simulator) -> None:
 
 
 def test_no_token_in_repr_or_vars_of_what_holds_it(fast_sim: Simulator) -> None:
-    from pytest_rerobots.guard import Watchdog
     from pytest_rerobots.settings import resolve
+    from pytest_rerobots.watchdog import Watchdog
 
     token = fast_sim.token
     client = RerobotsClient(token, fast_sim.url)

@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from helpers import wait_until
 
-from pytest_rerobots import keep
-from pytest_rerobots.guard import Ledger
+from pytest_rerobots import keep, procs
+from pytest_rerobots.ledger import Ledger
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.hosts import SSHD
 
@@ -82,7 +82,7 @@ def status(sim: Simulator, ident: str) -> str:
 
 
 def keeper_gone(pid: int) -> bool:
-    return keep._gone(pid)
+    return procs.exited(pid)
 
 
 def sweep(pytester: pytest.Pytester) -> pytest.RunResult:

@@ -25,8 +25,9 @@ import pytest
 from helpers import wait_until
 
 from pytest_rerobots import ConfigurationError, RerobotsClient, keep
-from pytest_rerobots.guard import Ledger
+from pytest_rerobots.ledger import Ledger
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.sweep import sweep as sweep_all
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="plants files of another uid (root)")
 
@@ -109,7 +110,7 @@ def sweep(api: RerobotsClient, ledger: Ledger) -> tuple[str | None, list[str]]:
     """The sweep's error (None if it ran) and its lines."""
     lines: list[str] = []
     try:
-        keep.sweep(api, ledger, lines.append)
+        sweep_all(api, ledger, lines.append)
     except ConfigurationError as exc:
         return str(exc), lines
     return None, lines
@@ -212,11 +213,12 @@ def test_a_planted_reuse_record_is_neither_attached_to_nor_ended(
 
 SWEEP = textwrap.dedent("""
     import sys
-    from pytest_rerobots import ConfigurationError, RerobotsClient, keep
-    from pytest_rerobots.guard import Ledger
+    from pytest_rerobots import ConfigurationError, RerobotsClient
+    from pytest_rerobots.ledger import Ledger
+    from pytest_rerobots.sweep import sweep
     with RerobotsClient(None, "http://127.0.0.1:9", ignore_env=True) as api:
         try:
-            keep.sweep(api, Ledger(sys.argv[1]), print)
+            sweep(api, Ledger(sys.argv[1]), print)
         except ConfigurationError as exc:
             print("refused:", exc)
 """)

@@ -12,8 +12,9 @@ import pytest
 from helpers import wait_until
 
 from pytest_rerobots import RerobotsClient, keep
-from pytest_rerobots.guard import Ledger
+from pytest_rerobots.ledger import Ledger
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.sweep import sweep
 
 pytest_plugins = ["pytester"]
 
@@ -92,7 +93,7 @@ def test_the_kept_directory_of_earlier_versions_is_swept_if_it_is_ones_own(tmp_p
             {"id": ident, "api_url": fast_sim.url, "token_sha256": api.token_sha256(),
              "wtype": "basic_kobuki", "kind": "failure"}))
         lines: list[str] = []
-        assert keep.sweep(api, ledger, lines.append) == 0
+        assert sweep(api, ledger, lines.append) == 0
         assert f"rerobots sweep: {ident} (basic_kobuki) terminated" in lines
         assert not (old / ident).exists()
 
@@ -100,7 +101,7 @@ def test_the_kept_directory_of_earlier_versions_is_swept_if_it_is_ones_own(tmp_p
         (old / "theirs").mkdir()
         os.chown(old, OTHER, OTHER)
         lines.clear()
-        assert keep.sweep(api, ledger, lines.append) == 0
+        assert sweep(api, ledger, lines.append) == 0
         assert [line for line in lines if str(old) in line] == [
             f"rerobots sweep: {old} (of an earlier version) not read: rerobots: refused: the "
             f"kept directory {old} is owned by uid {OTHER}, not by this user (uid 0); remove it "

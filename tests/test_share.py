@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pytest_rerobots import DeploymentNotFound, RerobotsClient, RerobotsError
-from pytest_rerobots.share import SharedPool
 from pytest_rerobots.sim import Simulator
+from pytest_rerobots.xdist_pool import SharedPool
 
 
 @pytest.fixture

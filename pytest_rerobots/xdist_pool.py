@@ -9,6 +9,9 @@ it terminates it; a user that leaves earlier detaches. A worker that dies
 holding the lock releases it with its file descriptors; one that dies while
 using the instance leaves it to the controller, which ends every live
 instance of the run that the ledger holds.
+
+The watchdog of a worker that died asks the pool whether others still use an instance
+(:meth:`SharedPool.abandon`), so this module loads neither the client nor the instances.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import RerobotsError
-from .guard import pid_alive  # (a crashed worker is no user any more)
-from .instance import Instance
+from .procs import pid_alive  # (a crashed worker is no user any more)
+
+if TYPE_CHECKING:
+    from .instance import Instance
 
 __all__ = ["SharedPool"]
 
