@@ -293,7 +293,7 @@ class Instance:
     listeners: Iterable[InstanceListener] = field(default=(), repr=False)
     #: The id of an instance another process rented, to attach to instead of renting.
     existing: str | None = None
-    #: (directory, key) of a :class:`~.share.SharedPool` entry when shared by xdist workers.
+    #: (directory, key) of a :class:`~.xdist_pool.SharedPool` entry when shared by xdist workers.
     shared_key: tuple[str, str] | None = None
     known_ids: Callable[[], Iterable[str]] | None = field(default=None, repr=False)
     #: Says why our robot may be busy (e.g. "this run is still releasing ..."), for the
