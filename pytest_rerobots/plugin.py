@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
@@ -23,7 +23,15 @@ import pytest
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
 from . import guard, report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
-from .settings import OPTIONS, Secret, Settings, allow_warnings, resolve
+from .settings import (
+    COMMAND_LINE_ONLY,
+    OPTIONS,
+    Option,
+    Secret,
+    Settings,
+    allow_warnings,
+    resolve,
+)
 from .textsafe import fence_block
 from .transcript import Transcript
 
@@ -49,34 +57,29 @@ NO_CREDENTIALS = (
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Every option of the settings table: a ``--rerobots-*`` option (not given: None, so
+    that the environment and the ini file may set it) and its ini name; then the options
+    of the command line only."""
     group = parser.getgroup("rerobots", "hardware-in-the-loop tests on rerobots instances")
     for opt in OPTIONS:
-        if opt.name in ("sim", "require", "keep_on_failure"):
-            env_hint = f" [env {opt.env}=1]" if opt.env else ""
-            group.addoption(opt.flag, action="store_true", default=None,
-                            dest=f"rerobots_{opt.name}", help=opt.help + env_hint)
-        elif opt.name == "allow":
-            group.addoption(opt.flag, action="append", default=None, dest="rerobots_allow",
-                            metavar="CIDR", help=opt.help)
-        else:
-            extra = f" [env {opt.env}]" if opt.env else ""
-            group.addoption(opt.flag, default=None, dest=f"rerobots_{opt.name}",
-                            metavar=opt.name.upper().replace("_", "-"), help=opt.help + extra)
+        _add_option(group, opt, default=None)
         if opt.ini:
-            if opt.name == "allow":
-                parser.addini(opt.ini, help=opt.help, type="linelist", default=None)
-            else:
-                parser.addini(opt.ini, help=opt.help, type="string", default=None)
-    group.addoption("--rerobots-token-file", default=None, dest="rerobots_token_file",
-                    metavar="PATH",
-                    help="read the API token from this file (default: env REROBOTS_API_TOKEN)")
-    group.addoption("--rerobots-sweep", action="store_true", default=False,
-                    dest="rerobots_sweep",
-                    help="terminate every live instance in the ledger, print what it did, exit")
-    group.addoption("--rerobots-list", action="store_true", default=False,
-                    dest="rerobots_list",
-                    help="print the workspace types, their deployments with region and queue "
-                    "length, and your live instances (with a token), then exit")
+            ini_type: Literal["linelist", "string"] = "linelist" if opt.kind == "list" else "string"
+            parser.addini(opt.ini, help=opt.help, type=ini_type, default=None)
+    for opt in COMMAND_LINE_ONLY:
+        _add_option(group, opt, default=opt.default)
+
+
+def _add_option(group: pytest.OptionGroup, opt: Option, default: Any) -> None:
+    if opt.kind == "switch":
+        env_hint = f" [env {opt.env}=1]" if opt.env else ""
+        group.addoption(opt.flag, action="store_true", default=default, dest=opt.dest,
+                        help=opt.help + env_hint)
+    else:
+        env_hint = f" [env {opt.env}]" if opt.env else ""
+        action = "append" if opt.kind == "list" else "store"
+        group.addoption(opt.flag, action=action, default=default, dest=opt.dest,
+                        metavar=opt.metavar, help=opt.help + env_hint)
 
 
 def _ini(config: pytest.Config, name: str) -> Any:
@@ -88,7 +91,7 @@ def _ini(config: pytest.Config, name: str) -> Any:
 
 def load_settings(config: pytest.Config) -> Settings:
     """Resolve the plugin's settings; a bad value is a ``pytest.UsageError``."""
-    cli = {opt.name: config.getoption(f"rerobots_{opt.name}") for opt in OPTIONS}
+    cli = {opt.name: config.getoption(opt.dest) for opt in OPTIONS}
     ini = {opt.ini: _ini(config, opt.ini) for opt in OPTIONS if opt.ini}
     try:
         settings = resolve(cli, os.environ, ini,
@@ -283,12 +286,11 @@ class RerobotsPlugin:
             ledger=s.ledger if self.guarded else None, run_id=self.run_id,
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
             signals=self.signals, listeners=[report.Progress(self.config)],
-            ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout,
-            init_retries=s.init_retries, lease=s.lease, allow=s.allow,
-            fast_polling=self.mode == "embedded simulator",
-            keepalive_interval=s.keepalive_interval, command_timeout=s.command_timeout,
             keep_on_failure=s.keep_on_failure and keeping,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
+            # The defaults of every instance: the settings the table marks so, and how
+            # often to poll (every 50 ms on the embedded simulator).
+            **s.instance_options(), fast_polling=self.mode == "embedded simulator",
         )
 
     def _start_simulator(self) -> Simulator:
