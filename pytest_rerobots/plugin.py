@@ -1,9 +1,9 @@
 """The pytest plugin: options, the ``rerobots`` marker, fixtures and hooks.
 
-It only wires the engine: settings come from :mod:`.settings`, instances
-from :class:`.instance.Instance`, the simulator from :mod:`.sim`, reports
-from :mod:`.report`. Its state lives in one :class:`RerobotsPlugin` object
-registered with the plugin manager.
+It only wires the engine: settings and their options come from the table in
+:mod:`.settings`, instances from a :class:`.run.Run`, the simulator from :mod:`.sim`,
+what the user is told from :mod:`.plugin_report`. Its state lives in one
+:class:`RerobotsPlugin` object registered with the plugin manager.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import pytest
 
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental.
-from . import guard, report
+from . import guard, plugin_report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
+from .records import Records
 from .settings import (
     COMMAND_LINE_ONLY,
     OPTIONS,
@@ -173,7 +174,7 @@ class XdistHooks:
         """Worker: send its instances and skips to the controller, for the summary."""
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
-            output["rerobots_rows"] = report.rows(self.plugin.records)
+            output["rerobots_rows"] = plugin_report.rows(self.plugin.records)
             output["rerobots_kept_lines"] = self.plugin.kept_summary()
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -208,7 +209,7 @@ class RerobotsPlugin:
         self.worker_input: dict[str, Any] | None = getattr(config, "workerinput", None)
         self.simulator: Simulator | None = None
         self.skipped_for_token = 0
-        self.records = report.Records()
+        self.records = Records()
         self.run_id = str((self.worker_input or {}).get("rerobots_run_id") or uuid.uuid4())
         # Under xdist with --rerobots-xdist shared: the controller's directory for the
         # workers to share instances through (see share.py).
@@ -285,7 +286,7 @@ class RerobotsPlugin:
             self.api_url, self._token.reveal() if self._token else None, ignore_env=True,
             ledger=s.ledger if self.guarded else None, run_id=self.run_id,
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
-            signals=self.signals, listeners=[report.Progress(self.config)],
+            signals=self.signals, listeners=[plugin_report.Progress(self.config)],
             keep_on_failure=s.keep_on_failure and keeping,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
             # The defaults of every instance: the settings the table marks so, and how
@@ -358,7 +359,7 @@ class RerobotsPlugin:
             self._prefetch_scope(request.session, scope_node.nodeid)
         inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
                         reuse=isinstance(scope_node, pytest.Session))
-        report.record_properties(request.node, inst)
+        plugin_report.record_properties(request.node, inst)
         self.given(inst)
         return inst
 
@@ -471,7 +472,7 @@ class RerobotsPlugin:
             self._run.mark_kept_on_failure(self._used_by_this_test())
         if rep.failed and call.excinfo is not None \
                 and isinstance(call.excinfo.value, RerobotsError):
-            short = report.short_failure(call.excinfo, self.config)
+            short = plugin_report.short_failure(call.excinfo, self.config)
             if short is not None:
                 rep.longrepr = short
         if rep.when == "call" and rep.failed and call.excinfo is not None \
@@ -488,18 +489,18 @@ class RerobotsPlugin:
             return
         entries, dropped = self._run.transcript.take()
         if entries or dropped:
-            text = report.redact(Transcript.render(entries, dropped),
+            text = plugin_report.redact(Transcript.render(entries, dropped),
                                  self._token.reveal() if self._token else None)
             # pytest prints a section as it is, each line from its start: under GitHub
             # Actions the runner would act on the workflow commands a robot printed.
-            item.add_report_section(when, TRANSCRIPT_KEY, fence_block(text))
+            item.add_report_section(when, plugin_report.TRANSCRIPT_KEY, fence_block(text))
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml closes the test case
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not self.is_worker and report.skipped and _skipped_for_token(report):
             self.skipped_for_token += 1
         if report.when == "teardown":
-            junit_transcript(self.config, report)
+            plugin_report.junit_transcript(self.config, report)
 
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
                                  ) -> tuple[str, str, str] | None:
@@ -525,12 +526,12 @@ class RerobotsPlugin:
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         if self.is_worker:
             return
-        report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
+        plugin_report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
         for line in [*self.kept_lines, *self.kept_summary()]:
             terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
-        report.github_step_summary(self.records, report.Tally.of(terminalreporter.stats),
-                                   skipped_for_token=self.skipped_for_token,
-                                   token=bool(self._token))
+        plugin_report.github_step_summary(
+            self.records, plugin_report.Tally.of(terminalreporter.stats),
+            skipped_for_token=self.skipped_for_token, token=bool(self._token))
 
     def kept_summary(self) -> list[str]:
         """What the terminal says of the instances this process kept or reused."""
@@ -546,35 +547,9 @@ class RerobotsPlugin:
         return lines
 
 
-#: The key of the transcript's report section: pytest names it "Captured <key> <when>".
-TRANSCRIPT_KEY = "rerobots transcript"
-
-
 def _skipped_for_token(rep: pytest.TestReport) -> bool:
     longrepr = rep.longrepr
     return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
-
-
-def junit_transcript(config: pytest.Config, rep: pytest.TestReport) -> None:
-    """Put the test's transcript sections into its JUnit XML ``system-out`` (when
-    ``--junitxml`` is on), whatever ``junit_logging`` says: it is what the test did
-    on the robot, not the test's own output."""
-    text = "\n".join(content for name, content in rep.sections
-                     if name.startswith(f"Captured {TRANSCRIPT_KEY} "))
-    if not text:
-        return
-    try:  # junitxml has no public way to add a system-out element
-        from xml.etree import ElementTree
-
-        from _pytest.junitxml import bin_xml_escape, xml_key
-    except ImportError:  # pragma: no cover (a pytest that moved it)
-        return
-    xml = config.stash.get(xml_key, None)
-    if xml is None:
-        return
-    node = ElementTree.Element("system-out")
-    node.text = bin_xml_escape(text)
-    xml.node_reporter(rep).append(node)
 
 
 #: The fixtures that hand a test the pooled instance.
@@ -684,7 +659,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
             plugin.given(inst)
-            report.record_properties(request.node, inst)
+            plugin_report.record_properties(request.node, inst)
         return insts
 
     try:

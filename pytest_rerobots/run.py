@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, overload
 
-from . import guard, keep, report
+from . import guard, keep
 from .client import RerobotsClient
 from .instance import (
     ENDED_OUTCOMES,
@@ -44,6 +44,7 @@ from .instance import (
     start_all,
     wait_all,
 )
+from .records import Records
 from .settings import Secret
 from .share import SharedPool
 from .transcript import Transcript
@@ -92,7 +93,7 @@ class Run:
         signals: bool | guard.SignalGuard = True,
         share_dir: str | os.PathLike[str] | None = None,
         listeners: Iterable[InstanceListener] = (),
-        records: report.Records | None = None,
+        records: Records | None = None,
         ignore_env: bool = False,
         keep_on_failure: bool = False,
         reuse: float | None = None,
@@ -105,7 +106,7 @@ class Run:
             token = os.environ.get("REROBOTS_API_TOKEN") or None
         self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
         self.run_id = run_id or str(uuid.uuid4())
-        self.records = records if records is not None else report.Records()
+        self.records = records if records is not None else Records()
         #: What tests did on this run's robots (every instance's connection records here).
         self.transcript = Transcript()
         self.listeners: list[InstanceListener] = [self.records, *listeners]
