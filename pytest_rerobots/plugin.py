@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import pytest
 
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
-# paramiko or tenacity. The client, instances and the Run load with the first rental.
-from . import guard, plugin_report
+# paramiko or tenacity. The client, instances and the Run load with the first rental
+# (the imports inside functions below).
+from . import guard, keep, plugin_report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .records import Records
 from .settings import (
@@ -121,7 +122,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit.
     ``pytest --rerobots-list``: print what can be rented, then exit."""
     if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
-        from . import listing
+        from . import listing  # lazily: it loads the client (requests)
 
         try:
             return listing.main(load_settings(config))
@@ -132,8 +133,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = load_settings(config)
     assert settings.ledger is not None
     ledger = guard.Ledger(settings.ledger)
-    from . import keep
-    from .client import RerobotsClient
+    from .client import RerobotsClient  # lazily: requests loads only for a sweep
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
         try:
@@ -152,9 +152,8 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = load_settings(config)
     plugin = RerobotsPlugin(config, settings)
     if settings.ledger is not None and not settings.sim:  # (the embedded simulator's has none)
-        from .keep import check_ledger
         try:
-            plugin.notes.extend(filter(None, [check_ledger(settings.ledger)]))
+            plugin.notes.extend(filter(None, [keep.check_ledger(settings.ledger)]))
         except ConfigurationError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
@@ -270,7 +269,7 @@ class RerobotsPlugin:
         return self._run
 
     def _make_run(self) -> Run:
-        from .run import Run
+        from .run import Run  # lazily: the engine (requests, paramiko) loads with a rental
 
         s = self.settings
         if self.guarded:
@@ -295,7 +294,7 @@ class RerobotsPlugin:
         )
 
     def _start_simulator(self) -> Simulator:
-        try:
+        try:  # lazily: the simulator and its optional extras load only under --rerobots-sim
             from .sim import Simulator
         except ImportError as exc:
             raise pytest.UsageError(
@@ -537,8 +536,6 @@ class RerobotsPlugin:
         """What the terminal says of the instances this process kept or reused."""
         if self._run is None:
             return []
-        from . import keep
-
         lines = [f"rerobots: reused {i.id} ({i.label}) kept by an earlier run: no POST /new, "
                  "no READY wait" for i in self.records.instances if i.reused]
         for inst in self._run.kept_instances():
@@ -647,7 +644,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
     ``a, b = rerobots_acquire("basic_kobuki", "fixed_misty2")`` rents several at once
     and returns them in order. Every instance it made is terminated at this test's
     teardown."""
-    from .instance import end_all
+    from .instance import end_all  # lazily: paramiko loads only when a test rents
 
     plugin = _plugin(request.config)
     run = plugin.need_run()
@@ -677,7 +674,7 @@ def rerobots_host(rerobots_instance: Instance) -> Any:
     """A testinfra ``Host`` on the instance's SSH connection (host key pinned):
     ``rerobots_host.file("/etc/os-release").contains("Debian")``, ``.service("ssh")``,
     ``.run("uname -a")``. Needs ``pip install 'pytest-rerobots[testinfra]'``."""
-    try:
+    try:  # lazily: testinfra is an optional extra, missing in most installs
         from .testinfra_host import host_for
     except ImportError as exc:
         missing = str(exc)
