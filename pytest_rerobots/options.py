@@ -21,8 +21,7 @@ __all__ = ["ConstructorKeywords", "InstanceOptions"]
 
 @dataclass(frozen=True)
 class InstanceOptions:
-    """How an :class:`~pytest_rerobots.Instance` is rented and held (seconds unless said
-    otherwise).
+    """How an :class:`Instance` is rented and held (seconds unless said otherwise).
 
     ``allow`` lists firewall sources (CIDR); empty means the address the API
     sees this runner at. ``fast_polling`` polls every 50 ms (a local simulator).

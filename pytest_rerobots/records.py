@@ -2,8 +2,8 @@
 
 An instance listener (:class:`~pytest_rerobots.instance.InstanceListener`) that a
 :class:`~pytest_rerobots.run.Run` always has: pure Python, no pytest, so the engine
-imports it without the plugin. The plugin reads it for its terminal summary, JUnit
-properties and GitHub step summary (:mod:`.plugin_report`).
+imports it without the plugin. The plugin reads it for its terminal summary and its
+GitHub step summary (:mod:`.plugin_report`), and sends its rows across xdist workers.
 """
 
 from __future__ import annotations
