@@ -1,20 +1,19 @@
-"""The configuration reference, generated at build time from the plugin's own option table.
+"""The configuration reference, generated at build time from the plugin's table of settings.
 
 A mkdocs hook (``hooks:`` in mkdocs.yml): in ``configuration.md`` it replaces the line
 ``<!-- options-table -->`` with a table of every ``--rerobots-*`` option. Nothing in that
-table is written by hand. The options, their help and their ini names come from the plugin's
-``pytest_addoption`` (found through the ``pytest11`` entry point, so it follows the plugin
-wherever it lives), the environment variables from ``settings.OPTIONS``, the defaults from
-the ``Settings`` dataclass. ``tests/test_docs_options.py`` checks the table against
-``pytest --help``.
+table is written by hand: each row is one entry of ``pytest_rerobots.settings.OPTIONS``
+(the settings: their flag, metavar, environment variable, ini name, default and help)
+or ``COMMAND_LINE_ONLY``, the table the plugin's options, ``--help``, the ``Settings``
+and ``InstanceOptions`` defaults come from too. ``tests/test_docs_options.py`` checks
+the generated table against what ``pytest --help`` says.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from importlib.metadata import entry_points
 from typing import Any, NamedTuple
+
+from pytest_rerobots.settings import COMMAND_LINE_ONLY, OPTIONS, shown
 
 MARKER = "<!-- options-table -->"
 PAGE = "configuration.md"
@@ -32,67 +31,29 @@ class Row(NamedTuple):
     help: str
 
 
-class _Recorder:
-    """Stands in for pytest's parser and its option group: records what the plugin adds."""
-
-    def __init__(self) -> None:
-        self.options: list[tuple[tuple[str, ...], dict[str, Any]]] = []
-        self.ini: dict[str, dict[str, Any]] = {}
-
-    def getgroup(self, name: str, description: str = "", after: str | None = None) -> _Recorder:
-        return self
-
-    def addoption(self, *names: str, **attrs: Any) -> None:
-        self.options.append((names, attrs))
-
-    def addini(self, name: str, help: str, type: str | None = None, default: Any = None,
-               **kwargs: Any) -> None:
-        self.ini[name] = {"help": help, "type": type}
-
-
-def _plugin() -> Any:
-    (entry,) = [ep for ep in entry_points(group="pytest11") if ep.name == "rerobots"]
-    return entry.load()
-
-
 def _shown(value: Any) -> str:
     if value is None or value == ():
         return "\u2013"  # an en dash: no fixed value: the description says what happens
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, str):
-        return f"`{value}`"
-    return str(value)
+    return f"`{shown(value)}`" if isinstance(value, str) else shown(value)
 
 
 def rows() -> list[Row]:
-    """Every ``--rerobots-*`` option the plugin registers, in its order."""
-    settings = importlib.import_module("pytest_rerobots.settings")
-    by_flag = {opt.flag: opt for opt in settings.OPTIONS}
-    defaults = {f.name: f.default for f in dataclasses.fields(settings.Settings)
-                if f.default is not dataclasses.MISSING}
-    recorder = _Recorder()
-    _plugin().pytest_addoption(recorder)
-    out = []
-    for names, attrs in recorder.options:
-        (flag,) = [n for n in names if n.startswith("--rerobots-")]
-        opt = by_flag.get(flag)
-        takes_value = attrs.get("action") not in ("store_true", "store_false")
-        ini = opt.ini if opt and opt.ini in recorder.ini else None
-        out.append(Row(
-            flag=flag,
-            metavar=attrs.get("metavar", flag[2:].upper()) if takes_value else None,
-            repeatable=attrs.get("action") == "append",
-            env=opt.env if opt else None,
-            ini=ini,
-            default=_shown(defaults.get(opt.name)) if opt else "",
-            # The settings table's help: the plugin's --help adds the env name, which
-            # has a column of its own here.
-            help=opt.help if opt else attrs.get("help", ""),
-        ))
-    return out
+    """Every ``--rerobots-*`` option, in the order ``--help`` lists them: the settings,
+    then the options of the command line only (their default column left empty)."""
+    return [
+        Row(
+            flag=opt.flag,
+            metavar=opt.metavar,
+            repeatable=opt.kind == "list",
+            env=opt.env,
+            ini=opt.ini,
+            default=_shown(opt.default) if setting else "",
+            # The plugin's --help adds the environment variable, which has a column here.
+            help=opt.help,
+        )
+        for options, setting in ((OPTIONS, True), (COMMAND_LINE_ONLY, False))
+        for opt in options
+    ]
 
 
 def _cell(text: str) -> str:

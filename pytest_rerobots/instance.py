@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import paramiko
@@ -42,6 +42,7 @@ from .errors import (
     SSHConnectError,
     UnreadableNewAnswer,
 )
+from .options import ConstructorKeywords, InstanceOptions
 from .outcome import ENDED_OUTCOMES, Outcome
 from .ssh import DEFAULT as DEFAULT_TIMEOUT
 from .ssh import Timeout
@@ -72,50 +73,9 @@ log = logging.getLogger("pytest_rerobots.instance")
 ENDED = ("INIT_FAIL", "TERMINATING", "TERMINATED")
 
 
-@dataclass(frozen=True)
-class InstanceOptions:
-    """How an :class:`Instance` is rented and held (seconds unless said otherwise).
-
-    ``allow`` lists firewall sources (CIDR); empty means the address the API
-    sees this runner at. ``fast_polling`` polls every 50 ms (a local simulator).
-    """
-
-    ready_timeout: float = 600.0
-    #: How long to wait for a busy robot (in a queue, or still being released); 0 fails
-    #: at once.
-    queue_timeout: float = 600.0
-    #: How many times an instance that failed to start (INIT_FAIL, or INIT past the
-    #: ready timeout) is replaced by a new rental.
-    init_retries: int = 2
-    #: ``expire_d`` of ``POST /new``: the server ends the instance after this long.
-    lease: int | None = 3600
-    allow: tuple[str, ...] = ()
-    keepalive_interval: float = 40.0
-    notfound_grace: float = 30.0
-    connect_timeout: float = 60.0
-    terminate_timeout: float = 120.0
-    #: The timeout of a ``run`` that names none; ``None`` waits for ever.
-    command_timeout: float | None = ssh.DEFAULT_COMMAND_TIMEOUT
-    connect: bool = True
-    fast_polling: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "allow", tuple(self.allow))
-
-    def updated(self, **changes: Any) -> InstanceOptions:
-        """A copy with ``changes``; an unknown name is a ``TypeError`` that lists the known."""
-        unknown = sorted(set(changes) - _OPTION_NAMES)
-        if unknown:
-            raise TypeError(f"unknown instance option {unknown[0]!r} "
-                            f"(known: {', '.join(sorted(_OPTION_NAMES))})")
-        return replace(self, **changes) if changes else self
-
-
-_OPTION_NAMES = frozenset(f.name for f in fields(InstanceOptions))
-#: ``Instance`` keywords that are not options (see :meth:`Instance.build`).
-_OWN_KEYWORDS = frozenset({"wtype", "pkey", "public_key", "listeners", "existing", "shared_key",
-                           "known_ids", "hint_busy", "sleep", "transcript", "kept_record",
-                           "private_key_text", "keep_hook"})
+#: ``Instance`` keywords that are not options (see :meth:`Instance.build`): its constructor's
+#: fields less those ``build`` passes itself, read at first use (``Instance`` is below).
+_OWN_KEYWORDS = ConstructorKeywords(lambda: Instance, exclude=("client", "target", "options"))
 
 #: Seconds to log in to a kept instance and run ``true`` on it before it counts as
 #: unusable (a run then rents another).

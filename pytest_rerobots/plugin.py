@@ -1,9 +1,9 @@
 """The pytest plugin: options, the ``rerobots`` marker, fixtures and hooks.
 
-It only wires the engine: settings come from :mod:`.settings`, instances
-from :class:`.instance.Instance`, the simulator from :mod:`.sim`, reports
-from :mod:`.report`. Its state lives in one :class:`RerobotsPlugin` object
-registered with the plugin manager.
+It only wires the engine: settings and their options come from the table in
+:mod:`.settings`, instances from a :class:`.run.Run`, the simulator from :mod:`.sim`,
+what the user is told from :mod:`.plugin_report`. Its state lives in one
+:class:`RerobotsPlugin` object registered with the plugin manager.
 """
 
 from __future__ import annotations
@@ -15,16 +15,26 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
-# paramiko or tenacity. The client, instances and the Run load with the first rental.
-from . import report
+# paramiko or tenacity. The client, instances and the Run load with the first rental
+# (the imports inside functions below).
+from . import keep, plugin_report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .ledger import Ledger
-from .settings import OPTIONS, Secret, Settings, allow_warnings, resolve
+from .records import Records
+from .settings import (
+    COMMAND_LINE_ONLY,
+    OPTIONS,
+    Option,
+    Secret,
+    Settings,
+    allow_warnings,
+    resolve,
+)
 from .signals import SignalGuard
 from .textsafe import fence_block
 from .transcript import Transcript
@@ -51,34 +61,29 @@ NO_CREDENTIALS = (
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    """Every option of the settings table: a ``--rerobots-*`` option (not given: None, so
+    that the environment and the ini file may set it) and its ini name; then the options
+    of the command line only."""
     group = parser.getgroup("rerobots", "hardware-in-the-loop tests on rerobots instances")
     for opt in OPTIONS:
-        if opt.name in ("sim", "require", "keep_on_failure"):
-            env_hint = f" [env {opt.env}=1]" if opt.env else ""
-            group.addoption(opt.flag, action="store_true", default=None,
-                            dest=f"rerobots_{opt.name}", help=opt.help + env_hint)
-        elif opt.name == "allow":
-            group.addoption(opt.flag, action="append", default=None, dest="rerobots_allow",
-                            metavar="CIDR", help=opt.help)
-        else:
-            extra = f" [env {opt.env}]" if opt.env else ""
-            group.addoption(opt.flag, default=None, dest=f"rerobots_{opt.name}",
-                            metavar=opt.name.upper().replace("_", "-"), help=opt.help + extra)
+        _add_option(group, opt, default=None)
         if opt.ini:
-            if opt.name == "allow":
-                parser.addini(opt.ini, help=opt.help, type="linelist", default=None)
-            else:
-                parser.addini(opt.ini, help=opt.help, type="string", default=None)
-    group.addoption("--rerobots-token-file", default=None, dest="rerobots_token_file",
-                    metavar="PATH",
-                    help="read the API token from this file (default: env REROBOTS_API_TOKEN)")
-    group.addoption("--rerobots-sweep", action="store_true", default=False,
-                    dest="rerobots_sweep",
-                    help="terminate every live instance in the ledger, print what it did, exit")
-    group.addoption("--rerobots-list", action="store_true", default=False,
-                    dest="rerobots_list",
-                    help="print the workspace types, their deployments with region and queue "
-                    "length, and your live instances (with a token), then exit")
+            ini_type: Literal["linelist", "string"] = "linelist" if opt.kind == "list" else "string"
+            parser.addini(opt.ini, help=opt.help, type=ini_type, default=None)
+    for opt in COMMAND_LINE_ONLY:
+        _add_option(group, opt, default=opt.default)
+
+
+def _add_option(group: pytest.OptionGroup, opt: Option, default: Any) -> None:
+    if opt.kind == "switch":
+        env_hint = f" [env {opt.env}=1]" if opt.env else ""
+        group.addoption(opt.flag, action="store_true", default=default, dest=opt.dest,
+                        help=opt.help + env_hint)
+    else:
+        env_hint = f" [env {opt.env}]" if opt.env else ""
+        action = "append" if opt.kind == "list" else "store"
+        group.addoption(opt.flag, action=action, default=default, dest=opt.dest,
+                        metavar=opt.metavar, help=opt.help + env_hint)
 
 
 def _ini(config: pytest.Config, name: str) -> Any:
@@ -90,7 +95,7 @@ def _ini(config: pytest.Config, name: str) -> Any:
 
 def load_settings(config: pytest.Config) -> Settings:
     """Resolve the plugin's settings; a bad value is a ``pytest.UsageError``."""
-    cli = {opt.name: config.getoption(f"rerobots_{opt.name}") for opt in OPTIONS}
+    cli = {opt.name: config.getoption(opt.dest) for opt in OPTIONS}
     ini = {opt.ini: _ini(config, opt.ini) for opt in OPTIONS if opt.ini}
     try:
         settings = resolve(cli, os.environ, ini,
@@ -119,7 +124,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit.
     ``pytest --rerobots-list``: print what can be rented, then exit."""
     if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
-        from . import listing
+        from . import listing  # lazily: it loads the client (requests)
 
         try:
             return listing.main(load_settings(config))
@@ -130,7 +135,7 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     settings = load_settings(config)
     assert settings.ledger is not None
     ledger = Ledger(settings.ledger)
-    from .client import RerobotsClient
+    from .client import RerobotsClient  # lazily: requests loads only for a sweep
     from .sweep import sweep
 
     with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
@@ -150,9 +155,8 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = load_settings(config)
     plugin = RerobotsPlugin(config, settings)
     if settings.ledger is not None and not settings.sim:  # (the embedded simulator's has none)
-        from .keep import check_ledger
         try:
-            plugin.notes.extend(filter(None, [check_ledger(settings.ledger)]))
+            plugin.notes.extend(filter(None, [keep.check_ledger(settings.ledger)]))
         except ConfigurationError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
@@ -172,7 +176,7 @@ class XdistHooks:
         """Worker: send its instances and skips to the controller, for the summary."""
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
-            output["rerobots_rows"] = report.rows(self.plugin.records)
+            output["rerobots_rows"] = plugin_report.rows(self.plugin.records)
             output["rerobots_kept_lines"] = self.plugin.kept_summary()
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -207,7 +211,7 @@ class RerobotsPlugin:
         self.worker_input: dict[str, Any] | None = getattr(config, "workerinput", None)
         self.simulator: Simulator | None = None
         self.skipped_for_token = 0
-        self.records = report.Records()
+        self.records = Records()
         self.run_id = str((self.worker_input or {}).get("rerobots_run_id") or uuid.uuid4())
         # Under xdist with --rerobots-xdist shared: the controller's directory for the
         # workers to share instances through (see xdist_pool.py).
@@ -268,7 +272,7 @@ class RerobotsPlugin:
         return self._run
 
     def _make_run(self) -> Run:
-        from .run import Run
+        from .run import Run  # lazily: the engine (requests, paramiko) loads with a rental
 
         s = self.settings
         if self.guarded:
@@ -284,17 +288,16 @@ class RerobotsPlugin:
             self.api_url, self._token.reveal() if self._token else None, ignore_env=True,
             ledger=s.ledger if self.guarded else None, run_id=self.run_id,
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
-            signals=self.signals, listeners=[report.Progress(self.config)],
-            ready_timeout=s.ready_timeout, queue_timeout=s.queue_timeout,
-            init_retries=s.init_retries, lease=s.lease, allow=s.allow,
-            fast_polling=self.mode == "embedded simulator",
-            keepalive_interval=s.keepalive_interval, command_timeout=s.command_timeout,
+            signals=self.signals, listeners=[plugin_report.Progress(self.config)],
             keep_on_failure=s.keep_on_failure and keeping,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
+            # The defaults of every instance: the settings the table marks so, and how
+            # often to poll (every 50 ms on the embedded simulator).
+            **s.instance_options(), fast_polling=self.mode == "embedded simulator",
         )
 
     def _start_simulator(self) -> Simulator:
-        try:
+        try:  # lazily: the simulator and its optional extras load only under --rerobots-sim
             from .sim import Simulator
         except ImportError as exc:
             raise pytest.UsageError(
@@ -358,7 +361,7 @@ class RerobotsPlugin:
             self._prefetch_scope(request.session, scope_node.nodeid)
         inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
                         reuse=isinstance(scope_node, pytest.Session))
-        report.record_properties(request.node, inst)
+        plugin_report.record_properties(request.node, inst)
         self.given(inst)
         return inst
 
@@ -471,7 +474,7 @@ class RerobotsPlugin:
             self._run.mark_kept_on_failure(self._used_by_this_test())
         if rep.failed and call.excinfo is not None \
                 and isinstance(call.excinfo.value, RerobotsError):
-            short = report.short_failure(call.excinfo, self.config)
+            short = plugin_report.short_failure(call.excinfo, self.config)
             if short is not None:
                 rep.longrepr = short
         if rep.when == "call" and rep.failed and call.excinfo is not None \
@@ -488,18 +491,18 @@ class RerobotsPlugin:
             return
         entries, dropped = self._run.transcript.take()
         if entries or dropped:
-            text = report.redact(Transcript.render(entries, dropped),
+            text = plugin_report.redact(Transcript.render(entries, dropped),
                                  self._token.reveal() if self._token else None)
             # pytest prints a section as it is, each line from its start: under GitHub
             # Actions the runner would act on the workflow commands a robot printed.
-            item.add_report_section(when, TRANSCRIPT_KEY, fence_block(text))
+            item.add_report_section(when, plugin_report.TRANSCRIPT_KEY, fence_block(text))
 
     @pytest.hookimpl(tryfirst=True)  # before junitxml closes the test case
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not self.is_worker and report.skipped and _skipped_for_token(report):
             self.skipped_for_token += 1
         if report.when == "teardown":
-            junit_transcript(self.config, report)
+            plugin_report.junit_transcript(self.config, report)
 
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
                                  ) -> tuple[str, str, str] | None:
@@ -525,19 +528,17 @@ class RerobotsPlugin:
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
         if self.is_worker:
             return
-        report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
+        plugin_report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
         for line in [*self.kept_lines, *self.kept_summary()]:
             terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
-        report.github_step_summary(self.records, report.Tally.of(terminalreporter.stats),
-                                   skipped_for_token=self.skipped_for_token,
-                                   token=bool(self._token))
+        plugin_report.github_step_summary(
+            self.records, plugin_report.Tally.of(terminalreporter.stats),
+            skipped_for_token=self.skipped_for_token, token=bool(self._token))
 
     def kept_summary(self) -> list[str]:
         """What the terminal says of the instances this process kept or reused."""
         if self._run is None:
             return []
-        from . import keep
-
         lines = [f"rerobots: reused {i.id} ({i.label}) kept by an earlier run: no POST /new, "
                  "no READY wait" for i in self.records.instances if i.reused]
         for inst in self._run.kept_instances():
@@ -546,35 +547,9 @@ class RerobotsPlugin:
         return lines
 
 
-#: The key of the transcript's report section: pytest names it "Captured <key> <when>".
-TRANSCRIPT_KEY = "rerobots transcript"
-
-
 def _skipped_for_token(rep: pytest.TestReport) -> bool:
     longrepr = rep.longrepr
     return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
-
-
-def junit_transcript(config: pytest.Config, rep: pytest.TestReport) -> None:
-    """Put the test's transcript sections into its JUnit XML ``system-out`` (when
-    ``--junitxml`` is on), whatever ``junit_logging`` says: it is what the test did
-    on the robot, not the test's own output."""
-    text = "\n".join(content for name, content in rep.sections
-                     if name.startswith(f"Captured {TRANSCRIPT_KEY} "))
-    if not text:
-        return
-    try:  # junitxml has no public way to add a system-out element
-        from xml.etree import ElementTree
-
-        from _pytest.junitxml import bin_xml_escape, xml_key
-    except ImportError:  # pragma: no cover (a pytest that moved it)
-        return
-    xml = config.stash.get(xml_key, None)
-    if xml is None:
-        return
-    node = ElementTree.Element("system-out")
-    node.text = bin_xml_escape(text)
-    xml.node_reporter(rep).append(node)
 
 
 #: The fixtures that hand a test the pooled instance.
@@ -672,7 +647,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
     ``a, b = rerobots_acquire("basic_kobuki", "fixed_misty2")`` rents several at once
     and returns them in order. Every instance it made is terminated at this test's
     teardown."""
-    from .instance import end_all
+    from .instance import end_all  # lazily: paramiko loads only when a test rents
 
     plugin = _plugin(request.config)
     run = plugin.need_run()
@@ -684,7 +659,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
             plugin.given(inst)
-            report.record_properties(request.node, inst)
+            plugin_report.record_properties(request.node, inst)
         return insts
 
     try:
@@ -702,7 +677,7 @@ def rerobots_host(rerobots_instance: Instance) -> Any:
     """A testinfra ``Host`` on the instance's SSH connection (host key pinned):
     ``rerobots_host.file("/etc/os-release").contains("Debian")``, ``.service("ssh")``,
     ``.run("uname -a")``. Needs ``pip install 'pytest-rerobots[testinfra]'``."""
-    try:
+    try:  # lazily: testinfra is an optional extra, missing in most installs
         from .testinfra_host import host_for
     except ImportError as exc:
         missing = str(exc)

@@ -32,7 +32,7 @@ from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, overload
 
-from . import keep, report
+from . import keep
 from .client import RerobotsClient
 from .ending import end_ids
 from .instance import (
@@ -46,6 +46,7 @@ from .instance import (
     wait_all,
 )
 from .ledger import Ledger
+from .records import Records
 from .settings import Secret
 from .signals import SignalGuard
 from .transcript import Transcript
@@ -96,7 +97,7 @@ class Run:
         signals: bool | SignalGuard = True,
         share_dir: str | os.PathLike[str] | None = None,
         listeners: Iterable[InstanceListener] = (),
-        records: report.Records | None = None,
+        records: Records | None = None,
         ignore_env: bool = False,
         keep_on_failure: bool = False,
         reuse: float | None = None,
@@ -109,7 +110,7 @@ class Run:
             token = os.environ.get("REROBOTS_API_TOKEN") or None
         self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
         self.run_id = run_id or str(uuid.uuid4())
-        self.records = records if records is not None else report.Records()
+        self.records = records if records is not None else Records()
         #: What tests did on this run's robots (every instance's connection records here).
         self.transcript = Transcript()
         self.listeners: list[InstanceListener] = [self.records, *listeners]

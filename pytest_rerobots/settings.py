@@ -1,9 +1,12 @@
-"""The plugin's settings, resolved in one place: command line > environment > ini > default.
+"""The plugin's settings: one table of them, resolved command line > environment > ini > default.
 
-Pure Python (no pytest): :func:`resolve` takes the three sources as plain
-mappings and returns :class:`Settings`, or raises
-:class:`~pytest_rerobots.errors.ConfigurationError` naming the option and
-where the bad value came from. The plugin turns that into ``pytest.UsageError``.
+:data:`OPTIONS` is the one table: each setting's parser, default, help and names. The
+plugin's ``--rerobots-*`` options, ini names and ``--help``, the :class:`Settings`
+defaults, the defaults of ``InstanceOptions`` and the documentation's configuration
+reference all come from it. Pure Python (no pytest): :func:`resolve` takes the three
+sources as plain mappings and returns :class:`Settings`, or raises
+:class:`~pytest_rerobots.errors.ConfigurationError` naming the option and where the bad
+value came from. The plugin turns that into ``pytest.UsageError``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,7 +25,8 @@ from .errors import ConfigurationError
 #: The rerobots API's origin.
 DEFAULT_API_URL = "https://api.rerobots.net"
 
-__all__ = ["OPTIONS", "Option", "Secret", "Settings", "resolve"]
+__all__ = ["COMMAND_LINE_ONLY", "DEFAULTS", "OPTIONS", "Option", "Secret", "Settings", "resolve",
+           "shown"]
 
 SCOPES = ("session", "module", "function")
 XDIST_MODES = ("per-worker", "shared")
@@ -56,42 +61,6 @@ class Secret:
 
     def __reduce__(self) -> Any:  # never pickled along with an object that holds it
         raise TypeError("a Secret is not pickled")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Every setting of a run, after resolution. ``token`` is never printed, and not a
-    field either (``vars(settings)`` shows only the :class:`Secret` that holds it)."""
-
-    wtype: str | None = None
-    deployment: str | None = None
-    api_url: str = DEFAULT_API_URL
-    secret: Secret | None = field(default=None, repr=False)
-    sim: bool = False
-    sim_config: Path | None = None
-    ready_timeout: float = 600.0
-    queue_timeout: float = 600.0
-    init_retries: int = 2
-    prefetch: bool = True
-    lease: int = 3600
-    keepalive_interval: float = 40.0
-    command_timeout: float = 300.0
-    allow: tuple[str, ...] = ()
-    scope: str = "session"
-    xdist: str = "per-worker"
-    require: bool = False
-    ledger: Path | None = None
-    sweep: bool = False
-    #: Keep an instance used by a failing test for debugging (docs/contract.md).
-    keep_on_failure: bool = False
-    #: Keep session instances between runs; idle ones end after this many minutes.
-    reuse: float | None = None
-    sources: Mapping[str, str] = field(default_factory=dict, repr=False)
-
-    @property
-    def token(self) -> str | None:
-        """The API token, if one is set."""
-        return self.secret.reveal() if self.secret else None
 
 
 def _text(value: Any) -> str:
@@ -209,70 +178,177 @@ def _path(value: Any) -> Path:
     return Path(_text(value)).expanduser()
 
 
+def shown(value: Any) -> str:
+    """A default as ``--help`` and the reference name it: ``600``, ``on``, ``session``."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Option:
-    """One setting and its names in each source."""
+    """One setting: how its text is read, its default, its help, and its name in each source.
+
+    The names follow from ``name``: ``--rerobots-ready-timeout``, ``REROBOTS_READY_TIMEOUT``
+    (if ``in_env``), ``rerobots_ready_timeout`` (if ``in_ini``). ``help`` may name the
+    default as ``{default}``. ``kind`` is what the command line takes: ``"value"``,
+    ``"switch"`` (nothing; ``1``/``0``, ``on``/``off``... in the environment and the ini
+    file) or ``"list"`` (one value, repeatable). ``instance``: the setting is also an
+    :class:`~pytest_rerobots.instance.InstanceOptions` field, the default of every
+    instance of a run, which takes its default from here too.
+    """
 
     name: str
-    flag: str
-    env: str | None
-    ini: str | None
     parse: Callable[[Any], Any]
+    default: Any
     help: str
+    kind: str = "value"
+    in_env: bool = False
+    in_ini: bool = True
+    instance: bool = False
+    #: What ``--help`` calls the value; by default the name (``READY-TIMEOUT``).
+    metavar: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "help", self.help.format(default=shown(self.default)))
+        if self.metavar is None and self.kind != "switch":
+            object.__setattr__(self, "metavar", self.name.upper().replace("_", "-"))
+
+    @property
+    def flag(self) -> str:
+        return "--rerobots-" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str | None:
+        return f"REROBOTS_{self.name.upper()}" if self.in_env else None
+
+    @property
+    def ini(self) -> str | None:
+        return f"rerobots_{self.name}" if self.in_ini else None
+
+    @property
+    def dest(self) -> str:
+        """Its attribute in pytest's parsed options."""
+        return f"rerobots_{self.name}"
 
 
+#: The table of settings: each resolved from the command line, the environment and the ini
+#: file (:func:`resolve`). The plugin's options and ``--help``, the defaults of
+#: :class:`Settings` and of ``InstanceOptions``, and the documentation's configuration
+#: reference (``docs/gen_ref.py``) all come from here, in this order.
 OPTIONS: tuple[Option, ...] = (
-    Option("wtype", "--rerobots-wtype", "REROBOTS_WTYPE", "rerobots_wtype", _wtype,
-           "workspace type to run on, e.g. basic_kobuki"),
-    Option("deployment", "--rerobots-deployment", "REROBOTS_DEPLOYMENT", "rerobots_deployment",
-           _text, "pin one workspace deployment (its id)"),
-    Option("api_url", "--rerobots-api-url", "REROBOTS_API_URL", "rerobots_api_url", _url,
-           f"API origin (default {DEFAULT_API_URL})"),
-    Option("sim", "--rerobots-sim", "REROBOTS_SIM", "rerobots_sim", _bool,
-           "start an embedded rerobots simulator for the session (no token needed)"),
-    Option("sim_config", "--rerobots-sim-config", None, "rerobots_sim_config", _path,
+    Option("wtype", _wtype, None, "workspace type to run on, e.g. basic_kobuki", in_env=True),
+    Option("deployment", _text, None, "pin one workspace deployment (its id)", in_env=True),
+    Option("api_url", _url, DEFAULT_API_URL, "API origin (default {default})", in_env=True),
+    Option("sim", _bool, False,
+           "start an embedded rerobots simulator for the session (no token needed)",
+           kind="switch", in_env=True),
+    Option("sim_config", _path, None,
            "the simulator's catalog (TOML); default: the built-in catalog"),
-    Option("ready_timeout", "--rerobots-ready-timeout", None, "rerobots_ready_timeout",
-           _seconds(0.001), "seconds to wait for an instance to become READY (default 600)"),
-    Option("queue_timeout", "--rerobots-queue-timeout", None, "rerobots_queue_timeout",
-           _seconds(0), "seconds to wait for a busy robot: in a deployment's queue, or "
-           "while the service still releases it after a terminate (default 600; 0 fails "
-           "at once)"),
-    Option("init_retries", "--rerobots-init-retries", None, "rerobots_init_retries",
-           _count, "times an instance that failed to start (INIT_FAIL, or INIT past the "
-           "ready timeout) is ended and rented again (default 2)"),
-    Option("prefetch", "--rerobots-prefetch", None, "rerobots_prefetch", _bool,
+    Option("ready_timeout", _seconds(0.001), 600.0,
+           "seconds to wait for an instance to become READY (default {default})",
+           instance=True),
+    Option("queue_timeout", _seconds(0), 600.0,
+           "seconds to wait for a busy robot: in a deployment's queue, or while the service "
+           "still releases it after a terminate (default {default}; 0 fails at once)",
+           instance=True),
+    Option("init_retries", _count, 2,
+           "times an instance that failed to start (INIT_FAIL, or INIT past the ready "
+           "timeout) is ended and rented again (default {default})", instance=True),
+    Option("prefetch", _bool, True,
            "on (default) or off: when the first test needs a session-scoped instance, "
            "start renting every workspace type the selected tests need, at once"),
-    Option("lease", "--rerobots-lease", None, "rerobots_lease", _lease,
+    Option("lease", _lease, 3600,
            "expire_d sent with every instance request: the server ends it after this many "
-           "seconds whatever happens (default 3600)"),
-    Option("keepalive_interval", "--rerobots-keepalive-interval", None,
-           "rerobots_keepalive_interval", _seconds(0.05),
-           "seconds between keepalive pings (default 40; the server ends an instance "
-           "60 s after the last one)"),
-    Option("command_timeout", "--rerobots-command-timeout", None, "rerobots_command_timeout",
-           _seconds(0.001), "seconds a command run on a robot may take when the test names "
-           "no timeout (default 300; run(..., timeout=None) waits for ever)"),
-    Option("allow", "--rerobots-allow", None, "rerobots_allow", _cidrs,
-           "firewall source (CIDR) to accept; repeatable (default: this runner's address)"),
-    Option("scope", "--rerobots-scope", None, "rerobots_scope", _choice(SCOPES),
-           "lifetime of rerobots_instance: session, module or function (default session)"),
-    Option("xdist", "--rerobots-xdist", None, "rerobots_xdist", _choice(XDIST_MODES),
+           "seconds whatever happens (default {default})", instance=True),
+    Option("keepalive_interval", _seconds(0.05), 40.0,
+           "seconds between keepalive pings (default {default}; the server ends an instance "
+           "60 s after the last one)", instance=True),
+    Option("command_timeout", _seconds(0.001), 300.0,
+           "seconds a command run on a robot may take when the test names no timeout "
+           "(default {default}; run(..., timeout=None) waits for ever)", instance=True),
+    Option("allow", _cidrs, (),
+           "firewall source (CIDR) to accept; repeatable (default: this runner's address)",
+           kind="list", instance=True, metavar="CIDR"),
+    Option("scope", _choice(SCOPES), "session",
+           "lifetime of rerobots_instance: session, module or function (default {default})"),
+    Option("xdist", _choice(XDIST_MODES), "per-worker",
            "under pytest-xdist: per-worker (default) or shared instances"),
-    Option("require", "--rerobots-require", None, "rerobots_require", _bool,
-           "with no token and no simulator, error instead of skipping"),
-    Option("ledger", "--rerobots-ledger", "REROBOTS_LEDGER", "rerobots_ledger", _path,
-           "record of every instance this checkout rented (default: in pytest's cache dir)"),
-    Option("keep_on_failure", "--rerobots-keep-on-failure", None, "rerobots_keep_on_failure",
-           _bool, "do not terminate an instance used by a failing test: print an ssh command "
-           "to log in to it, and how to end it (pytest --rerobots-sweep)"),
-    Option("reuse", "--rerobots-reuse", None, "rerobots_reuse", _minutes,
-           "keep session instances for the next run of this checkout, which attaches to "
-           "them instead of renting; one no run attaches to ends after this many minutes "
+    Option("require", _bool, False, "with no token and no simulator, error instead of skipping",
+           kind="switch"),
+    Option("ledger", _path, None,
+           "record of every instance this checkout rented (default: in pytest's cache dir)",
+           in_env=True),
+    Option("keep_on_failure", _bool, False,
+           "do not terminate an instance used by a failing test: print an ssh command to log "
+           "in to it, and how to end it (pytest --rerobots-sweep)", kind="switch"),
+    Option("reuse", _minutes, None,
+           "keep session instances for the next run of this checkout, which attaches to them "
+           "instead of renting; one no run attaches to ends after this many minutes "
            "(fractions allowed; ignored under CI=true)"),
 )
 
+#: Options of the command line only, after the settings: the token's file (read by
+#: :func:`resolve`, never kept) and two actions that run instead of the tests.
+COMMAND_LINE_ONLY: tuple[Option, ...] = (
+    Option("token_file", _path, None,
+           "read the API token from this file (default: env REROBOTS_API_TOKEN)",
+           in_ini=False, metavar="PATH"),
+    Option("sweep", _bool, False,
+           "terminate every live instance in the ledger, print what it did, exit",
+           kind="switch", in_ini=False),
+    Option("list", _bool, False,
+           "print the workspace types, their deployments with region and queue length, and "
+           "your live instances (with a token), then exit", kind="switch", in_ini=False),
+)
+
+#: The table's default of each option, by name.
+DEFAULTS: Mapping[str, Any] = MappingProxyType(
+    {opt.name: opt.default for opt in (*OPTIONS, *COMMAND_LINE_ONLY)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a run, after resolution; the defaults are the table's
+    (:data:`OPTIONS`). ``token`` is never printed, and not a field either
+    (``vars(settings)`` shows only the :class:`Secret` that holds it)."""
+
+    wtype: str | None = DEFAULTS["wtype"]
+    deployment: str | None = DEFAULTS["deployment"]
+    api_url: str = DEFAULTS["api_url"]
+    secret: Secret | None = field(default=None, repr=False)
+    sim: bool = DEFAULTS["sim"]
+    sim_config: Path | None = DEFAULTS["sim_config"]
+    ready_timeout: float = DEFAULTS["ready_timeout"]
+    queue_timeout: float = DEFAULTS["queue_timeout"]
+    init_retries: int = DEFAULTS["init_retries"]
+    prefetch: bool = DEFAULTS["prefetch"]
+    lease: int = DEFAULTS["lease"]
+    keepalive_interval: float = DEFAULTS["keepalive_interval"]
+    command_timeout: float = DEFAULTS["command_timeout"]
+    allow: tuple[str, ...] = DEFAULTS["allow"]
+    scope: str = DEFAULTS["scope"]
+    xdist: str = DEFAULTS["xdist"]
+    require: bool = DEFAULTS["require"]
+    ledger: Path | None = DEFAULTS["ledger"]
+    sweep: bool = DEFAULTS["sweep"]
+    #: Keep an instance used by a failing test for debugging (docs/contract.md).
+    keep_on_failure: bool = DEFAULTS["keep_on_failure"]
+    #: Keep session instances between runs; idle ones end after this many minutes.
+    reuse: float | None = DEFAULTS["reuse"]
+    sources: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def token(self) -> str | None:
+        """The API token, if one is set."""
+        return self.secret.reveal() if self.secret else None
+
+    def instance_options(self) -> dict[str, Any]:
+        """The settings that are the defaults of every instance (the table's ``instance``
+        column), by name: keywords for ``Run`` and ``InstanceOptions.updated``."""
+        return {opt.name: getattr(self, opt.name) for opt in OPTIONS if opt.instance}
 
 def resolve(
     cli: Mapping[str, Any],

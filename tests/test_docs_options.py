@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from pytest_rerobots.errors import ConfigurationError
-from pytest_rerobots.settings import resolve
+from pytest_rerobots.options import InstanceOptions
+from pytest_rerobots.settings import OPTIONS, Settings, resolve
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,6 +101,14 @@ def test_a_default_that_help_names_is_the_references(flag: str, options):
     named = re.findall(r"\(default ([^;)]+)[;)]", text) + re.findall(r"(\S+) \(default\)", text)
     for value in named:
         assert row.default.strip("`") == value, (flag, row.default, text)
+
+
+@pytest.mark.parametrize("opt", OPTIONS, ids=lambda opt: opt.name)
+def test_the_references_default_is_that_of_settings_and_of_every_instance(opt):
+    row = ROWS[opt.flag]
+    assert row.default == gen_ref._shown(getattr(Settings(), opt.name))
+    if opt.instance:
+        assert getattr(InstanceOptions(), opt.name) == getattr(Settings(), opt.name)
 
 
 @pytest.mark.parametrize("flag", sorted(f for f, row in ROWS.items() if row.env))

@@ -105,3 +105,68 @@ def test_the_plugin_object_holds_no_plain_token(pytester, monkeypatch) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+# -- the table: the one place of every default ----------------------------------------
+
+
+def test_every_setting_of_the_table_is_a_settings_field_with_the_tables_default():
+    from dataclasses import fields
+
+    from pytest_rerobots.settings import COMMAND_LINE_ONLY, OPTIONS, Settings
+
+    defaults = {f.name: f.default for f in fields(Settings)}
+    for opt in OPTIONS:
+        assert defaults[opt.name] == opt.default, opt.name
+    assert defaults["sweep"] is next(o for o in COMMAND_LINE_ONLY if o.name == "sweep").default
+
+
+def test_the_instance_column_marks_the_settings_that_are_instance_options():
+    from dataclasses import fields
+
+    from pytest_rerobots.options import InstanceOptions
+    from pytest_rerobots.settings import OPTIONS, Settings
+
+    instance_fields = {f.name for f in fields(InstanceOptions)}
+    marked = {opt.name for opt in OPTIONS if opt.instance}
+    assert marked == instance_fields & {opt.name for opt in OPTIONS}
+    assert set(Settings().instance_options()) == marked
+    # The same defaults: a Run without pytest rents like a pytest run without options.
+    assert InstanceOptions().updated(**Settings().instance_options()) == InstanceOptions()
+
+
+def test_the_ssh_default_command_timeout_is_the_tables():
+    # ssh.py keeps a copy of its own (a connection made without a Run uses it).
+    from pytest_rerobots import ssh
+    from pytest_rerobots.settings import DEFAULTS
+
+    assert ssh.DEFAULT_COMMAND_TIMEOUT == DEFAULTS["command_timeout"]
+
+
+def test_a_default_the_help_names_is_the_tables():
+    import re
+
+    from pytest_rerobots.settings import OPTIONS, shown
+
+    for opt in OPTIONS:
+        named = re.findall(r"\(default ([^;)]+)[;)]", opt.help)
+        named += re.findall(r"(\S+) \(default\)", opt.help)
+        for value in named:
+            assert value == shown(opt.default), (opt.name, opt.help)
+
+
+def test_instance_keywords_that_are_not_options_are_read_from_its_fields():
+    from dataclasses import fields
+
+    from pytest_rerobots.instance import _OWN_KEYWORDS, Instance
+    from pytest_rerobots.options import InstanceOptions
+
+    init = {f.name for f in fields(Instance) if f.init}
+    assert set(_OWN_KEYWORDS) == init - {"client", "target", "options"}
+    assert {"wtype", "existing", "sleep", "keep_hook"} <= set(_OWN_KEYWORDS)
+    assert not set(_OWN_KEYWORDS) & {f.name for f in fields(InstanceOptions)}
+    built = Instance.build(None, "basic_kobuki", wtype="basic_kobuki",  # type: ignore[arg-type]
+                           existing="x", ready_timeout=5)
+    assert (built.wtype, built.existing, built.options.ready_timeout) == ("basic_kobuki", "x", 5)
+    with pytest.raises(TypeError, match="unknown instance option 'ready_timout'"):
+        Instance.build(None, "basic_kobuki", ready_timout=5)  # type: ignore[arg-type]

@@ -1,5 +1,10 @@
-"""What a run tells its user: live progress, short failure reports, the terminal
-summary, JUnit properties and the GitHub step summary. Never the token."""
+"""What the pytest plugin tells its user: live progress, short failure reports, the
+terminal summary, JUnit properties and the GitHub step summary. Never the token.
+
+The pytest half of reporting, beside :mod:`.plugin`, its only user; what it reports
+on is the run's :class:`~pytest_rerobots.records.Records`, which the engine keeps
+without pytest.
+"""
 
 from __future__ import annotations
 
@@ -12,58 +17,32 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from xml.etree import ElementTree
 
+import _pytest
+import pluggy
+import pytest
+
+from .keep import purpose
 from .outcome import ENDED_OUTCOMES, Outcome
+from .records import Records
 from .textsafe import commands_stopped, md_cell, md_code, one_line
 
-if TYPE_CHECKING:  # pytest's objects (this module does not import pytest), and ours
-    import pytest
+try:  # junitxml has no public way to add a system-out element
+    from _pytest.junitxml import bin_xml_escape, xml_key
+except ImportError:  # pragma: no cover (a pytest that moved it)
+    bin_xml_escape = xml_key = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
     from .instance import FailedRental, Instance
 
-__all__ = ["Progress", "Records", "Tally", "github_step_summary", "record_properties", "redact",
-           "short_failure", "terminal_summary"]
+__all__ = ["TRANSCRIPT_KEY", "Progress", "Tally", "github_step_summary", "junit_transcript",
+           "record_properties", "redact", "rows", "short_failure", "terminal_summary"]
 
 #: In a CI log (no terminal), print a progress line at most this often.
 CI_PROGRESS_EVERY = 10.0
-
-
-class Records:
-    """An instance listener that remembers every instance of the run, for the summary."""
-
-    def __init__(self) -> None:
-        self.instances: list[Instance] = []
-        self.leftovers: dict[str, str] = {}
-        # Rows sent by xdist workers (their instances live in their processes).
-        self.remote_rows: list[tuple[str, ...]] = []
-        self._lock = threading.Lock()
-
-    def rented(self, instance: Instance) -> None:
-        with self._lock:
-            if instance not in self.instances:
-                self.instances.append(instance)
-
-    def progress(self, instance: Instance) -> None:
-        pass
-
-    def ended(self, instance: Instance) -> None:
-        # An instance attached to (shared under xdist) was never "rented" here.
-        self.rented(instance)
-
-    def replaced(self, instance: Instance, failed: FailedRental) -> None:
-        pass  # the summary reads ``instance.failed_rentals``
-
-    def reserved(self, instance: Instance, reservation: str) -> None:
-        pass
-
-    def unreserved(self, instance: Instance, reservation: str) -> None:
-        pass
-
-    def note_leftover(self, instance_id: str, outcome: str) -> None:
-        """An instance a worker rented and never ended, ended (or not) by the controller."""
-        self.leftovers[instance_id] = outcome
-
 
 
 def _line(instance: Instance, waited: float) -> str:
@@ -205,8 +184,6 @@ def _ended(instance: Instance) -> str:
         return f"{instance.outcome}: {instance.failure}"
     # Kept after the run, or attached to from an earlier run (--rerobots-keep-on-failure,
     # --rerobots-reuse): e.g. "kept (for reuse; reused)".
-    from .keep import purpose
-
     notes = [f"for {purpose(instance.keep_for)}"] if instance.outcome == Outcome.KEPT else []
     if instance.reused:
         notes.append("reused")
@@ -336,9 +313,6 @@ def short_failure(excinfo: pytest.ExceptionInfo[BaseException], config: pytest.C
     style = config.getoption("tbstyle", "auto")
     if style in ("line", "no", "native"):
         return None
-    import _pytest
-    import pluggy
-
     internal = [Path(m.__file__ or "").resolve().parent for m in (_pytest, pluggy)]
     kept = []
     for entry in excinfo.traceback:
@@ -351,3 +325,23 @@ def short_failure(excinfo: pytest.ExceptionInfo[BaseException], config: pytest.C
         style="short" if style == "short" else "long",
         showlocals=bool(config.getoption("showlocals", False)),
         tbfilter=lambda _info: mine, chain=False, funcargs=True)
+
+
+#: The key of the transcript's report section: pytest names it "Captured <key> <when>".
+TRANSCRIPT_KEY = "rerobots transcript"
+
+
+def junit_transcript(config: pytest.Config, rep: pytest.TestReport) -> None:
+    """Put the test's transcript sections into its JUnit XML ``system-out`` (when
+    ``--junitxml`` is on), whatever ``junit_logging`` says: it is what the test did
+    on the robot, not the test's own output."""
+    text = "\n".join(content for name, content in rep.sections
+                     if name.startswith(f"Captured {TRANSCRIPT_KEY} "))
+    if not text or xml_key is None:
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    node = ElementTree.Element("system-out")
+    node.text = bin_xml_escape(text)
+    xml.node_reporter(rep).append(node)
