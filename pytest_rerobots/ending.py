@@ -18,11 +18,11 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
-from . import retry
 from .errors import BusyWorkspaceInstance, ConfigurationError, InstanceNotFound, NotFound
 from .outcome import ENDED_OUTCOMES, Outcome
 
 if TYPE_CHECKING:
+    from . import retry
     from .client import RerobotsClient
 
 __all__ = ["end", "end_ids"]
@@ -55,6 +55,10 @@ def end(
     s (the server inserts the instance after answering ``POST /new``).
     """
     begun = time.monotonic()
+    # Lazily: tenacity loads with the first end, not with every pytest run (the plugin
+    # imports this module through the kept-instance store).
+    from . import retry
+
     for attempt in retry.terminating(deadline=deadline, sleep=sleep):
         with attempt:
             try:
