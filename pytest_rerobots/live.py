@@ -458,12 +458,6 @@ class Forward:
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)  # wakes the other copier
 
-    @property
-    def connections(self) -> int:
-        """How many forwarded connections are open now."""
-        with self._lock:
-            return len(self._pairs)
-
     def close(self) -> None:
         """Stop listening and close every forwarded connection. Idempotent."""
         if self._closed.is_set():
