@@ -34,16 +34,8 @@ from typing import Any, overload
 
 from . import guard, keep, report
 from .client import RerobotsClient
-from .instance import (
-    ENDED_OUTCOMES,
-    Instance,
-    InstanceListener,
-    InstanceOptions,
-    Outcome,
-    end_all,
-    start_all,
-    wait_all,
-)
+from .fleet import end_all, start_all, wait_all
+from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions, Outcome
 from .settings import Secret
 from .share import SharedPool
 from .transcript import Transcript
@@ -201,7 +193,7 @@ class Run:
 
         With several targets, they are rented, readied, firewalled and connected
         concurrently and returned in order; if one fails, the others are ended and
-        the error names the one that failed (:func:`.instance.start_all`).
+        the error names the one that failed (:func:`.fleet.start_all`).
         """
         if more and deployment is not None:
             raise TypeError("deployment= pins one target: with several, name deployment ids")
