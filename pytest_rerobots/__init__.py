@@ -36,7 +36,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .channel import CommandResult
     from .client import RerobotsClient
-    from .instance import Instance, InstanceOptions
+    from .instance import Instance, InstanceOptions, acquire
     from .live import Forward, Process
     from .outcome import Outcome
     from .run import Run
@@ -52,6 +52,7 @@ _LAZY = {
     "Process": "live",
     "RerobotsClient": "client",
     "Run": "run",
+    "acquire": "instance",
 }
 
 
@@ -101,4 +102,5 @@ __all__ = [
     "TransportError",
     "WrongAuthToken",
     "__version__",
+    "acquire",
 ]

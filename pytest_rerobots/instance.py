@@ -2,7 +2,7 @@
 
 A context manager usable without pytest::
 
-    with RerobotsClient() as api, api.acquire("basic_kobuki") as robot:
+    with RerobotsClient() as api, acquire(api, "basic_kobuki") as robot:
         robot.run("uname -a", check=True)
 
 ``__enter__`` rents, waits for READY, opens the firewall and connects SSH; if
@@ -56,6 +56,7 @@ __all__ = [
     "InstanceOptions",
     "Outcome",
     "Timings",
+    "acquire",
     "end",
     "end_all",
     "start_all",
@@ -622,3 +623,15 @@ class Instance:
         if errors:
             raise errors[0]
 
+
+def acquire(client: RerobotsClient, target: str, **settings: Any) -> Instance:
+    """An unstarted :class:`Instance` for ``target`` (a workspace type or a deployment id)
+    rented through ``client``, a context manager; ``settings`` name :class:`InstanceOptions`
+    fields (``ready_timeout=...``) or the instance's own keywords (:meth:`Instance.build`).
+
+    The bare building block: the instance has its own ``try/finally``, keepalive
+    and lease, but no ledger, watchdog or signal guard, so a SIGKILL of this
+    process leaves it to the server's keepalive. :class:`pytest_rerobots.Run`
+    adds those layers.
+    """
+    return Instance.build(client, target, **settings)

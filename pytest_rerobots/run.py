@@ -8,7 +8,7 @@
         with run.acquire("basic_kobuki") as robot:    # started: READY, firewall open, SSH
             robot.run("uname -a", check=True)
 
-A :class:`Run` owns what :meth:`.RerobotsClient.acquire` leaves out: the ledger
+A :class:`Run` owns what :func:`.instance.acquire` leaves out: the ledger
 (layer 5), the watchdog process that ends what a killed run held (layer 3), the
 signal guard that turns SIGTERM and SIGHUP into ``KeyboardInterrupt`` (layer 2),
 the pool of instances held for a scope, the pool shared by xdist workers, and
