@@ -150,11 +150,6 @@ class Run:
 
     # -- instances ------------------------------------------------------------
 
-    @property
-    def can_rent(self) -> bool:
-        """Whether the client has a token (without one, every rental is refused)."""
-        return self.client.has_token
-
     def instance(self, target: str, *, deployment: str | None = None,
                  **settings: Any) -> Instance:
         """An unstarted :class:`.Instance` of ``target`` (a workspace type; or rent
