@@ -204,6 +204,7 @@ def _client(settings: Settings) -> Iterator[tuple[RerobotsClient, str]]:
 @contextmanager
 def _simulator(config: Path | None) -> Iterator[tuple[str, str]]:
     try:
+        # Lazy: only --rerobots-sim needs the simulator, and its extras may be absent.
         from .sim import Simulator
     except ImportError as exc:
         raise ConfigurationError(
