@@ -72,7 +72,6 @@ class CommandResult:
         return self.exit_status == 0
 
 
-
 def describe(exc: BaseException | None) -> str:
     """What went wrong, in a few words, for a message (socket timeouts as "timed out")."""
     if exc is None:
@@ -81,7 +80,6 @@ def describe(exc: BaseException | None) -> str:
     if isinstance(exc, (socket.timeout, TimeoutError)) and text == "timed out":
         return "timed out"
     return text
-
 
 
 def run(

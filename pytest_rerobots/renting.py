@@ -49,8 +49,8 @@ __all__ = ["ENDED", "FailedRental", "Keepalive", "Renter", "closest_first"]
 # The instance's logger still: what renting logs is about the instance, and filters know it.
 log = logging.getLogger("pytest_rerobots.instance")
 
+#: Statuses that end a wait for READY: the instance will never be usable.
 ENDED = ("INIT_FAIL", "TERMINATING", "TERMINATED")
-
 
 #: Seconds spent looking for what a ``POST /new`` interrupted by Ctrl-C made.
 INTERRUPTED_NEW_LOOKS = 3.0
@@ -74,10 +74,10 @@ def _explained(error: _E, hint: str, sep: str = "\n") -> _E:
     return again
 
 
-
 @dataclass
 class FailedRental:
-    """An instance rented for an :class:`Instance` that never became READY, and ended."""
+    """An instance rented for an :class:`~pytest_rerobots.instance.Instance` that never
+    became READY, and ended."""
 
     id: str
     deployment: str | None
@@ -85,8 +85,6 @@ class FailedRental:
     #: The last status seen: INIT_FAIL, or INIT (or unknown) past the ready timeout.
     status: str
     outcome: Outcome | None = None
-
-
 
 
 class Renter:
@@ -103,23 +101,19 @@ class Renter:
 
     @property
     def client(self) -> RerobotsClient:
-        inst = self.inst
-        return inst.client
+        return self.inst.client
 
     @property
     def options(self) -> InstanceOptions:
-        inst = self.inst
-        return inst.options
+        return self.inst.options
 
     @property
     def target(self) -> str:
-        inst = self.inst
-        return inst.target
+        return self.inst.target
 
     @property
     def label(self) -> str:
-        inst = self.inst
-        return inst.label
+        return self.inst.label
 
     # -- POST /new, and what a lost or interrupted one made --------------------
 
