@@ -34,17 +34,17 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .channel import CommandResult
     from .client import RerobotsClient
-    from .instance import Instance, InstanceOptions
+    from .instance import Instance, InstanceOptions, acquire
     from .live import Forward, Process
     from .outcome import Outcome
     from .run import Run
-    from .ssh import CommandResult
 
 # The rest loads on first use: requests, paramiko and tenacity are not imported by
 # every pytest run that merely has the plugin installed (see docs/architecture.md).
 _LAZY = {
-    "CommandResult": "ssh",
+    "CommandResult": "channel",
     "Forward": "live",
     "Instance": "instance",
     "InstanceOptions": "instance",
@@ -52,6 +52,7 @@ _LAZY = {
     "Process": "live",
     "RerobotsClient": "client",
     "Run": "run",
+    "acquire": "instance",
 }
 
 
@@ -101,4 +102,5 @@ __all__ = [
     "TransportError",
     "WrongAuthToken",
     "__version__",
+    "acquire",
 ]

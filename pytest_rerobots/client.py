@@ -682,18 +682,13 @@ class RerobotsClient:
                       idempotent=False, pace=False)
 
     def acquire(self, target: str, **settings: Any) -> Instance:
-        """An unstarted :class:`~pytest_rerobots.instance.Instance` for ``target`` (a
-        workspace type or a deployment id), a context manager; ``settings`` name
-        :class:`~pytest_rerobots.instance.InstanceOptions` fields (``ready_timeout=...``).
+        """Deprecated: :func:`pytest_rerobots.acquire` (``acquire(client, target,
+        **settings)``) makes the instance; the client only speaks HTTP."""
+        # Kept only until the last callers (outside this module's owners' files) move to
+        # pytest_rerobots.acquire; it is the one import of the instance layer from here.
+        from .instance import acquire
 
-        The bare building block: the instance has its own ``try/finally``, keepalive
-        and lease, but no ledger, watchdog or signal guard, so a SIGKILL of this
-        process leaves it to the server's keepalive. :class:`pytest_rerobots.Run`
-        adds those layers.
-        """
-        from .instance import Instance
-
-        return Instance.build(self, target, **settings)
+        return acquire(self, target, **settings)
 
     # -- firewall -------------------------------------------------------------
 

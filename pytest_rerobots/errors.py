@@ -49,7 +49,7 @@ from .textsafe import block_lines, fence_prefixed
 from .transcript import tail
 
 if TYPE_CHECKING:
-    from .ssh import CommandResult
+    from .channel import CommandResult
 
 __all__ = [
     "APIError",

@@ -2,13 +2,18 @@
 
 A context manager usable without pytest::
 
-    with RerobotsClient() as api, api.acquire("basic_kobuki") as robot:
+    with RerobotsClient() as api, acquire(api, "basic_kobuki") as robot:
         robot.run("uname -a", check=True)
 
 ``__enter__`` rents, waits for READY, opens the firewall and connects SSH; if
 any step fails after ``POST /new`` answered, the instance is terminated before
 the error propagates (Ctrl-C included). ``__exit__`` and :meth:`terminate`
 are idempotent.
+
+The instance holds its state, starts and ends, attaches to an instance rented
+elsewhere (or kept by an earlier run), and fronts its SSH connection. Renting it
+(queues, reservations, failed starts, a lost ``POST /new``, keepalive, the READY
+wait) is :mod:`.renting`'s; starting and ending several at once, :mod:`.fleet`'s.
 """
 
 from __future__ import annotations
@@ -20,30 +25,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol
 
 import paramiko
-import tenacity
 
 from . import retry, ssh
 from .ending import end
-from .errors import (
-    APIError,
-    BusyWorkspaceDeployment,
-    DeploymentNotFound,
-    InstanceError,
-    InstanceFailed,
-    InstanceNotFound,
-    InstanceTimeout,
-    MalformedResponse,
-    NotFound,
-    RerobotsError,
-    ReservationNotFound,
-    SSHConnectError,
-    UnreadableNewAnswer,
-)
+from .errors import InstanceError, InstanceFailed, MalformedResponse, RerobotsError, SSHConnectError
+from .fleet import Aborted, end_all, start_all
 from .options import ConstructorKeywords, InstanceOptions
 from .outcome import ENDED_OUTCOMES, Outcome
+from .renting import FailedRental, Keepalive, Renter
 from .ssh import DEFAULT as DEFAULT_TIMEOUT
 from .ssh import Timeout
 from .transcript import Transcript
@@ -51,9 +43,11 @@ from .wire import is_uuid
 
 if TYPE_CHECKING:
     from . import live
-    from .client import NewInstance, RerobotsClient
+    from .client import RerobotsClient
     from .ssh import CommandResult
 
+# Aborted, FailedRental, end_all and start_all are fleet's and renting's; named here too,
+# where the code that starts and observes instances has always found them.
 __all__ = [
     "ENDED_OUTCOMES",
     "Aborted",
@@ -63,14 +57,13 @@ __all__ = [
     "InstanceOptions",
     "Outcome",
     "Timings",
+    "acquire",
     "end",
     "end_all",
     "start_all",
 ]
 
 log = logging.getLogger("pytest_rerobots.instance")
-
-ENDED = ("INIT_FAIL", "TERMINATING", "TERMINATED")
 
 
 #: ``Instance`` keywords that are not options (see :meth:`Instance.build`): its constructor's
@@ -92,17 +85,6 @@ def _private_key(text: str) -> paramiko.PKey:
         except (paramiko.SSHException, ValueError):
             continue
     raise MalformedResponse("GET /instance/:id/sshkey: not a private key paramiko can read")
-
-
-_E = TypeVar("_E", bound=APIError)
-
-
-def _explained(error: _E, hint: str, sep: str = "\n") -> _E:
-    """A copy of the API error ``error`` whose message goes on with ``hint``."""
-    again = type(error)(error.message, status=error.status, payload=error.payload,
-                        method=error.method, path=error.path)
-    again.args = (f"{error}{sep}{hint}",)
-    return again
 
 
 class InstanceListener(Protocol):
@@ -127,25 +109,6 @@ class InstanceListener(Protocol):
         """The reservation was cancelled: nothing was rented."""
 
 
-class Aborted(BaseException):
-    """A start called off from another thread (a sibling's failure, or Ctrl-C in the
-    thread that started them). A BaseException, like KeyboardInterrupt, so that nothing
-    on the way mistakes it for an error to retry; :meth:`Instance.start` ends what was
-    rented before it propagates."""
-
-
-@dataclass
-class FailedRental:
-    """An instance rented for an :class:`Instance` that never became READY, and ended."""
-
-    id: str
-    deployment: str | None
-    region: str | None
-    #: The last status seen: INIT_FAIL, or INIT (or unknown) past the ready timeout.
-    status: str
-    outcome: Outcome | None = None
-
-
 @dataclass
 class Timings:
     """Seconds spent at each stage, for reports."""
@@ -155,53 +118,6 @@ class Timings:
     held: float = 0.0
     ready_at: float | None = None
     ended_at: float | None = None
-
-
-#: Seconds spent looking for what a ``POST /new`` interrupted by Ctrl-C made.
-INTERRUPTED_NEW_LOOKS = 3.0
-
-#: Seconds between status polls under ``fast_polling`` (a simulator, where calls are free).
-FAST_POLL = 0.05
-
-
-def poll_interval(waited: float, time_left: float, rate: Any, now: float,
-                  fast: bool = False) -> float:
-    """Seconds until the next status poll, ``waited`` s into a wait with ``time_left`` s.
-
-    The real API's budget is 3600 calls an hour per token, shared by every job
-    using it, so polls are frugal: at 0.25 s and 1 s (a quick host), then every
-    2 s so that READY is noticed within 2 s. If the ``X-RateLimit-*`` budget
-    (``rate``, keeping 20 calls for teardown) cannot pay for that until the wait
-    ends or the window resets, polls are spread evenly over what is left.
-    ``fast`` polls every 50 ms instead (the embedded simulator).
-    """
-    if fast:
-        base = FAST_POLL
-    else:
-        base = 0.25 if waited < 0.25 else 0.75 if waited < 1.0 else 2.0
-    if rate is not None and rate.reset > now:
-        horizon = max(0.0, min(rate.reset - now, time_left))
-        spare = rate.remaining - 20
-        if spare <= 0:
-            # Spent (or down to the teardown's share): wait for the reset in steps, so that
-            # the progress line says so and the ready timeout still bounds the wait.
-            return max(FAST_POLL, min(horizon, RATE_STEP))
-        if spare * base < horizon:
-            base = max(base, horizon / max(spare, 1))
-    return base
-
-
-#: The longest single sleep while the rate-limit budget is spent.
-RATE_STEP = 5.0
-
-
-def rate_wait(rate: Any, now: float) -> str | None:
-    """What the progress line says while the budget is spent (``Remaining: 0`` with a
-    ``Reset`` to come), or None while there is budget."""
-    if rate is None or rate.remaining > 0 or rate.reset <= now:
-        return None
-    at = time.strftime("%H:%M:%S", time.gmtime(rate.reset))
-    return f"API rate limit spent: waiting for its reset at {at} UTC, in {rate.reset - now:.0f} s"
 
 
 def _source_address(host: str, port: int) -> str | None:
@@ -297,9 +213,7 @@ class Instance:
     #: How many times its connection was used (commands, transfers, ``ssh``/``sftp``).
     uses: int = field(default=0, init=False, repr=False)
     _connection: ssh.Connection | None = field(default=None, init=False, repr=False)
-    _stop_keepalive: threading.Event = field(default_factory=threading.Event, init=False,
-                                             repr=False)
-    _keepalive: threading.Thread | None = field(default=None, init=False, repr=False)
+    _keepalive: Keepalive = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
     _up: bool = field(default=False, init=False, repr=False)
@@ -309,6 +223,7 @@ class Instance:
     _abort: threading.Event | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._keepalive = Keepalive(self)
         self.listeners = list(self.listeners)
         if isinstance(self.options, Mapping):  # a plain dict of settings is welcome too
             self.options = InstanceOptions().updated(**self.options)
@@ -396,7 +311,7 @@ class Instance:
             self.pkey, self.public_key, self.private_key_text = ssh.generate_client_key_text()
         elif self.public_key is None:
             self.public_key = f"{self.pkey.get_name()} {self.pkey.get_base64()}"
-        self._rent_until_ready()
+        Renter(self).rent_until_ready()
         self._open_firewall()
         if self.options.connect:
             self._connect()
@@ -408,8 +323,8 @@ class Instance:
         self.status = "INIT"
         # Listeners learn of it as of a rented one (this process now helps hold it).
         self._emit("rented")
-        self._start_keepalive()
-        self._wait_ready()
+        self._keepalive.start()
+        Renter(self).wait_ready()
         if self.options.connect:
             if self.pkey is None:
                 self.pkey = _private_key(self.client.instance_sshkey(ident))
@@ -428,7 +343,7 @@ class Instance:
         self.details = info
         self.status = str(info.get("status"))
         self._emit("rented")  # the ledger and the watchdog hold it for this run now
-        self._start_keepalive()
+        self._keepalive.start()
         if self.status != "READY":
             raise InstanceFailed(f"kept instance {ident} of {self.label} is {self.status}, "
                                  "not READY", instance_id=ident, status=self.status)
@@ -450,426 +365,6 @@ class Instance:
             raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
                                  instance_id=ident, status=self.status)
         self.reused = True
-
-    # -- steps ----------------------------------------------------------------
-
-    def _new(self, target: str, *, reserve: bool | None = None,
-             wds: Sequence[str] | None = None) -> NewInstance:
-        """``POST /new``; a 5xx that reconciliation showed created nothing is sent again
-        a few times with backoff (never blindly: the client looked first)."""
-        first_sent = self.client.clock()
-        for attempt in retry.renting(fast=self.options.fast_polling, sleep=self._nap):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1 and not reserve:
-                    # One more look first: the server lists what it made only after its
-                    # 404 window, which may outlast the client's own looks.
-                    found = self.client.find_new_instance(target, first_sent, self._known_ids)
-                    if found is not None:
-                        from .client import NewInstance
-
-                        return NewInstance(success=True, id=found, reconciled=True)
-                return self._new_once(target, reserve=reserve, wds=wds)
-        raise AssertionError("unreachable")  # pragma: no cover (reraise=True)
-
-    def _new_once(self, target: str, *, reserve: bool | None,
-                  wds: Sequence[str] | None) -> NewInstance:
-        sent_at = self.client.clock()
-        try:
-            return self.client.new_instance(
-                target, sshkey=self.public_key, expire_d=self.options.lease, keepalive=True,
-                reserve=reserve, wds=wds, known_ids=self._known_ids,
-            )
-        except UnreadableNewAnswer as unreadable:
-            # The server acted on it but its answer cannot be read: what reconciliation
-            # found is this instance's now, so that start() ends it at once (and the
-            # summary says it was rented and terminated, not "never rented").
-            if unreadable.made is not None:
-                self._rented(unreadable.made)
-            raise
-        except KeyboardInterrupt:
-            # Ctrl-C while POST /new was in flight: the server may have acted. A quick
-            # look, so that what it made is ended now, not a keepalive window later.
-            # (Not for a reservation: what GET /instances lists then is the robot's
-            # current holder, perhaps another job on the same token.)
-            if not reserve:
-                self._claim_interrupted_new(target, sent_at)
-            raise
-
-    def _claim_interrupted_new(self, target: str, sent_at: float) -> None:
-        # The server lists a new instance only once its launch task has inserted it,
-        # a moment after answering: a few quick looks, at most INTERRUPTED_NEW_LOOKS s.
-        found = None
-        deadline = time.monotonic() + min(INTERRUPTED_NEW_LOOKS, self.options.notfound_grace)
-        while found is None:
-            try:
-                found = self.client.find_new_instance(target, sent_at, self._known_ids)
-            except Exception as exc:  # nothing may replace the KeyboardInterrupt
-                log.warning("after Ctrl-C during POST /new/%s: %s", target, exc)
-                return
-            if found is None:
-                if time.monotonic() >= deadline:
-                    return
-                time.sleep(0.25)  # (not self.sleep: an injected one may interrupt again)
-        if found is not None:
-            log.warning("Ctrl-C during POST /new/%s: it made %s, which is ended now", target,
-                        found)
-            self._rented(found)
-
-    def _known_ids(self) -> list[str]:
-        """Instances that cannot be the answer to a lost POST /new of ours."""
-        known = [i for i in (self.id, *(f.id for f in self.failed_rentals)) if i]
-        if self.known_ids is not None:
-            known.extend(self.known_ids())
-        return known
-
-    # -- renting, and renting again after a failed start ----------------------
-
-    def _rent_until_ready(self) -> None:
-        """Rent and wait for READY; an instance that ends INIT_FAIL (or stays INIT past
-        the ready timeout) is ended and replaced, up to ``init_retries`` times, avoiding
-        the deployments that just failed where the type has others."""
-        avoid: list[str] = []
-        for attempt in range(self.options.init_retries + 1):
-            self._rent(avoid)
-            try:
-                self._wait_ready()
-                return
-            except (InstanceFailed, InstanceTimeout) as exc:
-                if isinstance(exc, InstanceFailed) and self.status != "INIT_FAIL":
-                    raise  # ended by someone (TERMINATING/TERMINATED): not a failed start
-                if attempt == self.options.init_retries:
-                    # This one stays the instance's own: start() ends it.
-                    raise self._failed_to_start(exc) from exc
-                self._replace()
-                if self.failed_rentals[-1].deployment:
-                    avoid.append(self.failed_rentals[-1].deployment or "")
-                log.warning("instance %s of %s did not start (%s); renting again",
-                            self.failed_rentals[-1].id, self.label, self.failed_rentals[-1].status)
-
-    def _replace(self) -> None:
-        """End the instance that failed to start and forget it (listeners hear of it)."""
-        failed = FailedRental(id=self.id or "", deployment=self.details.get("deployment"),
-                              region=self.details.get("region"),
-                              status=self.status or "unknown")
-        try:
-            failed.outcome = self._terminate_remote()
-        except Exception as exc:
-            failed.outcome = Outcome.TERMINATE_FAILED
-            log.warning("could not end %s, which failed to start: %s", failed.id, exc)
-        self.failed_rentals.append(failed)
-        self._emit("replaced", failed)
-        with self._lock:
-            self.id, self.status, self.details = None, None, {}
-            self.deployment = self.target if is_uuid(self.target) else None
-
-    def _failed_to_start(self, cause: InstanceError) -> InstanceError:
-        if not self.failed_rentals:
-            return cause  # rented once, as asked (init_retries 0)
-        tried = ", ".join(f"{f.id} ({f.status})" for f in self.failed_rentals)
-        tried += f", {self.id} ({self.status or 'unknown'})"
-        n = len(self.failed_rentals) + 1
-        return InstanceFailed(
-            f"{self.label}: {n} rental{'s' if n > 1 else ''} failed to start: {tried}; "
-            f"rented again {self.options.init_retries} time(s) (init_retries, "
-            f"--rerobots-init-retries). The last: {cause}",
-            instance_id=self.id, status=self.status,
-        )
-
-    def _rent(self, avoid: Sequence[str] = ()) -> None:
-        wds = self._others_than(avoid) if avoid and self.deployment is None else None
-        try:
-            answer: NewInstance | None = self._new(self.target, wds=wds)
-        except DeploymentNotFound as missing:
-            raise self._not_found(missing) from None
-        except BusyWorkspaceDeployment as busy:
-            if self.options.queue_timeout <= 0:
-                on = f" ({self.deployment[:8]})" if self.deployment else ""
-                raise _explained(busy, (
-                    f"{self.label}{on} is in use, perhaps still being released (the service "
-                    "holds a robot for up to 2 minutes while it terminates); to wait for it: "
-                    "queue_timeout (--rerobots-queue-timeout S, or the ini option "
-                    "rerobots_queue_timeout; 0, as now, fails at once)"), sep=". ") from None
-            answer = None
-        if answer is None:
-            # Busy: wait for any deployment of the type, the one that just failed
-            # included. (It may only have lost the busy race; and the others may be held
-            # by this very run, which cannot release them while this start waits.)
-            self._wait_for_a_robot(None)
-        elif answer.success:
-            self._rented(answer.id)
-        else:
-            self._follow_reservation(answer.id, self.deployment or "")
-
-    def _not_found(self, missing: DeploymentNotFound) -> DeploymentNotFound:
-        """The error for a workspace type (or deployment) the API does not know, with the
-        valid types (``GET /workspaces``), the closest to ours first."""
-        from .listing import closest_first
-
-        if is_uuid(self.target):
-            return missing  # a deployment id: there is no list of them to suggest from
-        try:
-            types = self.client.workspace_types()
-        except RerobotsError as exc:
-            known = f"(the list of valid types is not available: {exc})"
-        else:
-            known = "valid types: " + (", ".join(closest_first(self.target, types)) or "none")
-        return _explained(missing, (
-            f"There is no workspace type {self.target!r}; {known}.\nChoose one in "
-            "@pytest.mark.rerobots(...) or --rerobots-wtype (pytest --rerobots-list shows "
-            "the types and their deployments)"))
-
-    def _usable_deployments(self) -> list[str]:
-        """The deployments of our type that are not locked out (ids only: a listing
-        the server may have cached for minutes is not trusted for queue lengths)."""
-        listing = self.client.deployments(types=[self.target], info=True)
-        info = listing.get("info") or {}
-        return [d for d in listing["workspace_deployments"]
-                if isinstance(d, str) and not (info.get(d) or {}).get("lockout")]
-
-    def _others_than(self, avoid: Sequence[str]) -> list[str] | None:
-        """The type's usable deployments other than ``avoid``; None if there are none."""
-        others = [d for d in self._usable_deployments() if d not in avoid]
-        return others or None
-
-    def _wait_for_a_robot(self, wds: Sequence[str] | None) -> None:
-        """Every robot that could serve us is busy: wait, up to ``queue_timeout``.
-
-        A deployment (pinned, or the only one of the type) is reserved: the server
-        serves reservations in order when the robot is released. A type with several
-        is polled, so that whichever robot frees first is taken.
-        """
-        if self.deployment is not None:
-            candidates = [self.deployment]
-        else:
-            candidates = list(wds) if wds else self._usable_deployments()
-        if not candidates:
-            raise BusyWorkspaceDeployment(f"no usable deployment of workspace type {self.label}")
-        self._busy_hint()
-        if len(candidates) == 1:
-            answer = self._new(candidates[0], reserve=True)
-            if answer.success:
-                self._rented(answer.id)
-            else:
-                self._follow_reservation(answer.id, candidates[0])
-            return
-        self._poll_for_a_robot(candidates, wds)
-
-    def _queue_pace(self, waited: float) -> float:
-        """Seconds between looks at a queue: frugal against the real API (each look costs
-        calls from the shared hourly budget), quick on a local simulator."""
-        time_left = self.options.queue_timeout - waited
-        base = poll_interval(waited, time_left, self.client.rate_limit, self.client.clock(),
-                             self.options.fast_polling)
-        return max(base, 0.1 if self.options.fast_polling else 5.0)
-
-    def _poll_for_a_robot(self, candidates: Sequence[str], wds: Sequence[str] | None) -> None:
-        begun = time.monotonic()
-        self.status = "BUSY"
-        try:
-            while True:
-                waited = time.monotonic() - begun
-                if waited >= self.options.queue_timeout:
-                    raise BusyWorkspaceDeployment(self._still_busy(waited))
-                try:
-                    # A fresh count, not the cached /deployments one.
-                    lengths = self.client.queue_lengths(deployments=candidates)
-                    self.queue_position = min(
-                        (int((v or {}).get("qlen") or 0) for v in lengths.values()), default=None)
-                except RerobotsError as exc:
-                    log.debug("GET /qlen: %s", exc)
-                self._emit("progress")
-                self._nap(min(self._queue_pace(waited),
-                               max(0.0, self.options.queue_timeout - waited)))
-                try:
-                    answer = self._new(self.target, wds=wds)
-                except BusyWorkspaceDeployment:
-                    continue
-                if answer.success:
-                    self._rented(answer.id)
-                    return
-                self._follow_reservation(answer.id, self.deployment or "")
-                return
-        finally:
-            self.timings.queued = time.monotonic() - begun
-            self.queue_position = None
-            self.busy_reason = None
-
-    def _busy_hint(self) -> None:
-        hint = self.hint_busy(self) if self.hint_busy is not None else None
-        self.busy_reason = hint
-
-    def _still_busy(self, waited: float) -> str:
-        why = f" ({self.busy_reason})" if self.busy_reason else ""
-        return (f"{self.label}: still busy after waiting {waited:.1f} s{why}; wait longer "
-                f"with queue_timeout (--rerobots-queue-timeout S, now "
-                f"{self.options.queue_timeout:g})")
-
-    def _follow_reservation(self, rid: str, deployment: str) -> None:
-        """Wait in the queue until reservation ``rid`` becomes the instance (same id).
-
-        On the deadline the reservation is cancelled and ``BusyWorkspaceDeployment``
-        raised; on any other way out (Ctrl-C included) it is cancelled and the
-        original exception propagates.
-        """
-        begun = time.monotonic()
-        served: bool | None = False
-        self.status = "QUEUED"
-        # The ledger and the watchdog hold the reservation too: served after this process
-        # died, it would be an instance with no keepalive (the server gives none to an
-        # instance made from a reservation), nobody's to end until its lease ran out.
-        self._emit("reserved", rid)
-        try:
-            while time.monotonic() - begun < self.options.queue_timeout:
-                if not any(r.get("id") == rid for r in self.client.reservations()):
-                    served = True
-                    break
-                if deployment:
-                    self.queue_position = self.client.queue_length(deployment)
-                self._emit("progress")
-                waited = time.monotonic() - begun
-                self._nap(min(self._queue_pace(waited),
-                               max(0.05, self.options.queue_timeout - waited)))
-        finally:
-            if not served:
-                served = self._cancel_reservation(rid)
-            self.timings.queued = time.monotonic() - begun
-            self.queue_position = None
-            if served:
-                # Also on the way out of a Ctrl-C: what was served must be ended.
-                self._rented(rid)
-            elif served is False:
-                self._emit("unreserved", rid)
-        if not served:
-            # Cancelled in time: nothing was rented after all (or, if the API did not
-            # answer, the watchdog and the ledger still hold the reservation).
-            fate = ("reservation cancelled" if served is False else
-                    f"reservation {rid} could not be cancelled: the watchdog or "
-                    "--rerobots-sweep ends it")
-            raise BusyWorkspaceDeployment(
-                f"{self._still_busy(time.monotonic() - begun)}; {fate}")
-
-    def _cancel_reservation(self, rid: str) -> bool | None:
-        """Cancel reservation ``rid``: False when cancelled, True if it turned out to be
-        served already, None if the API did not say."""
-        try:
-            self.client.cancel_reservation(rid)
-        except ReservationNotFound:
-            # Served between the last look and now: the reservation is an instance.
-            return True
-        except RerobotsError as exc:
-            # Still held by the ledger and the watchdog (no "unreserved" follows), which
-            # cancel it, or end what it became, when this process is gone.
-            log.warning("could not cancel reservation %s: %s", rid, exc)
-            return None
-        return False
-
-    def _rented(self, ident: str) -> None:
-        with self._lock:
-            self.id = ident
-            # terminate() from another thread before there was an id said "never rented":
-            # what the server made since must be ended all the same.
-            raced = self.outcome == Outcome.NEVER_RENTED
-            if raced:
-                self.outcome = None
-        self.status = "INIT"
-        self.busy_reason = None  # no longer waiting for a busy robot
-        self._rented_mono = time.monotonic()
-        self._emit("rented")
-        self._start_keepalive()
-        if raced:
-            self.terminate()
-            raise InstanceError(f"instance {ident} was terminated while it was being rented",
-                                instance_id=ident)
-
-    def _start_keepalive(self) -> None:
-        if self._keepalive is not None:
-            return  # one thread pings whichever instance this is now (after a replacement)
-        ident = self.id or ""
-        self._keepalive = threading.Thread(
-            target=self._keepalive_loop, name=f"rerobots-keepalive-{ident[:8]}", daemon=True
-        )
-        self._keepalive.start()
-
-    def _keepalive_loop(self) -> None:
-        wait = self.options.keepalive_interval
-        while not self._stop_keepalive.wait(wait):
-            ident = self.id
-            if ident is None:
-                continue  # between a failed start and its replacement
-            try:
-                self.client.keepalive(ident)
-                wait = self.options.keepalive_interval
-            except NotFound as exc:
-                if self.status == "READY" and ident == self.id:
-                    # An instance served from a reservation has no keepalive on the server
-                    # (it is not the request that asked for it): nothing to ping. The
-                    # lease, the watchdog and teardown still end it.
-                    log.info("instance %s has no keepalive on the server (%s)", ident, exc)
-                    return
-                wait = min(5.0, self.options.keepalive_interval)  # not listed yet
-            except RerobotsError as exc:
-                # One attempt per ping (a retried ping could outlast the server's
-                # window); a failed one is tried again soon.
-                log.warning("keepalive for %s failed: %s", self.id, exc)
-                wait = min(5.0, self.options.keepalive_interval)
-
-    def _wait_ready(self) -> None:
-        assert self.id is not None
-        begun = time.monotonic()
-
-        def poll() -> str:
-            spent = rate_wait(self.client.rate_limit, self.client.clock())
-            if spent is not None:
-                # No call until the budget resets (the client would sleep there, silently
-                # and past the ready timeout): the progress line shows the wait instead.
-                self.busy_reason = spent
-                return "PENDING"
-            if self.busy_reason and self.busy_reason.startswith("API rate limit spent"):
-                self.busy_reason = None
-            try:
-                info = self.client.instance(self.id or "")
-            except InstanceNotFound:
-                # The real server inserts the row asynchronously after POST /new.
-                if time.monotonic() - begun > self.options.notfound_grace:
-                    raise
-                return "PENDING"
-            self.details = info
-            self.status = info["status"]
-            if self.status in ENDED:
-                raise InstanceFailed(
-                    f"instance {self.id} of {self.target} became {self.status} before READY",
-                    instance_id=self.id, status=self.status,
-                )
-            return self.status
-
-        opts = self.options
-
-        def interval(state: tenacity.RetryCallState | None = None) -> float:
-            waited = time.monotonic() - begun
-            return poll_interval(waited, opts.ready_timeout - waited, self.client.rate_limit,
-                                 self.client.clock(), opts.fast_polling)
-
-        def shown(state: tenacity.RetryCallState) -> None:
-            self._emit("progress")
-
-        policy = retry.polling(
-            deadline=opts.ready_timeout, interval=interval, keep_going=lambda s: s != "READY",
-            sleep=self._nap, before_sleep=shown,
-        )
-        try:
-            # Nothing is READY the instant POST /new answers: sleep before the first poll.
-            self._nap(interval())
-            policy(poll)
-        except tenacity.RetryError as exc:
-            raise InstanceTimeout(
-                f"instance {self.id} of {self.target} not READY after {opts.ready_timeout:g} s "
-                f"(last status: {self.status or 'unknown'})",
-                instance_id=self.id, status=self.status,
-            ) from exc
-        self.timings.to_ready = time.monotonic() - begun
-        self.timings.ready_at = time.time()
-        self._take_details(self.details)
-        self._emit("progress")  # the last word of the wait: READY
 
     def _take_details(self, info: Mapping[str, Any]) -> None:
         try:
@@ -1022,7 +517,7 @@ class Instance:
         self._ending = False
         if self.outcome is None:
             return  # interrupted: still ours, still kept alive
-        self._stop_keepalive.set()
+        self._keepalive.stop()
         self.timings.ended_at = time.time()
         if self.timings.ready_at is not None:
             self.timings.held = self.timings.ended_at - self.timings.ready_at
@@ -1089,102 +584,14 @@ class Instance:
             raise errors[0]
 
 
-def start_all(instances: Sequence[Instance]) -> list[Instance]:
-    """Start several instances concurrently (rent, READY, firewall, SSH), in order.
+def acquire(client: RerobotsClient, target: str, **settings: Any) -> Instance:
+    """An unstarted :class:`Instance` for ``target`` (a workspace type or a deployment id)
+    rented through ``client``, a context manager; ``settings`` name :class:`InstanceOptions`
+    fields (``ready_timeout=...``) or the instance's own keywords (:meth:`Instance.build`).
 
-    If one fails, the others are called off and everything rented is ended before
-    an :class:`~.errors.InstanceError` naming the one that failed propagates (the
-    failure itself is its ``__cause__``). Ctrl-C (in the calling thread) calls them
-    all off and ends what they rented, then propagates.
+    The bare building block: the instance has its own ``try/finally``, keepalive
+    and lease, but no ledger, watchdog or signal guard, so a SIGKILL of this
+    process leaves it to the server's keepalive. :class:`pytest_rerobots.Run`
+    adds those layers.
     """
-    if len(instances) == 1:
-        return [instances[0].start()]
-    abort = threading.Event()
-    failures: dict[int, BaseException] = {}
-
-    done = [threading.Event() for _ in instances]
-
-    def start(k: int, inst: Instance) -> None:
-        try:
-            inst.start()
-        except BaseException as exc:  # recorded; the calling thread decides
-            failures[k] = exc
-            abort.set()
-        finally:
-            done[k].set()
-
-    for k, inst in enumerate(instances):
-        inst._abort = abort  # (before the thread starts: a Ctrl-C may come at once)
-        threading.Thread(target=start, args=(k, inst), daemon=True,
-                         name=f"rerobots-start-{k}").start()
-    def shown() -> None:
-        for inst in instances:
-            inst.show_progress()
-
-    try:
-        wait_all(done, shown)
-    except BaseException:
-        abort.set()  # Ctrl-C: each start ends what it rented
-        wait_all(done)
-        end_all(instances)
-        raise
-    finally:
-        for inst in instances:
-            inst._abort = None
-    real = {k: e for k, e in failures.items() if not isinstance(e, Aborted)}
-    if real:
-        end_all(instances)
-        k, exc = min(real.items())
-        others = len(instances) - 1
-        raise InstanceError(
-            f"{instances[k].label} (robot {k + 1} of {len(instances)}) failed: "
-            f"{type(exc).__name__}: {exc}; the other {others} "
-            f"{'was' if others == 1 else 'were'} ended", instance_id=instances[k].id,
-        ) from exc
-    return list(instances)
-
-
-def end_all(instances: Iterable[Instance]) -> None:
-    """End several instances concurrently (:meth:`Instance.end`); raises the first error
-    after trying them all."""
-    pending = [i for i in instances if i.outcome is None]
-    if len(pending) <= 1:
-        for inst in pending:
-            inst.end()
-        return
-    errors: list[Exception] = []
-
-    def end_one(inst: Instance) -> None:
-        try:
-            inst.end()
-        except Exception as exc:
-            errors.append(exc)
-
-    done = [threading.Event() for _ in pending]
-
-    def run_one(k: int, inst: Instance) -> None:
-        try:
-            end_one(inst)
-        finally:
-            done[k].set()
-
-    for k, inst in enumerate(pending):
-        threading.Thread(target=run_one, args=(k, inst), name="rerobots-end",
-                         daemon=True).start()
-    wait_all(done)
-    if errors:
-        raise errors[0]
-
-
-def wait_all(events: Iterable[threading.Event],
-             tick: Callable[[], None] | None = None) -> None:
-    """Wait until every event is set, calling ``tick`` about every half second (the
-    progress of what is awaited is shown from the waiting thread). (Not
-    ``Thread.join()``: on CPython before 3.13 a join interrupted by Ctrl-C marks the
-    thread as stopped, and every later join of it returns at once, while it still runs.)"""
-    for event in events:
-        while not event.wait(0.5):
-            if tick is not None:
-                tick()
-    if tick is not None:
-        tick()
+    return Instance.build(client, target, **settings)

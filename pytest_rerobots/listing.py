@@ -14,7 +14,6 @@ Every line fits an 80-column terminal (an API origin longer than that aside).
 
 from __future__ import annotations
 
-import difflib
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,19 +28,12 @@ from .settings import Settings
 from .textsafe import commands_stopped, one_line
 from .wire import epoch
 
-__all__ = ["Deployment", "Listing", "closest_first", "gather", "main", "render"]
+__all__ = ["Deployment", "Listing", "gather", "main", "render"]
 
 WIDTH = 80
 
 UNLISTED = "your instances: not listed without an API token (REROBOTS_API_TOKEN)"
 QUEUE_LEGEND = "queue: 0 free; 1 in use or still being released; 2 or more: reservations wait"
-
-
-def closest_first(name: str, choices: Sequence[str]) -> list[str]:
-    """``choices``, those most like ``name`` first (difflib's ratio), then the rest in
-    their order: for "there is no type X; valid types: ..." messages."""
-    close = difflib.get_close_matches(name, list(choices), n=len(choices), cutoff=0.6)
-    return [*close, *(c for c in choices if c not in close)]
 
 
 @dataclass(frozen=True)
@@ -212,6 +204,7 @@ def _client(settings: Settings) -> Iterator[tuple[RerobotsClient, str]]:
 @contextmanager
 def _simulator(config: Path | None) -> Iterator[tuple[str, str]]:
     try:
+        # Lazy: only --rerobots-sim needs the simulator, and its extras may be absent.
         from .sim import Simulator
     except ImportError as exc:
         raise ConfigurationError(

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import paramiko
 
 from . import _paramiko_compat
+from .channel import run
 from .errors import CommandTimeout, ExpectEOF, ExpectTimeout, SSHError
 from .textsafe import block_lines, fence_prefixed
 from .transcript import Entry, tail
@@ -357,7 +358,7 @@ class Process:
                       f"kill -{name} $c 2>/dev/null; done; kill -{name} {pid} 2>/dev/null; fi; "
                       f"true")
         try:
-            from .ssh import run  # ssh imports this module; not recorded: ours, not the test's
+            # On the client, not the Connection: not recorded (ours, not the test's).
             out = run(self._conn.client, script, timeout=10).stdout.strip()
         except SSHError:
             return None  # the connection is gone: so is the session, with the channel
@@ -456,12 +457,6 @@ class Forward:
         except (OSError, EOFError, paramiko.SSHException):
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)  # wakes the other copier
-
-    @property
-    def connections(self) -> int:
-        """How many forwarded connections are open now."""
-        with self._lock:
-            return len(self._pairs)
 
     def close(self) -> None:
         """Stop listening and close every forwarded connection. Idempotent."""

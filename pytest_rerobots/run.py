@@ -8,7 +8,7 @@
         with run.acquire("basic_kobuki") as robot:    # started: READY, firewall open, SSH
             robot.run("uname -a", check=True)
 
-A :class:`Run` owns what :meth:`.RerobotsClient.acquire` leaves out: the ledger
+A :class:`Run` owns what :func:`.instance.acquire` leaves out: the ledger
 (layer 5), the watchdog process that ends what a killed run held (layer 3), the
 signal guard that turns SIGTERM and SIGHUP into ``KeyboardInterrupt`` (layer 2),
 the pool of instances held for a scope, the pool shared by xdist workers, and
@@ -35,16 +35,8 @@ from typing import Any, overload
 from . import keep
 from .client import RerobotsClient
 from .ending import end_ids
-from .instance import (
-    ENDED_OUTCOMES,
-    Instance,
-    InstanceListener,
-    InstanceOptions,
-    Outcome,
-    end_all,
-    start_all,
-    wait_all,
-)
+from .fleet import end_all, start_all, wait_all
+from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions, Outcome
 from .ledger import Ledger
 from .records import Records
 from .settings import Secret
@@ -163,11 +155,6 @@ class Run:
 
     # -- instances ------------------------------------------------------------
 
-    @property
-    def can_rent(self) -> bool:
-        """Whether the client has a token (without one, every rental is refused)."""
-        return self.client.has_token
-
     def instance(self, target: str, *, deployment: str | None = None,
                  **settings: Any) -> Instance:
         """An unstarted :class:`.Instance` of ``target`` (a workspace type; or rent
@@ -206,7 +193,7 @@ class Run:
 
         With several targets, they are rented, readied, firewalled and connected
         concurrently and returned in order; if one fails, the others are ended and
-        the error names the one that failed (:func:`.instance.start_all`).
+        the error names the one that failed (:func:`.fleet.start_all`).
         """
         if more and deployment is not None:
             raise TypeError("deployment= pins one target: with several, name deployment ids")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from pytest_rerobots import BusyWorkspaceDeployment, RerobotsClient
+from pytest_rerobots import BusyWorkspaceDeployment, RerobotsClient, acquire
 from pytest_rerobots.sim import Simulator
 
 
@@ -39,7 +39,7 @@ def live(api: RerobotsClient) -> list[str]:
 def test_ctrl_c_during_the_ready_wait_ends_the_instance(api: RerobotsClient,
                                                         fast_sim: Simulator):
     fast_sim.world.configure(ready_delay=0.5)
-    robot = api.acquire("basic_kobuki", sleep=interrupt_once())
+    robot = acquire(api, "basic_kobuki", sleep=interrupt_once())
     with pytest.raises(KeyboardInterrupt):
         robot.start()
     assert robot.outcome == "terminated" and robot.id
@@ -53,7 +53,7 @@ def test_ctrl_c_as_the_new_answer_arrives_ends_what_the_server_made(api: Rerobot
             raise KeyboardInterrupt  # the server acted; we never saw its answer
 
     api.session.hooks["response"].append(ctrl_c)
-    robot = api.acquire("basic_kobuki")
+    robot = acquire(api, "basic_kobuki")
     with pytest.raises(KeyboardInterrupt):
         robot.start()
     api.session.hooks["response"].remove(ctrl_c)
@@ -63,9 +63,9 @@ def test_ctrl_c_as_the_new_answer_arrives_ends_what_the_server_made(api: Rerobot
 
 def test_ctrl_c_while_queued_cancels_the_reservation(api: RerobotsClient):
     (misty,) = api.deployments("fixed_misty2")["workspace_deployments"]
-    holder = api.acquire(misty)
+    holder = acquire(api, misty)
     with holder:
-        queued = api.acquire(misty, queue_timeout=30, sleep=interrupt_once())
+        queued = acquire(api, misty, queue_timeout=30, sleep=interrupt_once())
         with pytest.raises(KeyboardInterrupt):
             queued.start()
         assert api.reservations() == []
@@ -75,10 +75,10 @@ def test_ctrl_c_while_queued_cancels_the_reservation(api: RerobotsClient):
 
 def test_queue_timeout_is_busy_and_cancels(api: RerobotsClient):
     (misty,) = api.deployments("fixed_misty2")["workspace_deployments"]
-    with api.acquire(misty):
+    with acquire(api, misty):
         with pytest.raises(BusyWorkspaceDeployment,
                            match=r"still busy after waiting 0\.3 s.*--rerobots-queue-timeout"):
-            with api.acquire(misty, queue_timeout=0.3):
+            with acquire(api, misty, queue_timeout=0.3):
                 pass
         assert api.reservations() == []
     assert live(api) == []

@@ -22,6 +22,7 @@ from pytest_rerobots import (
     Outcome,
     RerobotsClient,
     Run,
+    acquire,
 )
 from pytest_rerobots.run import DEFAULT_LEDGER
 from pytest_rerobots.sim import Simulator
@@ -120,7 +121,7 @@ def test_instance_options_are_frozen_and_checked():
 def test_bare_client_acquire_keeps_the_wtype_of_a_deployment(fast_sim: Simulator):
     with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
         deployment = api.deployments(types=["fixed_misty2"])["workspace_deployments"][0]
-        robot = api.acquire(deployment, wtype="fixed_misty2", connect=False)
+        robot = acquire(api, deployment, wtype="fixed_misty2", connect=False)
         assert (robot.wtype, robot.deployment, robot.target) == (
             "fixed_misty2", deployment, deployment)
         with robot:
@@ -206,7 +207,7 @@ def test_a_robot_this_run_is_still_releasing_is_waited_for_and_named(fast_sim: S
 def test_the_queue_timeout_error_says_what_was_busy_and_how_long(fast_sim: Simulator):
     with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
         held = api.new_instance("fixed_misty2")
-        robot = api.acquire("fixed_misty2", queue_timeout=0.4, fast_polling=True)
+        robot = acquire(api, "fixed_misty2", queue_timeout=0.4, fast_polling=True)
         with pytest.raises(BusyWorkspaceDeployment,
                            match=r"fixed_misty2: still busy after waiting 0\.4 s; wait longer "
                                  r"with queue_timeout \(--rerobots-queue-timeout S, now 0\.4\)"):
@@ -221,7 +222,7 @@ def test_a_type_with_several_busy_robots_is_polled_until_one_frees(fast_sim: Sim
         held = [api.new_instance("basic_kobuki").id for _ in range(2)]
         for ident in held:
             wait_until(lambda ident=ident: status(api, ident) == "READY", 5)
-        robot = api.acquire("basic_kobuki", queue_timeout=10, fast_polling=True)
+        robot = acquire(api, "basic_kobuki", queue_timeout=10, fast_polling=True)
         freed = threading.Timer(0.5, api.terminate, args=(held[1],))
         freed.start()
         with robot:
@@ -258,7 +259,7 @@ def test_an_init_fail_is_ended_and_replaced_on_another_deployment(fast_sim: Simu
 def test_the_last_failed_start_lists_every_rental(fast_sim: Simulator):
     fast_sim.configure(init_fail_rate=1.0)
     with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True) as api:
-        robot = api.acquire("fixed_misty2", init_retries=1, fast_polling=True)
+        robot = acquire(api, "fixed_misty2", init_retries=1, fast_polling=True)
         with pytest.raises(InstanceFailed) as raised:
             robot.start()
         ids = [*(f.id for f in robot.failed_rentals), robot.id]
@@ -272,7 +273,7 @@ def test_a_5xx_on_post_new_that_created_nothing_is_sent_again(fast_sim: Simulato
     fast_sim.fail_next("new", 2, 503)  # answers 503 without acting
     with RerobotsClient(fast_sim.token, fast_sim.url, ignore_env=True,
                         sleep=lambda s: None) as api:
-        with api.acquire("basic_kobuki", fast_polling=True) as robot:
+        with acquire(api, "basic_kobuki", fast_polling=True) as robot:
             assert robot.status == "READY"
             assert api.instances()["workspace_instances"] == [robot.id]
 
