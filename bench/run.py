@@ -69,7 +69,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from rerobots.api import APIClient
 
-from pytest_rerobots import RerobotsClient, Run
+from pytest_rerobots import RerobotsClient, Run, acquire
 from pytest_rerobots.sim.hosts import SSHD
 from pytest_rerobots.sim.launch import SimProcess as LaunchedSim
 from pytest_rerobots.sim.launch import start_process
@@ -357,7 +357,7 @@ def row_round_trip(backend: str, n: int, n_proc: int) -> list[Row]:
     pkey, public, private = client_key()
     with tempfile.TemporaryDirectory() as tmp, SimProcess(backend=backend) as sim, \
             RerobotsClient(sim.token, sim.url, ignore_env=True) as api, \
-            api.acquire(KOBUKI, pkey=pkey, public_key=public, fast_polling=True) as robot:
+            acquire(api, KOBUKI, pkey=pkey, public_key=public, fast_polling=True) as robot:
         assert robot.host is not None and robot.port is not None
         plain = _paramiko_default(robot.host, robot.port, robot.hostkeys[0], pkey)
         argv = _ssh_argv(Path(tmp), robot.host, robot.port, robot.hostkeys, private)
@@ -421,7 +421,7 @@ def ours_lifecycle(sim: SimProcess, target: str, fast: bool) -> dict[str, float]
     ``fast`` polls every 50 ms, as the fixtures do under ``--rerobots-sim``."""
     with RerobotsClient(sim.token, sim.url, ignore_env=True) as api:
         begun = time.perf_counter()
-        with api.acquire(target, fast_polling=fast) as robot:
+        with acquire(api, target, fast_polling=fast) as robot:
             connected = time.perf_counter()
             robot.run("true")
             ready_seen = robot.timings.ready_at or 0.0
@@ -773,7 +773,7 @@ def row_expect(backend: str, n: int) -> list[Row]:
     pkey, public, _ = client_key()
     with SimProcess(backend=backend) as sim, \
             RerobotsClient(sim.token, sim.url, ignore_env=True) as api, \
-            api.acquire(KOBUKI, pkey=pkey, public_key=public, fast_polling=True) as robot:
+            acquire(api, KOBUKI, pkey=pkey, public_key=public, fast_polling=True) as robot:
         cat = robot.spawn("cat")
         robot.run("echo x", check=True)  # warm up both
         cat.sendline("warm")

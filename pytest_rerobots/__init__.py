@@ -47,7 +47,7 @@ _LAZY = {
     "CommandResult": "channel",
     "Forward": "live",
     "Instance": "instance",
-    "InstanceOptions": "instance",
+    "InstanceOptions": "options",
     "Outcome": "outcome",
     "Process": "live",
     "RerobotsClient": "client",

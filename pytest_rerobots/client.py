@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import requests
 import requests.adapters
@@ -42,9 +42,6 @@ from .errors import (
 )
 from .settings import DEFAULT_API_URL, Secret
 from .wire import epoch, is_uuid
-
-if TYPE_CHECKING:
-    from .instance import Instance
 
 __all__ = ["DEFAULT_API_URL", "NewInstance", "RateLimit", "RerobotsClient"]
 
@@ -680,15 +677,6 @@ class RerobotsClient:
         Not retried here: the caller pings on its own schedule."""
         self._request("POST", f"/instance/{check_id(instance_id, 'a path')}/ka",
                       idempotent=False, pace=False)
-
-    def acquire(self, target: str, **settings: Any) -> Instance:
-        """Deprecated: :func:`pytest_rerobots.acquire` (``acquire(client, target,
-        **settings)``) makes the instance; the client only speaks HTTP."""
-        # Kept only until the last callers (outside this module's owners' files) move to
-        # pytest_rerobots.acquire; it is the one import of the instance layer from here.
-        from .instance import acquire
-
-        return acquire(self, target, **settings)
 
     # -- firewall -------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rerobots import DeploymentNotFound, RerobotsClient, RerobotsError
+from pytest_rerobots import DeploymentNotFound, RerobotsClient, RerobotsError, acquire
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.xdist_pool import SharedPool
 
@@ -26,7 +26,7 @@ def test_a_failed_rent_is_remembered_for_the_other_workers(api: RerobotsClient, 
 
     def make(existing: str | None):
         attempts.append(existing)
-        return api.acquire("no_such_type")
+        return acquire(api, "no_such_type")
 
     with pytest.raises(DeploymentNotFound):
         pool.acquire("k", make)
@@ -37,7 +37,7 @@ def test_a_failed_rent_is_remembered_for_the_other_workers(api: RerobotsClient, 
 
 def test_rent_attach_release(api: RerobotsClient, tmp_path: Path):
     pool = SharedPool(tmp_path)
-    first = pool.acquire("k", lambda existing: api.acquire("basic_kobuki", existing=existing))
+    first = pool.acquire("k", lambda existing: acquire(api, "basic_kobuki", existing=existing))
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         with pool._locked("k") as state:  # a second live worker uses it too

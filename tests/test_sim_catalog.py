@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pytest_rerobots import RerobotsClient
+from pytest_rerobots import RerobotsClient, acquire
 from pytest_rerobots.errors import ConfigurationError
 from pytest_rerobots.sim import Simulator
 from pytest_rerobots.sim.catalog import default_catalog, load_catalog, profile_catalog
@@ -273,7 +273,7 @@ def test_host_files_commands_and_devices_work_in_the_sandbox(tmp_path: Path,
     with Simulator(write(tmp_path, DEVICE_LAB), ssh_backend=_sandboxed_backend(backend),
                    require_sandbox=True, ready_delay=0.05, not_found_window=0) as sim:
         client = RerobotsClient(token=sim.token, api_url=sim.url)
-        with client.acquire("lab_arm") as robot:
+        with acquire(client, "lab_arm") as robot:
             # The setup commands ran inside the robot: its hostname, its own /opt.
             offsets = robot.run("cat /opt/arm/offsets").stdout
             assert offsets.startswith("offsets=1,2,3 host=sim-")
@@ -289,7 +289,7 @@ def test_the_default_kobuki_has_a_serial_console(tmp_path: Path) -> None:
     with Simulator(ssh_backend=_sandboxed_backend("asyncssh"), require_sandbox=True,
                    ready_delay=0.05, not_found_window=0) as sim:
         client = RerobotsClient(token=sim.token, api_url=sim.url)
-        with client.acquire("basic_kobuki") as robot:
+        with acquire(client, "basic_kobuki") as robot:
             assert robot.run("timeout 5 head -n1 /dev/ttyUSB0").stdout == (
                 "Kobuki bootloader 1.4.2\r\n")
             image = tmp_path / "fw.bin"
