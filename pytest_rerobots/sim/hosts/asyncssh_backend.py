@@ -10,12 +10,18 @@ robot's own file system. (asyncssh's SFTP server runs in this process, outside t
 sandbox: no check of a path before opening it by name can keep up with a robot that swaps
 a directory for a link to ``/`` in between, and then the runner's files were open to it.)
 Unsandboxed, asyncssh serves SFTP itself, as the runner's user, as it runs commands.
+
+A session that asked for a pty (``pty-req``) gets one, as sshd gives it: a pseudo-terminal
+of the requested size is the command's stdin, stdout, stderr and controlling terminal (in a
+sandbox, one of the robot's own ``/dev/pts``), ``TERM`` is the client's, and window changes
+resize it. stdout and stderr are then one stream, with the terminal's ``\r\n`` line ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import inspect
 import logging
 import os
@@ -29,7 +35,16 @@ from typing import Any
 
 from ._asyncssh import asyncssh
 from .host import SFTP_SERVERS, Host, HostContext, find_sftp_server
-from .processes import CHUNK, killpg, reap, subprocess_exec
+from .processes import (
+    CHUNK,
+    children,
+    killpg,
+    reap,
+    set_window_size,
+    subprocess_exec,
+    take_terminal,
+)
+from .sandbox import SETSID
 
 __all__ = ["AsyncsshHost"]
 
@@ -78,7 +93,7 @@ class AsyncsshHost(Host):
             allow_scp=False,
             agent_forwarding=False,
             x11_forwarding=False,
-            allow_pty=False,
+            allow_pty=True,
             line_editor=False,
             login_timeout=30,
         )
@@ -127,6 +142,9 @@ class AsyncsshHost(Host):
             argv = ["/bin/sh"]
         else:
             argv = ["/bin/sh", "-c", process.command]
+        if process.term_type is not None:
+            await self._exec_pty(process, argv)
+            return
         try:
             transport, proc = await subprocess_exec(
                 *self.argv(*argv),
@@ -170,6 +188,105 @@ class AsyncsshHost(Host):
                 await reap(transport, proc)
             finally:
                 self._procs.discard(proc)
+
+    async def _exec_pty(self, process: asyncssh.SSHServerProcess[bytes],
+                        argv: list[str]) -> None:
+        """Run ``argv`` with a pseudo-terminal as its stdin, stdout, stderr and controlling
+        terminal, as sshd runs a session that asked for a pty."""
+        env = self.env()
+        if process.term_type:
+            env["TERM"] = process.term_type
+        try:
+            master, slave = self._openpty()
+        except OSError as exc:
+            process.stdout.write(f"sh: cannot allocate a pty: {exc}\r\n".encode())
+            process.exit(127)
+            return
+        # A session of its own, so a process group of its own too (see _exec), with the
+        # terminal as its controlling terminal. In a sandbox, where nsenter's session and
+        # group lie outside the robot's PID namespace, the command takes the terminal in a
+        # session of its own inside (an interactive sh sets the terminal's process group
+        # back to the one it found there when it exits).
+        sandboxed = self.sandbox is not None
+        try:
+            set_window_size(slave, *process.term_size)
+            transport, proc = await subprocess_exec(
+                *(self.argv(SETSID, "--ctty", *argv) if sandboxed else argv),
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                cwd=self.directory,
+                env=env,
+                start_new_session=True,
+                preexec_fn=None if sandboxed else take_terminal,
+                pass_fds=self.pass_fds,
+            )
+        except (OSError, subprocess.SubprocessError) as exc:
+            os.close(master)
+            process.stdout.write(f"sh: {exc}\r\n".encode())
+            process.exit(127)
+            return
+        finally:
+            os.close(slave)
+        self._procs.add(proc)
+
+        def groups() -> list[int]:
+            """The process groups that a signal for the command goes to: in a sandbox the
+            one that nsenter's child leads, nsenter's own only before or after it."""
+            return (children(proc.pid) if sandboxed else []) or [proc.pid]
+
+        terminal = _Terminal(master)
+        loop = asyncio.get_running_loop()
+        feeder = loop.create_task(_feed(process, proc, terminal, groups))
+        closed = loop.create_task(process.channel.wait_closed())
+        output = loop.create_task(_pump_terminal(terminal, process.stdout))
+        waiter = loop.create_task(proc.wait())
+        tasks = [feeder, closed, output, waiter]
+        try:
+            # As sshd, the session ends with the command, not with the last process that
+            # holds the terminal open; the channel may close first, as in _exec.
+            if await _unless_closed(waiter, closed):
+                output.cancel()
+                await asyncio.gather(output, return_exceptions=True)
+                if output.cancelled() or output.result():
+                    # What it printed before it ended can be read now without waiting (the
+                    # kernel pushes a pty's pending output before it says there is none).
+                    rest = loop.create_task(_pump_terminal(terminal, process.stdout,
+                                                           drain=True))
+                    tasks.append(rest)
+                    if await _unless_closed(rest, closed):
+                        rc = waiter.result()
+                        with contextlib.suppress(OSError):
+                            process.exit(rc if rc >= 0 else 128 - rc)
+        finally:
+            if proc.returncode is None:
+                for pgid in groups():
+                    killpg(pgid)
+                killpg(proc.pid)
+            for task in tasks:
+                task.cancel()
+            # The terminal is closed once no task waits on it any more; that hangs it up,
+            # and the kernel sends SIGHUP to what still runs in its foreground.
+            ending = asyncio.gather(*tasks, return_exceptions=True)
+            ending.add_done_callback(lambda _: terminal.close())
+            try:
+                await asyncio.shield(ending)
+            finally:
+                try:
+                    await reap(transport, proc)
+                finally:
+                    self._procs.discard(proc)
+
+    def _openpty(self) -> tuple[int, int]:
+        """A pty pair: in a sandbox, one of the robot's own ``/dev/pts``."""
+        if self.sandbox is not None:
+            try:
+                return self.sandbox.openpty()
+            except OSError as exc:
+                # The runner's own pty is a terminal too; only the robot's tty cannot name it.
+                log.warning("instance %s: no pty of the robot's own (%s); the session gets "
+                            "one of the simulator's", self.instance_id, exc)
+        return os.openpty()
 
 
 class _SSHServer(asyncssh.SSHServer):
@@ -268,10 +385,13 @@ async def _pump(src: asyncio.StreamReader, dst: asyncssh.SSHWriter[bytes]) -> bo
 
 
 async def _feed(
-    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process
+    process: asyncssh.SSHServerProcess[bytes], proc: asyncio.subprocess.Process,
+    terminal: _Terminal | None = None, groups: Callable[[], list[int]] | None = None,
 ) -> None:
-    """Copy the channel's data to the command's stdin; forward signals; close at EOF."""
-    assert proc.stdin is not None
+    """Copy the channel's data to the command's stdin, or to its terminal; forward signals
+    (to ``groups()``, by default the command's process group) and, to a terminal, window
+    changes; close stdin at EOF (a terminal stays open, as sshd leaves it: a client ends a
+    terminal's input with Ctrl-D)."""
     try:
         while True:
             try:
@@ -279,18 +399,105 @@ async def _feed(
             except asyncssh.SignalReceived as exc:
                 signum = signal.Signals.__members__.get("SIG" + exc.signal)
                 if signum is not None:
-                    killpg(proc.pid, signum)
+                    for pgid in groups() if groups is not None else [proc.pid]:
+                        killpg(pgid, signum)
                 continue
-            except (asyncssh.BreakReceived, asyncssh.TerminalSizeChanged):
+            except asyncssh.TerminalSizeChanged as exc:
+                if terminal is not None:
+                    terminal.resize(exc.width, exc.height, exc.pixwidth, exc.pixheight)
+                continue
+            except asyncssh.BreakReceived:
                 continue
             if not data:
                 break
+            if terminal is not None:
+                await terminal.write(data)
+                continue
+            assert proc.stdin is not None
             proc.stdin.write(data)
             await proc.stdin.drain()
     except (OSError, asyncssh.Error):
         pass  # the command stopped reading, or the channel went away
     finally:
-        proc.stdin.close()
+        if proc.stdin is not None:
+            proc.stdin.close()
+
+
+class _Terminal:
+    """The simulator's side (the master) of a command's pty, read and written on the loop."""
+
+    def __init__(self, master: int) -> None:
+        os.set_blocking(master, False)
+        self.fd = master
+
+    def read_ready(self) -> bytes | None:
+        """What can be read without waiting: None if nothing, ``b""`` at the end (no
+        process has the terminal open any more)."""
+        try:
+            return os.read(self.fd, CHUNK)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EIO:  # Linux's word for the end of a pty's output
+                return b""
+            raise
+
+    async def read(self) -> bytes:
+        """What the command printed; ``b""`` at the end."""
+        while (data := self.read_ready()) is None:
+            await self._ready(write=False)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        """Type ``data`` into the terminal, waiting while its input is full."""
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                await self._ready(write=True)
+
+    def resize(self, columns: int, rows: int, xpixels: int, ypixels: int) -> None:
+        set_window_size(self.fd, columns, rows, xpixels, ypixels)
+
+    def close(self) -> None:
+        """Close the master (no task may wait on it any more)."""
+        os.close(self.fd)
+
+    async def _ready(self, write: bool) -> None:
+        # Watched only while waiting: a terminal with unread output would otherwise wake
+        # the loop for nothing whenever the channel's flow control holds the reader back.
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        if write:
+            loop.add_writer(self.fd, wake)
+        else:
+            loop.add_reader(self.fd, wake)
+        try:
+            await ready
+        finally:
+            if write:
+                loop.remove_writer(self.fd)
+            else:
+                loop.remove_reader(self.fd)
+
+
+async def _pump_terminal(terminal: _Terminal, dst: asyncssh.SSHWriter[bytes], *,
+                         drain: bool = False) -> bool:
+    """Copy what the command printed to its terminal to the channel with flow control; True
+    at the end. With ``drain``, only what can be read without waiting."""
+    try:
+        while data := (terminal.read_ready() if drain else await terminal.read()):
+            dst.write(data)
+            await dst.drain()
+    except (OSError, asyncssh.Error):
+        return False
+    return True
 
 
 async def _all_true(*aws: Awaitable[bool]) -> bool:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
 import signal
+import struct
+import termios
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,14 +25,17 @@ __all__ = [
     "CHUNK",
     "MARKER_VAR",
     "Leftovers",
+    "children",
     "cmdline",
     "descendants",
     "kill_marked",
     "kill_marked_now",
     "killpg",
     "reap",
+    "set_window_size",
     "signal_all",
     "subprocess_exec",
+    "take_terminal",
 ]
 
 #: The environment variable that carries a host's marker.
@@ -78,6 +84,20 @@ def killpg(pid: int, signum: int = signal.SIGKILL) -> None:
         os.killpg(pid, signum)
 
 
+def take_terminal() -> None:
+    """Make stdin, a terminal, the controlling terminal of this process, which must lead a
+    session of its own without one: a ``preexec_fn`` after ``start_new_session``."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def set_window_size(fd: int, columns: int, rows: int, xpixels: int = 0,
+                    ypixels: int = 0) -> None:
+    """Set the size of the terminal ``fd`` (either side of a pty); the kernel sends
+    ``SIGWINCH`` to the terminal's foreground process group when it changes."""
+    clamped = (min(max(n, 0), 0xFFFF) for n in (rows, columns, xpixels, ypixels))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", *clamped))
+
+
 def signal_all(pids: list[int], signum: int) -> None:
     """Signal each of ``pids`` that still exists."""
     for pid in pids:
@@ -110,6 +130,11 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    return [child for child, parent in _proc_table().items() if parent == pid]
 
 
 def descendants(pid: int) -> list[int]:

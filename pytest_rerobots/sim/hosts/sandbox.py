@@ -32,6 +32,7 @@ import shlex
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import tempfile
 import threading
@@ -40,11 +41,13 @@ from dataclasses import dataclass, field
 
 from ...errors import ConfigurationError
 
-__all__ = ["BWRAP", "PATH", "Sandbox", "SandboxSetup", "Serial", "make_etc_template"]
+__all__ = ["BWRAP", "PATH", "SETSID", "Sandbox", "SandboxSetup", "Serial", "make_etc_template"]
 
 BWRAP = "/usr/bin/bwrap"
 NSENTER = "/usr/bin/nsenter"
 SETPRIV = "/usr/bin/setpriv"
+#: util-linux's, as nsenter and setpriv: a robot's pty session leads a session of its own.
+SETSID = "/usr/bin/setsid"
 #: The ``PATH`` of a robot's sessions (nothing of the runner's).
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The writable directories each robot has of its own.
@@ -61,6 +64,10 @@ CAPS = ("chown", "dac_override", "fowner", "fsetid", "kill", "setgid", "setuid",
 _KEEPER = "trap '' HUP INT TERM; while :; do sleep 3600 & wait; done"
 _START_TIMEOUT = 10.0
 _NS_GET_PARENT = 0xB702  # ioctl of <linux/nsfs.h>: the owning user namespace
+# ioctls of <asm-generic/ioctls.h> (x86, Arm, RISC-V; other architectures number them
+# otherwise, and there they fail with ENOTTY): unlock a pty's slave, open it from the master.
+_TIOCSPTLCK = 0x40045431
+_TIOCGPTPEER = 0x5441  # Linux 4.13
 # A fresh /proc still shows the kernel's own settings, and root may write many of them:
 # /proc/sys/kernel/core_pattern names a program that the kernel runs as root, outside every
 # namespace, when a process crashes. bwrap covers /proc/sys and the like read-only only
@@ -223,6 +230,28 @@ class Sandbox:
         prefix += [f"-W{self.home}", "--", SETPRIV, "--inh-caps", "-all",
                    "--bounding-set", "-all," + ",".join("+" + c for c in CAPS), "--"]
         return prefix + list(command)
+
+    def openpty(self) -> tuple[int, int]:
+        """A pseudo-terminal of the robot's own ``/dev/pts``: ``(master, slave)``, neither
+        inheritable.
+
+        The robot's ``tty`` names its slave ``/dev/pts/N``; one of the runner's would be no
+        file the robot can see. Raises :class:`OSError` where the kernel cannot do it.
+        """
+        # /dev and /dev/pts are mount points, which the robot, without CAP_SYS_ADMIN, can
+        # neither move nor cover; no link is followed in the last step, and the slave is
+        # opened from the master, not by a name the robot could point elsewhere.
+        flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC
+        master = os.open(f"/proc/{self.pid}/root/dev/pts/ptmx", flags | os.O_NOFOLLOW)
+        try:
+            if not stat.S_ISCHR(os.fstat(master).st_mode):
+                raise OSError("the robot's /dev/pts/ptmx is no character device")
+            fcntl.ioctl(master, _TIOCSPTLCK, struct.pack("i", 0))
+            slave = fcntl.ioctl(master, _TIOCGPTPEER, flags)
+        except BaseException:
+            os.close(master)
+            raise
+        return master, slave
 
     def start_serials(self, env: dict[str, str]) -> None:
         """Start each device's emulator with its stdin and stdout on the master side."""
