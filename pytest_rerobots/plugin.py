@@ -22,7 +22,7 @@ import pytest
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental
 # (the imports inside functions below).
-from . import keep, plugin_report
+from . import plugin_report
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .ledger import Ledger
 from .records import Records
@@ -154,9 +154,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     settings = load_settings(config)
     plugin = RerobotsPlugin(config, settings)
-    if settings.ledger is not None and not settings.sim:  # (the embedded simulator's has none)
+    # Only a run that may rent (a token, not the embedded simulator, which keeps no ledger)
+    # checks the ledger and the kept directory, before its first rental.
+    if settings.ledger is not None and not settings.sim and settings.secret is not None:
+        from .keep import check_ledger  # lazily: a run that rents nothing never loads it
+
         try:
-            plugin.notes.extend(filter(None, [keep.check_ledger(settings.ledger)]))
+            plugin.notes.extend(filter(None, [check_ledger(settings.ledger)]))
         except ConfigurationError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
@@ -543,7 +547,9 @@ class RerobotsPlugin:
                  "no READY wait" for i in self.records.instances if i.reused]
         for inst in self._run.kept_instances():
             assert inst.kept is not None
-            lines += keep.describe(inst.kept)
+            from .keep import describe  # lazily: only a run that kept an instance needs it
+
+            lines += describe(inst.kept)
         return lines
 
 

@@ -23,7 +23,6 @@ import _pytest
 import pluggy
 import pytest
 
-from .keep import purpose
 from .outcome import ENDED_OUTCOMES, Outcome
 from .records import Records
 from .textsafe import commands_stopped, md_cell, md_code, one_line
@@ -184,7 +183,11 @@ def _ended(instance: Instance) -> str:
         return f"{instance.outcome}: {instance.failure}"
     # Kept after the run, or attached to from an earlier run (--rerobots-keep-on-failure,
     # --rerobots-reuse): e.g. "kept (for reuse; reused)".
-    notes = [f"for {purpose(instance.keep_for)}"] if instance.outcome == Outcome.KEPT else []
+    notes = []
+    if instance.outcome == Outcome.KEPT:
+        from .keep import purpose  # lazily: only a run that kept an instance needs the store
+
+        notes.append(f"for {purpose(instance.keep_for)}")
     if instance.reused:
         notes.append("reused")
     return f"{instance.outcome} ({'; '.join(notes)})" if notes else str(instance.outcome)
