@@ -190,7 +190,7 @@ class Run:
         settings.setdefault("hint_busy", self.why_busy)
         settings.setdefault("held_here", self.held_here)
         settings.setdefault("holder", Holder(
-            worker=os.environ.get("PYTEST_XDIST_WORKER"), thread=threading.get_ident(),
+            worker=self.board.worker if self.board else None, thread=threading.get_ident(),
             test=current_test(), scope=scope))
         settings.setdefault("transcript", self.transcript)
         if self.kept is not None:
@@ -295,8 +295,8 @@ class Run:
         if event == "progress" and inst.status not in (None, "READY") and inst._started:
             waited = now - inst._started
             if waited >= 1.0:
-                self._waiting[key] = waiting_entry(wait_line(inst, waited), inst.wtype,
-                                                   time.time() - waited)
+                since = (self._waiting.get(key) or {}).get("since") or time.time() - waited
+                self._waiting[key] = waiting_entry(wait_line(inst, waited), inst.wtype, since)
             if now - self._posted < 0.5:
                 return  # (a wait's progress comes up to 20 times a second)
         else:
@@ -341,10 +341,10 @@ class Run:
                     "which does not release them while this waits: waiting would only end "
                     f"at the queue timeout. Change one of: {SELF_HELD_ADVICE}", True)
         if set(candidates) <= set(found) | set(kept):
-            parts = [f"{dep[:8]} by this run: {who}" for dep, (who, _) in found.items()]
-            parts += [f"{dep[:8]} by {ident[:8]}, which this checkout kept for {why}"
+            parts = [f"{dep[:8]} held by this run: {who}" for dep, (who, _) in found.items()]
+            parts += [f"{dep[:8]} held by {ident[:8]}, which this checkout kept for {why}"
                       for dep, (ident, why) in kept.items() if dep not in found]
-            text = "held by " + "; ".join(parts)
+            text = "; ".join(parts)
             if kept:
                 text += ("; end what this checkout kept with pytest --rerobots-sweep"
                          + ("" if self.reusing else
