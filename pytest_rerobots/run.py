@@ -346,9 +346,11 @@ class Run:
                       for dep, (ident, why) in kept.items() if dep not in found]
             text = "; ".join(parts)
             if kept:
+                # (A run attaches only to what was kept for reuse, and only when it reuses.)
+                reusable = any(why == keep.REUSE for _, why in kept.values())
                 text += ("; end what this checkout kept with pytest --rerobots-sweep"
-                         + ("" if self.reusing else
-                            ", or attach to it for reuse with --rerobots-reuse"))
+                         + (", or attach to it with --rerobots-reuse MINUTES"
+                            if reusable and not self.reusing else ""))
             return text, False
         return None
 

@@ -173,8 +173,7 @@ def test_a_robot_kept_by_this_checkout_is_named_while_waiting_for_it(
         second.assert_outcomes(errors=1)
         second.stdout.fnmatch_lines([
             f"*b34d1ee4 held by {record['id'][:8]}, which this checkout kept for "
-            "debugging; end what this checkout kept with pytest --rerobots-sweep, or "
-            "attach to it for reuse with --rerobots-reuse*",
+            "debugging; end what this checkout kept with pytest --rerobots-sweep)*",
         ])
     finally:
         for record in keep.KeptStore(store).records():
@@ -214,7 +213,7 @@ def test_ctrl_c_right_after_post_new_answered_ends_what_it_made(
     original = Renter._new
 
     def interrupted(self, target, **kw):
-        answer = original(self, target, **kw)
+        original(self, target, **kw)
         raise KeyboardInterrupt  # after the answer, before the caller recorded it
 
     monkeypatch.setattr(Renter, "_new", interrupted)
