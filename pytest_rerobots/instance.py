@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import paramiko
 
 from . import retry, ssh
+from .board import Holder
 from .ending import end
 from .errors import InstanceError, InstanceFailed, MalformedResponse, RerobotsError, SSHConnectError
 from .fleet import Aborted, end_all, start_all
@@ -175,6 +176,13 @@ class Instance:
     #: Says why our robot may be busy (e.g. "this run is still releasing ..."), for the
     #: progress line and the error after the queue timeout.
     hint_busy: Callable[[Instance], str | None] | None = field(default=None, repr=False)
+    #: Given the deployments that could serve it (all busy), says whether this run holds
+    #: them itself: (what to say, whether waiting is hopeless), or None. A hopeless wait
+    #: fails at once; another one shows what to say in the progress line.
+    held_here: Callable[[Instance, Sequence[str]], tuple[str, bool] | None] | None = field(
+        default=None, repr=False)
+    #: Who holds it, and for how long (for the run's board and its messages).
+    holder: Holder | None = field(default=None, repr=False)
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
     #: Where its connection records the commands and transfers of tests (a run's).
     transcript: Transcript | None = field(default=None, repr=False)

@@ -236,7 +236,8 @@ class KeptStore:
             return []
         return sorted(found, key=lambda r: float(r.get("kept_at") or 0))
 
-    def _mine(self, record: Mapping[str, Any]) -> bool:
+    def mine(self, record: Mapping[str, Any]) -> bool:
+        """Kept by this checkout, against this API origin and token."""
         return (record.get("api_url") == self.api_url
                 and record.get("token_sha256") == self.token_sha256
                 and record.get("checkout") == self.checkout)
@@ -320,7 +321,7 @@ class KeptStore:
         and skipped."""
         with self.lock() as fd:
             for record in reversed(self.records()):
-                if (record.get("kind") != REUSE or not self._mine(record)
+                if (record.get("kind") != REUSE or not self.mine(record)
                         or record.get("wtype") != wtype
                         or (deployment is not None and record.get("deployment") != deployment)):
                     continue

@@ -195,6 +195,7 @@ class XdistHooks:
         execnet, not argv)."""
         plugin = self.plugin
         node.workerinput["rerobots_run_id"] = plugin.run_id
+        node.workerinput["rerobots_board_dir"] = str(plugin.board_dir())
         if plugin.settings.xdist == "shared":
             if plugin.share_dir is None:
                 plugin.share_dir = Path(tempfile.mkdtemp(prefix="rerobots-share-"))
@@ -227,6 +228,9 @@ class RerobotsPlugin:
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
         self._prefetched = False
+        # Under xdist: the run's board (board.py) and the controller's thread showing it.
+        self._board_dir: Path | None = None
+        self._board_watcher: plugin_report.BoardWatcher | None = None
         # --rerobots-keep-on-failure: the instances the current test got from a fixture,
         # and how often each instance had been used when it began.
         self._given: list[Instance] = []
@@ -294,6 +298,7 @@ class RerobotsPlugin:
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
             signals=self.signals, listeners=[plugin_report.Progress(self.config)],
             keep_on_failure=s.keep_on_failure and keeping,
+            board_dir=worker.get("rerobots_board_dir"),
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
             # The defaults of every instance: the settings the table marks so, and how
             # often to poll (every 50 ms on the embedded simulator).
@@ -321,7 +326,22 @@ class RerobotsPlugin:
             return "embedded simulator"
         return "remote API"
 
+    def board_dir(self) -> Path:
+        """Controller: the directory of the run's board, made (and watched) on first use."""
+        if self._board_dir is None:
+            from .board import Board
+
+            self._board_dir = Path(tempfile.mkdtemp(prefix="rerobots-board-"))
+            self._board_watcher = plugin_report.BoardWatcher(self.config,
+                                                             Board(self._board_dir))
+            self._board_watcher.start()
+        return self._board_dir
+
     def pytest_unconfigure(self, config: pytest.Config) -> None:
+        if self._board_watcher is not None:
+            self._board_watcher.stop()
+        if self._board_dir is not None:
+            shutil.rmtree(self._board_dir, ignore_errors=True)
         try:
             if self._run is not None:
                 self._run.close()
@@ -364,7 +384,8 @@ class RerobotsPlugin:
         if self._prefetching(scope_node):
             self._prefetch_scope(request.session, scope_node.nodeid)
         inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
-                        reuse=isinstance(scope_node, pytest.Session))
+                        reuse=isinstance(scope_node, pytest.Session),
+                        scope="test" if scope_node is request.node else self.settings.scope)
         plugin_report.record_properties(request.node, inst)
         self.given(inst)
         return inst
@@ -399,7 +420,7 @@ class RerobotsPlugin:
             key = (wtype, deployment, scope_id)
             if key not in keys:
                 keys.append(key)
-            self.run.prefetch(key, wtype, deployment=deployment, reuse=True)
+            self.run.prefetch(key, wtype, deployment=deployment, reuse=True, scope="session")
 
     def _scope_node(self, request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
         scope = self.settings.scope
@@ -454,6 +475,8 @@ class RerobotsPlugin:
     def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
         """Note how often each instance was used before this test (keep-on-failure)."""
         self._given = []
+        if self._run is not None:
+            self._run.testing(nodeid)  # (robots held beyond their test: board.py)
         if self._run is not None and self.settings.keep_on_failure:
             self._uses_before = {id(i): i.uses for i in self._run.records.instances}
 
@@ -661,7 +684,7 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
 
     def acquire(wtype: str, *more: str, deployment: str | None = None,
                 **options: Any) -> Instance | list[Instance]:
-        insts = run.acquire(wtype, *more, deployment=deployment, **options)
+        insts = run.acquire(wtype, *more, deployment=deployment, scope="test", **options)
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
             plugin.given(inst)

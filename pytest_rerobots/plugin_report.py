@@ -23,6 +23,7 @@ import _pytest
 import pluggy
 import pytest
 
+from .board import Board, wait_line
 from .outcome import ENDED_OUTCOMES, Outcome
 from .records import Records
 from .textsafe import commands_stopped, md_cell, md_code, one_line
@@ -37,18 +38,16 @@ if TYPE_CHECKING:
 
     from .instance import FailedRental, Instance
 
-__all__ = ["TRANSCRIPT_KEY", "Progress", "Tally", "github_step_summary", "junit_transcript",
-           "record_properties", "redact", "rows", "short_failure", "terminal_summary"]
+__all__ = ["TRANSCRIPT_KEY", "BoardWatcher", "Progress", "Tally", "github_step_summary",
+           "junit_transcript", "record_properties", "redact", "rows", "short_failure",
+           "terminal_summary"]
 
 #: In a CI log (no terminal), print a progress line at most this often.
 CI_PROGRESS_EVERY = 10.0
 
 
 def _line(instance: Instance, waited: float) -> str:
-    where = f" queue position {instance.queue_position}" if instance.queue_position else ""
-    why = f" ({instance.busy_reason})" if instance.busy_reason else ""
-    return (f"rerobots: {instance.label} {instance.id or '(requesting)'} "
-            f"{instance.status or '...'} {waited:.0f}s{where}{why}")
+    return f"rerobots: {wait_line(instance, waited)}"
 
 
 class Progress:
@@ -139,6 +138,55 @@ class Progress:
             self._shown.discard(key)
         self._begun.pop(key, None)
         self._last_print.pop(key, None)
+
+
+class BoardWatcher:
+    """The xdist controller's view of its workers' waits: workers cannot write to the
+    terminal, so each posts its wait on the run's board (:mod:`.board`) and this thread
+    of the controller prints it, ``rerobots [gw1]: basic_kobuki ... BUSY 12s (...)``:
+    when it has lasted a second, then every 10 s while it lasts."""
+
+    def __init__(self, config: pytest.Config, board: Board, every: float = 0.5) -> None:
+        self.config = config
+        self.board = board
+        self.every = every
+        self._stop = threading.Event()
+        self._printed: dict[tuple[Any, Any], float] = {}
+        self._thread = threading.Thread(target=self._loop, name="rerobots-board",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            with contextlib.suppress(Exception):  # a progress line is a courtesy
+                self.look()
+
+    def look(self) -> None:
+        """Print the waits due now."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or self.config.option.verbose < 0:
+            return
+        now = time.time()
+        seen = set()
+        for wait in self.board.waits():
+            key = (wait.get("worker"), wait.get("since"))
+            seen.add(key)
+            if now - float(wait.get("posted") or 0) > 5.0:
+                continue  # stale: that worker has stopped posting
+            last = self._printed.get(key)
+            if last is not None and now - last < CI_PROGRESS_EVERY:
+                continue
+            self._printed[key] = now
+            reporter.ensure_newline()
+            reporter.write_line(one_line(f"rerobots [{wait.get('worker') or '?'}]: "
+                                         f"{wait.get('line')}"))
+        for key in set(self._printed) - seen:
+            del self._printed[key]
 
 
 def record_properties(item: pytest.Item, instance: Instance) -> None:

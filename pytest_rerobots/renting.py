@@ -98,6 +98,10 @@ class Renter:
 
     def __init__(self, inst: Instance) -> None:
         self.inst = inst
+        #: The id last recorded (:meth:`_record`), and whether the instance had been ended
+        #: from another thread when it was.
+        self._recorded: str | None = None
+        self._raced = False
 
     @property
     def client(self) -> RerobotsClient:
@@ -138,11 +142,18 @@ class Renter:
                   wds: Sequence[str] | None) -> NewInstance:
         inst = self.inst
         sent_at = self.client.clock()
+        answer: NewInstance | None = None
         try:
-            return self.client.new_instance(
+            answer = self.client.new_instance(
                 target, sshkey=inst.public_key, expire_d=self.options.lease, keepalive=True,
                 reserve=reserve, wds=wds, known_ids=self._known_ids,
             )
+            if answer.success:
+                # Recorded here, where the answer is read: a Ctrl-C on the way back to
+                # the caller must not lose the id (it would live until the keepalive
+                # window ended it).
+                self._record(answer.id)
+            return answer
         except UnreadableNewAnswer as unreadable:
             # The server acted on it but its answer cannot be read: what reconciliation
             # found is this instance's now, so that start() ends it at once (and the
@@ -151,6 +162,10 @@ class Renter:
                 self._rented(unreadable.made)
             raise
         except KeyboardInterrupt:
+            if answer is not None:
+                # Ctrl-C just after the answer: what it made is ours to end (start() does).
+                self._interrupted_after(answer)
+                raise
             # Ctrl-C while POST /new was in flight: the server may have acted. A quick
             # look, so that what it made is ended now, not a keepalive window later.
             # (Not for a reservation: what GET /instances lists then is the robot's
@@ -158,6 +173,15 @@ class Renter:
             if not reserve:
                 self._claim_interrupted_new(target, sent_at)
             raise
+
+    def _interrupted_after(self, answer: NewInstance) -> None:
+        """A Ctrl-C came after POST /new answered and before the caller used the answer:
+        an instance is recorded (start() ends it); a reservation is cancelled, or, if it
+        was served meanwhile, recorded."""
+        if answer.success:
+            self._record(answer.id)
+        elif self._cancel_reservation(answer.id) is True:
+            self._record(answer.id)
 
     def _claim_interrupted_new(self, target: str, sent_at: float) -> None:
         # The server lists a new instance only once its launch task has inserted it,
@@ -207,6 +231,13 @@ class Renter:
                     # This one stays the instance's own: start() ends it.
                     raise self._failed_to_start(exc) from exc
                 self._replace()
+                if inst.outcome is not None:
+                    # terminate() from another thread while the failed start was being
+                    # ended: nothing more is rented for an instance that was ended.
+                    raise InstanceError(
+                        f"{self.label}: terminated while a rental that failed to start "
+                        f"({inst.failed_rentals[-1].id}) was being replaced",
+                        instance_id=inst.failed_rentals[-1].id) from exc
                 if inst.failed_rentals[-1].deployment:
                     avoid.append(inst.failed_rentals[-1].deployment or "")
                 log.warning("instance %s of %s did not start (%s); renting again",
@@ -313,6 +344,7 @@ class Renter:
         if not candidates:
             raise BusyWorkspaceDeployment(f"no usable deployment of workspace type {self.label}")
         self._busy_hint()
+        self._check_held_here(candidates)
         if len(candidates) == 1:
             answer = self._new(candidates[0], reserve=True)
             if answer.success:
@@ -321,6 +353,25 @@ class Renter:
                 self._follow_reservation(answer.id, candidates[0])
             return
         self._poll_for_a_robot(candidates, wds)
+
+    def _check_held_here(self, candidates: Sequence[str]) -> None:
+        """Fail at once when every robot that could serve us is held by this very run for
+        longer than this wait can last (:attr:`.Instance.held_here`); when they are held
+        by it for a while only, or kept by this checkout, say so in the progress line."""
+        inst = self.inst
+        if inst.held_here is None:
+            return
+        try:
+            found = inst.held_here(inst, candidates)
+        except Exception as exc:  # a courtesy: never the reason a rental fails
+            log.debug("held_here: %s", exc)
+            return
+        if found is None:
+            return
+        text, hopeless = found
+        if hopeless:
+            raise BusyWorkspaceDeployment(f"{self.label}: {text}")
+        inst.busy_reason = text
 
     def _queue_pace(self, waited: float) -> float:
         """Seconds between looks at a queue: frugal against the real API (each look costs
@@ -339,6 +390,7 @@ class Renter:
                 waited = time.monotonic() - begun
                 if waited >= self.options.queue_timeout:
                     raise BusyWorkspaceDeployment(self._still_busy(waited))
+                self._check_held_here(candidates)
                 try:
                     # A fresh count, not the cached /deployments one.
                     lengths = self.client.queue_lengths(deployments=candidates)
@@ -396,6 +448,7 @@ class Renter:
                     served = True
                     break
                 if deployment:
+                    self._check_held_here([deployment])
                     inst.queue_position = self.client.queue_length(deployment)
                 inst._emit("progress")
                 waited = time.monotonic() - begun
@@ -436,22 +489,33 @@ class Renter:
         return False
 
 
-    def _rented(self, ident: str) -> None:
-        """The server made instance ``ident`` for us: it is the instance's now (to end)."""
+    def _record(self, ident: str) -> None:
+        """Make instance ``ident`` the instance's, recorded by the listeners (the ledger,
+        the watchdog) and kept alive; once per id."""
+        if self._recorded == ident:
+            return
         inst = self.inst
         with inst._lock:
             inst.id = ident
-            # terminate() from another thread before there was an id said "never rented":
-            # what the server made since must be ended all the same.
-            raced = inst.outcome == Outcome.NEVER_RENTED
-            if raced:
+            # terminate() from another thread before there was an id said "never rented";
+            # or it ended a rental that failed to start while that was being replaced.
+            # What the server made since must be ended all the same.
+            if inst.outcome is not None:
+                self._raced = True
                 inst.outcome = None
+            self._recorded = ident
         inst.status = "INIT"
         inst.busy_reason = None  # no longer waiting for a busy robot
         inst._rented_mono = time.monotonic()
         inst._emit("rented")
         inst._keepalive.start()
-        if raced:
+
+    def _rented(self, ident: str) -> None:
+        """The server made instance ``ident`` for us: it is the instance's now (to end)."""
+        inst = self.inst
+        self._record(ident)
+        if self._raced:
+            self._raced = False
             inst.terminate()
             raise InstanceError(f"instance {ident} was terminated while it was being rented",
                                 instance_id=ident)

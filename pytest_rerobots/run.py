@@ -28,13 +28,15 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, overload
 
 from . import keep
+from .board import Board, Holder, current_test, wait_line, waiting_entry
 from .client import RerobotsClient
 from .ending import end_ids
+from .errors import RerobotsError
 from .fleet import end_all, start_all, wait_all
 from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions, Outcome
 from .ledger import Ledger
@@ -53,6 +55,15 @@ log = logging.getLogger("pytest_rerobots.run")
 #: How long after a terminate the service may still hold the robot (it waits up to
 #: 60 s for the workspace's acknowledgement, then up to 60 s more), in seconds.
 RELEASE_WINDOW = 150.0
+
+#: pytest scopes that outlast the test a robot was rented in.
+WIDE_SCOPES = ("session", "package", "module", "class")
+
+#: What to change when every robot a test needs is held by its own run.
+SELF_HELD_ADVICE = (
+    "hold the robot for a narrower scope (a function-scoped fixture, or --rerobots-scope "
+    "function), run fewer xdist workers (-n), or give this test a robot the others do not "
+    "hold (@pytest.mark.rerobots(deployment=...) or --rerobots-deployment)")
 
 #: The ledger of a ``Run`` made without pytest, relative to the current directory.
 DEFAULT_LEDGER = Path(".rerobots") / "ledger.jsonl"
@@ -95,6 +106,7 @@ class Run:
         reuse: float | None = None,
         kept_dir: str | os.PathLike[str] | None = None,
         checkout: str | None = None,
+        board_dir: str | os.PathLike[str] | None = None,
         **defaults: Any,
     ) -> None:
         self.defaults = InstanceOptions().updated(**defaults)
@@ -142,6 +154,13 @@ class Run:
         self._pending: dict[Hashable, tuple[threading.Event, threading.Event]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self.checkout = checkout if checkout is not None else os.getcwd()
+        #: The board the processes of an xdist run share (see :mod:`.board`), if any.
+        self.board = (Board(board_dir, worker=os.environ.get("PYTEST_XDIST_WORKER"))
+                      if board_dir is not None else None)
+        self._testing: str | None = None
+        self._waiting: dict[int, dict[str, Any]] = {}
+        self._posted = 0.0
 
     def __repr__(self) -> str:
         return (f"Run(api_url={self.client.api_url!r}, run_id={self.run_id!r}, "
@@ -156,7 +175,7 @@ class Run:
     # -- instances ------------------------------------------------------------
 
     def instance(self, target: str, *, deployment: str | None = None,
-                 **settings: Any) -> Instance:
+                 scope: str | None = None, **settings: Any) -> Instance:
         """An unstarted :class:`.Instance` of ``target`` (a workspace type; or rent
         ``deployment`` of it) with this run's defaults and every layer as listener.
         ``settings`` as for :meth:`.Instance.build`."""
@@ -169,6 +188,10 @@ class Run:
         settings.setdefault("listeners", [*self.listeners, *self._layers()])
         settings.setdefault("known_ids", self.known_ids if self.ledger is not None else None)
         settings.setdefault("hint_busy", self.why_busy)
+        settings.setdefault("held_here", self.held_here)
+        settings.setdefault("holder", Holder(
+            worker=self.board.worker if self.board else None, thread=threading.get_ident(),
+            test=current_test(), scope=scope))
         settings.setdefault("transcript", self.transcript)
         if self.kept is not None:
             settings.setdefault("keep_hook", self._keep)
@@ -179,14 +202,14 @@ class Run:
 
     @overload
     def acquire(self, target: str, *, deployment: str | None = None,
-                **settings: Any) -> Instance: ...
+                scope: str | None = None, **settings: Any) -> Instance: ...
 
     @overload
-    def acquire(self, target: str, second: str, *more: str,
+    def acquire(self, target: str, second: str, *more: str, scope: str | None = None,
                 **settings: Any) -> list[Instance]: ...
 
     def acquire(self, target: str, *more: str, deployment: str | None = None,
-                **settings: Any) -> Instance | list[Instance]:
+                scope: str | None = None, **settings: Any) -> Instance | list[Instance]:
         """A started instance (READY, firewall open, SSH connected), a context manager
         whose exit ends it; if the run ends first, the run ends it. A failed start
         ends what was rented before the error propagates.
@@ -194,10 +217,14 @@ class Run:
         With several targets, they are rented, readied, firewalled and connected
         concurrently and returned in order; if one fails, the others are ended and
         the error names the one that failed (:func:`.fleet.start_all`).
+
+        ``scope`` says how long the caller holds them, if it knows: "test" (ended with
+        the test, as ``rerobots_acquire`` does) or a wider pytest scope. A robot this
+        run holds beyond a test is one another test of the run cannot wait for.
         """
         if more and deployment is not None:
             raise TypeError("deployment= pins one target: with several, name deployment ids")
-        insts = [self.instance(t, deployment=deployment, **dict(settings))
+        insts = [self.instance(t, deployment=deployment, scope=scope, **dict(settings))
                  for t in (target, *more)]
         with self._lock:
             self._acquired.extend(insts)
@@ -237,6 +264,111 @@ class Run:
                             "before; the service keeps a robot busy while it terminates")
         return None
 
+    # -- robots held by this very run (board.py) ---------------------------------
+
+    def testing(self, nodeid: str | None) -> None:
+        """The test this process runs now (the plugin says so as each begins): another
+        worker reads from it whether a robot rented in an earlier test is held beyond it."""
+        self._testing = nodeid
+        if self.board is not None and self._holding():
+            self._post()
+
+    def _holding(self) -> list[Instance]:
+        return [i for i in self.records.instances
+                if i.id and i.outcome is None and not i._ending]
+
+    def _post(self) -> None:
+        if self.board is None:
+            return
+        held = [{"id": i.id, "wtype": i.wtype, "deployment": i.deployment,
+                 "test": i.holder.test if i.holder else None,
+                 "scope": i.holder.scope if i.holder else None} for i in self._holding()]
+        waiting = next(iter(self._waiting.values()), None)
+        self.board.post(test=self._testing or current_test(), held=held, waiting=waiting)
+
+    def _board_event(self, inst: Instance, event: str) -> None:
+        """An instance listener's event: post what this process holds and waits for."""
+        if self.board is None:
+            return
+        key = id(inst)
+        now = time.monotonic()
+        if event == "progress" and inst.status not in (None, "READY") and inst._started:
+            waited = now - inst._started
+            if waited >= 1.0:
+                since = (self._waiting.get(key) or {}).get("since") or time.time() - waited
+                self._waiting[key] = waiting_entry(wait_line(inst, waited), inst.wtype, since)
+            if now - self._posted < 0.5:
+                return  # (a wait's progress comes up to 20 times a second)
+        else:
+            self._waiting.pop(key, None)
+        self._posted = now
+        self._post()
+
+    def held_here(self, inst: Instance, candidates: Sequence[str]) -> tuple[str, bool] | None:
+        """Whether the robots ``inst`` could be served by (``candidates``, every one busy)
+        are held by this run itself: by this process, or another xdist worker of the run
+        (the board), or kept by an earlier run of this checkout.
+
+        Hopeless (True) when every one is held for longer than a wait can last: by the
+        thread that waits (its own test, or a fixture around it), for a scope wider than a
+        test, beyond the test it was rented in, or by a worker that itself waits for a
+        robot of the type. Otherwise, what to say in the progress line, or None."""
+        me = inst.holder or Holder()
+        found: dict[str, tuple[str, bool]] = {}
+        for other in self._holding():
+            if other is inst or other.deployment not in candidates:
+                continue
+            h = other.holder or Holder()
+            hopeless = (h.thread == me.thread or h.scope in WIDE_SCOPES)
+            found[other.deployment or ""] = (h.describe(here=True), hopeless)
+        if self.board is not None:
+            for entry, held in self.board.holders():
+                dep = held.get("deployment")
+                if dep not in candidates or dep in found:
+                    continue
+                waiting = entry.get("waiting") or {}
+                scope = held.get("scope")
+                outlived = scope != "test" and held.get("test") != entry.get("test")
+                hopeless = (scope in WIDE_SCOPES or outlived
+                            or waiting.get("wtype") == inst.wtype)
+                h = Holder(worker=entry.get("worker"), pid=int(entry.get("pid") or 0),
+                           test=held.get("test"), scope=scope)
+                found[str(dep)] = (h.describe(), hopeless)
+        kept = self._kept_on(candidates)
+        if set(candidates) <= set(found) and all(hopeless for _, hopeless in found.values()):
+            holders = "; ".join(f"{dep[:8]} by {who}" for dep, (who, _) in found.items())
+            return (f"every robot that could serve it is held by this run itself ({holders}), "
+                    "which does not release them while this waits: waiting would only end "
+                    f"at the queue timeout. Change one of: {SELF_HELD_ADVICE}", True)
+        if set(candidates) <= set(found) | set(kept):
+            parts = [f"{dep[:8]} held by this run: {who}" for dep, (who, _) in found.items()]
+            parts += [f"{dep[:8]} held by {ident[:8]}, which this checkout kept for {why}"
+                      for dep, (ident, why) in kept.items() if dep not in found]
+            text = "; ".join(parts)
+            if kept:
+                # (A run attaches only to what was kept for reuse, and only when it reuses.)
+                reusable = any(why == keep.REUSE for _, why in kept.values())
+                text += ("; end what this checkout kept with pytest --rerobots-sweep"
+                         + (", or attach to it with --rerobots-reuse MINUTES"
+                            if reusable and not self.reusing else ""))
+            return text, False
+        return None
+
+    def _kept_on(self, candidates: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """{deployment: (instance id, what for)} of the instances kept by runs of this
+        checkout (and this API and token) that hold one of ``candidates``."""
+        if self.ledger is None or not self.client.has_token:
+            return {}
+        store = self.kept or keep.KeptStore(
+            keep.kept_dir(self.ledger.path), api_url=self.client.api_url,
+            token_sha256=self.client.token_sha256(), checkout=self.checkout)
+        try:
+            records = store.records()
+        except (OSError, RerobotsError):
+            return {}
+        return {str(r["deployment"]): (str(r["id"]), keep.purpose(r.get("kind")))
+                for r in records if store.mine(r) and r.get("deployment") in candidates}
+
     # -- keeping instances after the run (keep.py) ------------------------------
 
     @property
@@ -255,23 +387,25 @@ class Run:
             return None
 
     def _held_instance(self, target: str, deployment: str | None,
-                       kept: tuple[dict[str, Any], str] | None) -> Instance:
+                       kept: tuple[dict[str, Any], str] | None,
+                       scope: str | None = None) -> Instance:
         if kept is None:
-            return self.instance(target, deployment=deployment)
+            return self.instance(target, deployment=deployment, scope=scope)
         record, key = kept
         return self.instance(target, deployment=deployment, kept_record=record,
-                             private_key_text=key)
+                             private_key_text=key, scope=scope)
 
     def _start_held(self, key: Hashable, target: str, deployment: str | None, reuse: bool,
                     *, abort: threading.Event | None = None,
-                    first: Instance | None = None) -> Instance:
+                    first: Instance | None = None, scope: str | None = None) -> Instance:
         """Start the instance for ``key``: attach to a kept one (``reuse``) or rent; a kept
         one that is not usable is ended (by its start) and another is rented."""
         reuse = reuse and self.reusing
         inst = first
         if inst is None:
             inst = self._held_instance(target, deployment,
-                                       self._claim_kept(target, deployment) if reuse else None)
+                                       self._claim_kept(target, deployment) if reuse else None,
+                                       scope)
         while True:
             self._pool[key] = inst
             if reuse:
@@ -284,7 +418,8 @@ class Run:
                     raise
                 log.warning("rerobots: kept instance %s not usable (%s); renting another",
                             inst.kept_record.get("id"), exc)
-            inst = self._held_instance(target, deployment, self._claim_kept(target, deployment))
+            inst = self._held_instance(target, deployment, self._claim_kept(target, deployment),
+                                       scope)
 
     def mark_kept_on_failure(self, instances: Iterable[Instance]) -> list[Instance]:
         """Keep these instances (used by a failing test) at their end instead of
@@ -318,17 +453,19 @@ class Run:
 
     def _layers(self) -> list[InstanceListener]:
         # The watchdog hears of a new instance before the ledger records it.
-        return [x for x in (self.watchdog, self.ledger) if x is not None]
+        board = [_BoardListener(self)] if self.board is not None else []
+        return [x for x in (self.watchdog, self.ledger, *board) if x is not None]
 
     # -- the pool: one instance per key, held until released ------------------
 
     def hold(self, key: Hashable, target: str, *, deployment: str | None = None,
-             shared: bool = False, reuse: bool = False) -> Instance:
+             shared: bool = False, reuse: bool = False, scope: str | None = None) -> Instance:
         """The instance held under ``key``, started on first use (or by
         :meth:`prefetch`). ``shared`` takes it from the xdist run's shared pool (if
         there is one). ``reuse`` (with the run's ``reuse`` minutes) attaches to an
         instance an earlier run kept, if there is one, and keeps this one at its end.
-        A start that failed fails again at once for the same key, until :meth:`release`."""
+        A start that failed fails again at once for the same key, until :meth:`release`.
+        ``scope`` says for how long it is held, as for :meth:`acquire`."""
         pending = self._pending.get(key)
         if pending is not None:
             # Started in the background: wait for it, showing its progress from here
@@ -347,9 +484,9 @@ class Run:
                 inst = self.shared.acquire(
                     f"{target}/{deployment}",
                     lambda existing: self.instance(target, deployment=deployment,
-                                                   existing=existing))
+                                                   existing=existing, scope=scope))
             else:
-                inst = self._start_held(key, target, deployment, reuse)
+                inst = self._start_held(key, target, deployment, reuse, scope=scope)
         except BaseException as exc:
             # Not kept: start() has ended it (on any exception, pytest's own outcomes
             # such as a pytest-timeout failure included).
@@ -361,7 +498,7 @@ class Run:
         return inst
 
     def prefetch(self, key: Hashable, target: str, *, deployment: str | None = None,
-                 reuse: bool = False) -> None:
+                 reuse: bool = False, scope: str | None = None) -> None:
         """Start renting the instance for ``key`` in the background, so that several
         keys wait for READY at the same time; :meth:`hold` then waits for it, and
         :meth:`release` calls it off. Does nothing for a key already held. ``reuse``
@@ -369,14 +506,15 @@ class Run:
         if self.holds(key) or key in self._pending:
             return
         kept = self._claim_kept(target, deployment) if reuse else None
-        first = self._pool[key] = self._held_instance(target, deployment, kept)
+        first = self._pool[key] = self._held_instance(target, deployment, kept, scope)
         abort = threading.Event()
 
         done = threading.Event()
 
         def bring_up() -> None:
             try:
-                self._start_held(key, target, deployment, reuse, abort=abort, first=first)
+                self._start_held(key, target, deployment, reuse, abort=abort, first=first,
+                                 scope=scope)
             except BaseException as exc:  # kept for hold() to raise in the test's thread
                 self._pool.pop(key, None)
                 if isinstance(exc, Exception):
@@ -457,10 +595,37 @@ class Run:
         try:
             self.release_all()
         finally:
+            if self.board is not None:
+                self.board.clear()
             if self.watchdog is not None:
                 self.watchdog.close()
             self.client.close()
             self.signals.uninstall()
+
+
+class _BoardListener:
+    """Posts on the run's board what this process holds and waits for."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def rented(self, instance: Instance) -> None:
+        self.run._board_event(instance, "rented")
+
+    def progress(self, instance: Instance) -> None:
+        self.run._board_event(instance, "progress")
+
+    def ended(self, instance: Instance) -> None:
+        self.run._board_event(instance, "ended")
+
+    def replaced(self, instance: Instance, failed: Any) -> None:
+        pass
+
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        pass
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        pass
 
 
 def _ignored_by_git(directory: Path) -> None:
