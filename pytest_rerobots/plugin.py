@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -35,7 +36,7 @@ from .settings import (
     allow_warnings,
     resolve,
 )
-from .signals import SignalGuard
+from .signals import SignalGuard, tell_the_terminal
 from .textsafe import fence_block
 from .transcript import Transcript
 
@@ -218,7 +219,7 @@ class RerobotsPlugin:
         self.share_dir: Path | None = None
         # A Secret, so that vars(plugin) and pytest's -l locals never show the token.
         self.api_url, self._token = settings.api_url, settings.secret
-        self.signals = SignalGuard()
+        self.signals = SignalGuard(write=self._tell)
         self._run: Run | None = None
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
@@ -251,10 +252,23 @@ class RerobotsPlugin:
         elif s.sim and not s.sweep:
             self.simulator = self._start_simulator()
             self.api_url, self._token = self.simulator.url, Secret(self.simulator.token)
+            # Interrupted: the simulator stops with the run, so no end waits out INIT.
+            sim = self.simulator
+            self.signals.on_first.append(lambda _signal: sim.terminate_init_at_once())
         if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
             # The xdist controller rents nothing itself, but on SIGTERM it must still
             # get to end what its workers hold.
             self.signals.install()
+
+    def _tell(self, text: str) -> None:
+        """The signal guard's messages: on the terminal, outside pytest's output capture
+        when the main thread is capturing (a Ctrl-C in a fixture's setup)."""
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        if capman is None or threading.current_thread() is not threading.main_thread():
+            tell_the_terminal(text)
+            return
+        with capman.global_and_fixture_disabled():
+            tell_the_terminal(text)
 
     @property
     def guarded(self) -> bool:

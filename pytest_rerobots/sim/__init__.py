@@ -263,6 +263,13 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         """Change settings at run time (see :meth:`.world.World.configure`)."""
         self.world.configure(**settings)
 
+    def terminate_init_at_once(self) -> None:
+        """From now on ``POST /terminate`` of an instance in INIT ends it (TERMINATING, its
+        host stopped) instead of refusing as the real API does. The plugin calls it when
+        the run that embeds the simulator is interrupted: nobody needs to wait out INIT
+        for a simulator that stops with the run. (A plain flag: safe from a signal handler.)"""
+        self.world.terminate_init = True
+
     def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,
                            error_status: int = 500, latency: float = 0.0) -> None:
         """Make an endpoint fail or lag (see :meth:`.faults.FaultInjector.set_endpoint_fault`)."""
