@@ -37,7 +37,7 @@ from .settings import (
     resolve,
 )
 from .signals import SignalGuard, tell_the_terminal
-from .textsafe import fence_block
+from .textsafe import fence_block, in_github_actions
 from .transcript import Transcript
 
 if TYPE_CHECKING:
@@ -400,7 +400,7 @@ class RerobotsPlugin:
         keys = self._scope_keys[scope_id]
         for item in session.items:
             if not _NEEDS_INSTANCE.intersection(getattr(item, "fixturenames", ())) \
-                    or item.get_closest_marker("skip"):
+                    or _never_runs(item):
                 continue
             try:
                 wtype, deployment = self.target_for(item)
@@ -491,6 +491,12 @@ class RerobotsPlugin:
             short = plugin_report.short_failure(call.excinfo, self.config)
             if short is not None:
                 rep.longrepr = short
+        if rep.when == "setup" and rep.failed and call.excinfo is not None \
+                and isinstance(call.excinfo.value, RerobotsError) and in_github_actions():
+            # Annotated as pytest-github-actions-annotate-failures annotates a failed call
+            # (it leaves setup errors out); printed by the controller (logreport).
+            rep.rerobots_annotation = plugin_report.setup_error_annotation(  # type: ignore[attr-defined]
+                item, call.excinfo.value)
         if rep.when == "call" and rep.failed and call.excinfo is not None \
                 and is_infrastructure(call.excinfo.value):
             # Marked on the report (it travels to the xdist controller), shown as an error.
@@ -515,6 +521,9 @@ class RerobotsPlugin:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not self.is_worker and report.skipped and _skipped_for_token(report):
             self.skipped_for_token += 1
+        annotation = getattr(report, "rerobots_annotation", None)
+        if not self.is_worker and isinstance(annotation, str):
+            plugin_report.annotate(self.config, annotation)
         if report.when == "teardown":
             plugin_report.junit_transcript(self.config, report)
 
@@ -564,6 +573,23 @@ class RerobotsPlugin:
 def _skipped_for_token(rep: pytest.TestReport) -> bool:
     longrepr = rep.longrepr
     return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
+
+
+def _never_runs(item: pytest.Item) -> bool:
+    """Whether ``item`` is skipped (``skip``, a true ``skipif``) or marked
+    ``xfail(run=False)``: prefetch rents nothing for it. A condition that cannot be
+    evaluated counts as running (pytest reports the error at the test)."""
+    if item.get_closest_marker("skip"):
+        return True
+    try:  # pytest's own evaluation of the marks (as at setup)
+        from _pytest.skipping import evaluate_skip_marks, evaluate_xfail_marks
+
+        if evaluate_skip_marks(item) is not None:
+            return True
+        xfailed = evaluate_xfail_marks(item)
+    except Exception:  # (an error in a condition, or a pytest that moved them)
+        return False
+    return xfailed is not None and not xfailed.run
 
 
 #: The fixtures that hand a test the pooled instance.
