@@ -14,12 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import BusyWorkspaceInstance, ConfigurationError, InstanceNotFound, NotFound
 from .outcome import ENDED_OUTCOMES, Outcome
+from .signals import waiting_to_end
 
 if TYPE_CHECKING:
     from . import retry
@@ -47,29 +48,43 @@ def end(
     deadline: float = 120.0,
     notfound_grace: float = 0.0,
     sleep: retry.Sleep = time.sleep,
+    label: str | None = None,
 ) -> Outcome:
     """Terminate ``instance_id`` and say how it ended: terminated, already ended or not found.
 
     Waits out INIT (the server refuses to terminate it) and transient errors
     until ``deadline`` s; a 404 counts as "not visible yet" for ``notfound_grace``
-    s (the server inserts the instance after answering ``POST /new``).
+    s (the server inserts the instance after answering ``POST /new``). If this process
+    was interrupted (its signal guard caught a signal), the wait for INIT is announced at
+    once, naming the instance as ``label`` (default: its id) and how long it may take.
     """
     begun = time.monotonic()
     # Lazily: tenacity loads with the first end, not with every pytest run (the plugin
     # imports this module through the kept-instance store).
     from . import retry
 
-    for attempt in retry.terminating(deadline=deadline, sleep=sleep):
-        with attempt:
-            try:
-                ended_now = client.terminate(instance_id, once=True)
-            except InstanceNotFound:
-                if _cancelled_reservation(client, instance_id):
-                    return Outcome.NOT_FOUND  # a reservation not served yet: now never
-                if time.monotonic() - begun < notfound_grace:
-                    raise BusyWorkspaceInstance(
-                        f"instance {instance_id} not visible yet", status=404) from None
-                return Outcome.NOT_FOUND
+    wait_over: Callable[[], None] | None = None
+    try:
+        for attempt in retry.terminating(deadline=deadline, sleep=sleep):
+            with attempt:
+                try:
+                    ended_now = client.terminate(instance_id, once=True)
+                except InstanceNotFound:
+                    if _cancelled_reservation(client, instance_id):
+                        return Outcome.NOT_FOUND  # a reservation not served yet: now never
+                    if time.monotonic() - begun < notfound_grace:
+                        raise BusyWorkspaceInstance(
+                            f"instance {instance_id} not visible yet", status=404) from None
+                    return Outcome.NOT_FOUND
+                except BusyWorkspaceInstance:  # INIT: the server ends no starting instance
+                    if wait_over is None:
+                        left = max(0.0, deadline - (time.monotonic() - begun))
+                        wait_over = waiting_to_end(
+                            f"{label or instance_id} to leave INIT", left)
+                    raise
+    finally:
+        if wait_over is not None:
+            wait_over()
     return Outcome.TERMINATED if ended_now else Outcome.ALREADY_ENDED
 
 

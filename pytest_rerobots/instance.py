@@ -526,6 +526,9 @@ class Instance:
         if self.outcome is None:
             return  # interrupted: still ours, still kept alive
         self._keepalive.stop()
+        # Ended before READY (Ctrl-C in the READY wait): the polls saw where it was.
+        self.deployment = self.deployment or self.details.get("deployment") or None
+        self.region = self.region or self.details.get("region") or None
         self.timings.ended_at = time.time()
         if self.timings.ready_at is not None:
             self.timings.held = self.timings.ended_at - self.timings.ready_at
@@ -537,7 +540,8 @@ class Instance:
         since_rent = time.monotonic() - (self._rented_mono or self._started)
         opts = self.options
         return end(self.client, self.id, deadline=opts.terminate_timeout,
-                   notfound_grace=max(0.0, opts.notfound_grace - since_rent), sleep=self.sleep)
+                   notfound_grace=max(0.0, opts.notfound_grace - since_rent), sleep=self.sleep,
+                   label=self.where)
 
     def show_progress(self) -> None:
         """Tell the listeners how the start is going (from the thread that waits for a

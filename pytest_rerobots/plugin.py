@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -35,8 +36,8 @@ from .settings import (
     allow_warnings,
     resolve,
 )
-from .signals import SignalGuard
-from .textsafe import fence_block
+from .signals import SignalGuard, tell_the_terminal
+from .textsafe import fence_block, in_github_actions
 from .transcript import Transcript
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class RerobotsPlugin:
         self.share_dir: Path | None = None
         # A Secret, so that vars(plugin) and pytest's -l locals never show the token.
         self.api_url, self._token = settings.api_url, settings.secret
-        self.signals = SignalGuard()
+        self.signals = SignalGuard(write=self._tell)
         self._run: Run | None = None
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
@@ -259,10 +260,23 @@ class RerobotsPlugin:
         elif s.sim and not s.sweep:
             self.simulator = self._start_simulator()
             self.api_url, self._token = self.simulator.url, Secret(self.simulator.token)
+            # Interrupted: the simulator stops with the run, so no end waits out INIT.
+            sim = self.simulator
+            self.signals.on_first.append(lambda _signal: sim.terminate_init_at_once())
         if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
             # The xdist controller rents nothing itself, but on SIGTERM it must still
             # get to end what its workers hold.
             self.signals.install()
+
+    def _tell(self, text: str) -> None:
+        """The signal guard's messages: on the terminal, outside pytest's output capture
+        when the main thread is capturing (a Ctrl-C in a fixture's setup)."""
+        capman = self.config.pluginmanager.get_plugin("capturemanager")
+        if capman is None or threading.current_thread() is not threading.main_thread():
+            tell_the_terminal(text)
+            return
+        with capman.global_and_fixture_disabled():
+            tell_the_terminal(text)
 
     @property
     def guarded(self) -> bool:
@@ -411,7 +425,7 @@ class RerobotsPlugin:
         keys = self._scope_keys[scope_id]
         for item in session.items:
             if not _NEEDS_INSTANCE.intersection(getattr(item, "fixturenames", ())) \
-                    or item.get_closest_marker("skip"):
+                    or _never_runs(item):
                 continue
             try:
                 wtype, deployment = self.target_for(item)
@@ -504,6 +518,12 @@ class RerobotsPlugin:
             short = plugin_report.short_failure(call.excinfo, self.config)
             if short is not None:
                 rep.longrepr = short
+        if rep.when == "setup" and rep.failed and call.excinfo is not None \
+                and isinstance(call.excinfo.value, RerobotsError) and in_github_actions():
+            # Annotated as pytest-github-actions-annotate-failures annotates a failed call
+            # (it leaves setup errors out); printed by the controller (logreport).
+            rep.rerobots_annotation = plugin_report.setup_error_annotation(  # type: ignore[attr-defined]
+                item, call.excinfo.value)
         if rep.when == "call" and rep.failed and call.excinfo is not None \
                 and is_infrastructure(call.excinfo.value):
             # Marked on the report (it travels to the xdist controller), shown as an error.
@@ -528,6 +548,9 @@ class RerobotsPlugin:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not self.is_worker and report.skipped and _skipped_for_token(report):
             self.skipped_for_token += 1
+        annotation = getattr(report, "rerobots_annotation", None)
+        if not self.is_worker and isinstance(annotation, str):
+            plugin_report.annotate(self.config, annotation)
         if report.when == "teardown":
             plugin_report.junit_transcript(self.config, report)
 
@@ -579,6 +602,23 @@ class RerobotsPlugin:
 def _skipped_for_token(rep: pytest.TestReport) -> bool:
     longrepr = rep.longrepr
     return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
+
+
+def _never_runs(item: pytest.Item) -> bool:
+    """Whether ``item`` is skipped (``skip``, a true ``skipif``) or marked
+    ``xfail(run=False)``: prefetch rents nothing for it. A condition that cannot be
+    evaluated counts as running (pytest reports the error at the test)."""
+    if item.get_closest_marker("skip"):
+        return True
+    try:  # pytest's own evaluation of the marks (as at setup)
+        from _pytest.skipping import evaluate_skip_marks, evaluate_xfail_marks
+
+        if evaluate_skip_marks(item) is not None:
+            return True
+        xfailed = evaluate_xfail_marks(item)
+    except Exception:  # (an error in a condition, or a pytest that moved them)
+        return False
+    return xfailed is not None and not xfailed.run
 
 
 #: The fixtures that hand a test the pooled instance.

@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
     from .instance import FailedRental, Instance
 
-__all__ = ["TRANSCRIPT_KEY", "BoardWatcher", "Progress", "Tally", "github_step_summary",
-           "junit_transcript", "record_properties", "redact", "rows", "short_failure",
-           "terminal_summary"]
+__all__ = ["TRANSCRIPT_KEY", "BoardWatcher", "Progress", "Tally", "annotate",
+           "github_step_summary", "junit_transcript", "record_properties", "redact", "rows",
+           "setup_error_annotation", "short_failure", "terminal_summary"]
 
 #: In a CI log (no terminal), print a progress line at most this often.
 CI_PROGRESS_EVERY = 10.0
@@ -187,6 +187,45 @@ class BoardWatcher:
                                          f"{wait.get('line')}"))
         for key in set(self._printed) - seen:
             del self._printed[key]
+
+
+#: The most lines of an error's message an annotation carries.
+ANNOTATION_LINES = 20
+
+
+def _command_data(text: str) -> str:
+    """``text`` as the data of a workflow command: one line (``%``, CR and LF encoded)."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _command_property(text: str) -> str:
+    """``text`` as a property of a workflow command (``:`` and ``,`` encoded too)."""
+    return _command_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def setup_error_annotation(item: pytest.Item, exc: BaseException) -> str:
+    """The ``::error`` workflow command for a test whose setup failed on rerobots trouble
+    (no robot free in time, a start that failed, an unknown type): at the test's line,
+    with the error's message (its first lines), all of it one line the runner cannot read
+    another command in."""
+    path, lineno, _ = item.location
+    message = f"{type(exc).__name__}: {exc}".splitlines()[:ANNOTATION_LINES]
+    title = f"rerobots: setup error in {item.name}"
+    return (f"::error file={_command_property(path)},line={(lineno or 0) + 1},"
+            f"title={_command_property(title)}::{_command_data(chr(10).join(message))}")
+
+
+def annotate(config: pytest.Config, command: str) -> None:
+    """Print a workflow command on a line of its own, outside any capture."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        sys.stdout.write(command + "\n")
+        return
+    reporter.ensure_newline()
+    tw = getattr(reporter, "_tw", None)
+    if getattr(tw, "width_of_current_line", 0):  # after progress characters (xdist's too)
+        reporter.write("\n")
+    reporter.write_line(command)
 
 
 def record_properties(item: pytest.Item, instance: Instance) -> None:

@@ -158,14 +158,24 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         return f"http://{host}:{self._server.server_port}"
 
     def start(self) -> Simulator:
-        """Start the hosts, the world's threads and the HTTP server; returns ``self``."""
+        """Start the hosts, the world's threads and the HTTP server; returns ``self``. If
+        that fails, what was started is stopped and the temporary directory removed."""
         if self._started:
             return self
         if self._stopped:
             raise RuntimeError("a stopped simulator cannot be started again")
         self._started = True
         self._root = Path(tempfile.mkdtemp(prefix="rerobots-sim-"))
-        self.world.hosts = self._make_hosts(self._root)
+        try:
+            self._start_in(self._root)
+        except BaseException:
+            # A failed start leaves nothing behind: no hosts, no threads, no directory.
+            self.stop()
+            raise
+        return self
+
+    def _start_in(self, root: Path) -> None:
+        self.world.hosts = self._make_hosts(root)
         self.world.start()
         app = self._app = SimApp(self.world, self.limits)
         try:
@@ -183,7 +193,6 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         if not self._ready.wait(timeout=10):
             raise RuntimeError("the simulator's HTTP server did not start")
         self.check()
-        return self
 
     def _make_hosts(self, root: Path) -> HostBackend:
         if self.ssh_backend == "none":
@@ -262,6 +271,13 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
     def configure(self, **settings: Any) -> None:
         """Change settings at run time (see :meth:`.world.World.configure`)."""
         self.world.configure(**settings)
+
+    def terminate_init_at_once(self) -> None:
+        """From now on ``POST /terminate`` of an instance in INIT ends it (TERMINATING, its
+        host stopped) instead of refusing as the real API does. The plugin calls it when
+        the run that embeds the simulator is interrupted: nobody needs to wait out INIT
+        for a simulator that stops with the run. (A plain flag: safe from a signal handler.)"""
+        self.world.terminate_init = True
 
     def set_endpoint_fault(self, endpoint: str, *, error_rate: float = 0.0,
                            error_status: int = 500, latency: float = 0.0) -> None:

@@ -5,7 +5,8 @@ The built-in catalog is ``default_catalog.toml`` next to this module, and the bu
 profiles (:data:`PROFILES`, e.g. ``realistic``) are files beside it that add to it. A file
 adds to the built-in catalog too: its types and deployments join the built-in ones (a type
 or deployment id it names again replaces the built-in one) and its sections override them
-key by key; with a top-level ``replace_builtin = true`` it starts from nothing instead.
+key by key; with a top-level ``profile = "realistic"`` it adds to that profile instead, and
+with ``replace_builtin = true`` it starts from nothing.
 
 Durations of the lifecycle (``ready_delay``, ``terminate_delay``, ``not_found_window``) are a
 number of seconds or ``[low, high]``: each instance then draws its own, uniformly.
@@ -467,7 +468,7 @@ def parse_catalog(data: Mapping[str, Any], source: str = "<catalog>",
     """
     check = _Checker(source)
     check.known(data, {"types", "deployments", "timings", "rate_limits", "switches", "faults",
-                       "tokens", "replace_builtin"}, "")
+                       "tokens", "replace_builtin", "profile"}, "")
     if check.boolean(data.get("replace_builtin", False), "replace_builtin"):
         base = None
     types = _types(check, data)
@@ -500,14 +501,32 @@ def _read_toml(text: str, source: str) -> dict[str, Any]:
 
 
 def load_catalog(path: str | Path) -> Catalog:
-    """Read and validate a TOML catalog file; it adds to the built-in catalog unless it
+    """Read and validate a TOML catalog file; it adds to the built-in catalog, or to the
+    built-in profile its top-level ``profile`` names (``profile = "realistic"``), unless it
     says ``replace_builtin = true``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"{path}: cannot read the catalog: {exc}") from exc
-    return parse_catalog(_read_toml(text, str(path)), str(path), base=default_catalog())
+    data = _read_toml(text, str(path))
+    return parse_catalog(data, str(path), base=_base_of(data, str(path)))
+
+
+def _base_of(data: Mapping[str, Any], source: str) -> Catalog:
+    """What a catalog file adds to: the profile its ``profile`` key names, else the
+    built-in catalog."""
+    if "profile" not in data:
+        return default_catalog()
+    check = _Checker(source)
+    name = check.string(data["profile"], "profile")
+    if data.get("replace_builtin") is True:
+        raise check.fail("profile", "a catalog that says replace_builtin = true starts from "
+                                    "nothing, not from a profile: drop one of the two")
+    try:
+        return profile_catalog(name)
+    except ConfigurationError as exc:
+        raise check.fail("profile", str(exc)) from None
 
 
 def _packaged(name: str) -> str:

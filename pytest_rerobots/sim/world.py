@@ -185,6 +185,9 @@ class World:
         }
         self.instances: dict[str, SimInstance] = {}
         self.reservations: list[Reservation] = []
+        #: ``POST /terminate`` of an INIT instance ends it instead of refusing (set by
+        #: :meth:`.Simulator.terminate_init_at_once` when the run that embeds it ends).
+        self.terminate_init = False
 
     @property
     def faults(self) -> Faults:
@@ -636,6 +639,9 @@ class World:
         """``POST /terminate/:id``: READY becomes TERMINATING at once."""
         with self.transaction():
             inst = self.find(user, instance_id)
+            if inst.status == INIT and self.terminate_init:
+                self._begin_termination(inst, self.clock())
+                return
             if inst.status in (INIT, INIT_FAIL):
                 raise Refusal(400, f"cannot terminate instance that is {inst.status.lower()}")
             if inst.status in (TERMINATING, TERMINATED):
