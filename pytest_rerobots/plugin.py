@@ -38,6 +38,7 @@ from .settings import (
 from .signals import SignalGuard
 from .textsafe import fence_block
 from .transcript import Transcript
+from .wire import is_uuid
 
 if TYPE_CHECKING:
     import paramiko
@@ -412,7 +413,20 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or (wtypes[0] if wtypes else None)
         if wtype is None:
             pytest.fail(NO_TYPE, pytrace=False)
-        return wtype, self.settings.deployment or marked_deployment
+        deployment = self.settings.deployment or marked_deployment
+        if deployment is not None and not is_uuid(deployment):
+            # A short id, as the summary table prints it: the one deployment it starts
+            # (one listing per run; none for a whole id).
+            problem = None
+            try:
+                deployment = self.need_run().deployments.resolve(deployment)
+            except RerobotsError as exc:
+                source = self.settings.sources.get("deployment") if self.settings.deployment \
+                    else "@pytest.mark.rerobots(deployment=...)"
+                problem = f"{exc} (from {source})" if source else str(exc)
+            if problem is not None:
+                pytest.fail(problem, pytrace=False)
+        return wtype, deployment
 
     # -- hooks ----------------------------------------------------------------
 

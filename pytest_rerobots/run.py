@@ -41,6 +41,7 @@ from .ledger import Ledger
 from .records import Records
 from .settings import Secret
 from .signals import SignalGuard
+from .targets import Deployments
 from .transcript import Transcript
 from .watchdog import Watchdog
 from .wire import is_uuid
@@ -102,6 +103,8 @@ class Run:
             token = os.environ.get("REROBOTS_API_TOKEN") or None
         self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
         self.run_id = run_id or str(uuid.uuid4())
+        #: The API's deployments, listed once (on first need) to resolve short ids.
+        self.deployments = Deployments(self.client)
         self.records = records if records is not None else Records()
         #: What tests did on this run's robots (every instance's connection records here).
         self.transcript = Transcript()
@@ -172,9 +175,12 @@ class Run:
         settings.setdefault("transcript", self.transcript)
         if self.kept is not None:
             settings.setdefault("keep_hook", self._keep)
+        # A short deployment id (as the summary table prints it) is that deployment.
         if deployment is not None:
             settings.setdefault("wtype", target)
-            target = deployment
+            target = self.deployments.resolve(deployment)
+        else:
+            target = self.deployments.target(target)
         return Instance.build(self.client, target, self.defaults, **settings)
 
     @overload
