@@ -7,12 +7,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from conftest import FAST
 
 from pytest_rerobots import Run
 from pytest_rerobots.errors import ConfigurationError, DeploymentNotFound
 from pytest_rerobots.sim import Simulator
-
-from conftest import FAST
 
 pytest_plugins = ["pytester"]
 
