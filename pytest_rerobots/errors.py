@@ -230,6 +230,13 @@ def _tails(stdout: str, stderr: str) -> str:
     return fence_prefixed("\n".join(parts)) if parts else "(no output on stdout or stderr)"
 
 
+#: What to do when a background process held a command's output open (CommandTimeout).
+BACKGROUND_FIX = (
+    "(run() waits for the end of the command's output, and a background process holds it: "
+    "redirect its output and stdin, run(\"cmd > /tmp/cmd.log 2>&1 < /dev/null &\"), "
+    "or start it with spawn(\"cmd\"), which returns at once and ends it at teardown)")
+
+
 class CommandTimeout(SSHError):
     """A command did not finish within its timeout. The connection stays usable.
 
@@ -238,14 +245,17 @@ class CommandTimeout(SSHError):
     """
 
     def __init__(self, message: str, *, command: str = "", timeout: float | None = None,
-                 stdout: str = "", stderr: str = "") -> None:
+                 stdout: str = "", stderr: str = "", background: bool = False) -> None:
         self.command = command
         self.timeout = timeout
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(f"{message}\n{_tails(stdout, stderr)}\n"
-                         "(a longer timeout: run(..., timeout=S), or --rerobots-command-timeout "
-                         "S for every command)")
+        #: A process the command started in the background held its output open.
+        self.background = background
+        fix = BACKGROUND_FIX if background else (
+            "(a longer timeout: run(..., timeout=S), or --rerobots-command-timeout "
+            "S for every command)")
+        super().__init__(f"{message}\n{_tails(stdout, stderr)}\n{fix}")
 
 
 class ExpectTimeout(CommandTimeout):
