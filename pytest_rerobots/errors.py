@@ -29,16 +29,18 @@ boundary each and chained with ``raise ... from exc``::
         │   └── ExpectTimeout         a live process did not print what expect() waited for
         │       └── ExpectEOF         ... and ended first
         ├── CommandFailed             ``run(..., check=True)`` saw a non-zero exit status
-        └── RemoteFileError           ``put``/``get``: no such remote path, or no permission
+        ├── RemoteFileError           ``put``/``get``: no such remote path, or no permission
+        └── LocalFileError            ``put``/``get``: no such local path, or no permission
 
 Whether a retry is safe is a property of the request, not the error: see
 :mod:`pytest_rerobots.retry`. The messages never contain the API token.
 
-Every error here except ``CommandFailed``, ``CommandTimeout`` (with its kinds) and
-``RemoteFileError`` is trouble with the infrastructure, not a verdict on the code
-under test; the pytest plugin reports it as a test *error*
-(:func:`is_infrastructure`). Those three are what the product did (a firmware
-whose boot log is missing is a product bug), so they are test *failures*.
+Every error here except ``CommandFailed``, ``CommandTimeout`` (with its kinds),
+``RemoteFileError`` and ``LocalFileError`` is trouble with the infrastructure, not a
+verdict on the code under test; the pytest plugin reports it as a test *error*
+(:func:`is_infrastructure`). The first three are what the product did (a firmware
+whose boot log is missing is a product bug), and a local file that is not there is the
+test's own mistake, so they are test *failures*.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ __all__ = [
     "InstanceFailed",
     "InstanceNotFound",
     "InstanceTimeout",
+    "LocalFileError",
     "MalformedResponse",
     "NotFound",
     "RateLimited",
@@ -309,11 +312,30 @@ class RemoteFileError(RerobotsError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class LocalFileError(RerobotsError, OSError):
+    """``put`` found no local file to send, or ``get`` no local place to write, or was not
+    allowed to use it: the test's own mistake, so a test failure (one short line naming
+    the local path, not the frames of the copy). An ``OSError`` with ``errno`` and
+    ``filename`` as ``open`` set them; ``path`` is the local path, ``reason`` what went
+    wrong."""
+
+    def __init__(self, message: str, *, path: str = "", reason: str = "",
+                 errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+        self.errno = errno
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError's own __str__ would want errno and strerror
+        return str(self.args[0]) if self.args else ""
+
+
 def is_infrastructure(exc: BaseException) -> bool:
     """Whether ``exc`` is infrastructure trouble (the API, the network, the robot's host)
     rather than the outcome of a command under test."""
     return isinstance(exc, RerobotsError) and not isinstance(
-        exc, (CommandFailed, CommandTimeout, RemoteFileError))
+        exc, (CommandFailed, CommandTimeout, RemoteFileError, LocalFileError))
 
 
 class UnreadableNewAnswer(MalformedResponse):
