@@ -292,6 +292,8 @@ class RerobotsPlugin:
             signals=self.signals, listeners=[plugin_report.Progress(self.config)],
             keep_on_failure=s.keep_on_failure and keeping,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
+            token_source=("the embedded simulator" if self.mode == "embedded simulator"
+                          else s.sources.get("token")),
             # The defaults of every instance: the settings the table marks so, and how
             # often to poll (every 50 ms on the embedded simulator).
             **s.instance_options(), fast_polling=self.mode == "embedded simulator",
