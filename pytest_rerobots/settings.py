@@ -82,6 +82,12 @@ def _url(value: Any) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{text!r} is not an http(s) URL")
+    if parts.path or parts.query or parts.fragment:
+        # The API (and the simulator) answers at its origin's root, and the version is in
+        # the Accept header: "/v1" would only be answered "unrecognized command".
+        origin = f"{parts.scheme}://{parts.netloc}"
+        raise ValueError(f"{text!r} has a path; the API is served at the root of its origin "
+                         f"(the version goes in a header, not the URL): use {origin!r}")
     return text
 
 
