@@ -534,11 +534,28 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or "from markers"
         lines = [f"rerobots: {url} ({self.mode}), token {token}, wtype {wtype}, "
                  f"scope {self.settings.scope}"]
+        return lines + self.notices()
+
+    def notices(self) -> list[str]:
+        """The header's notices: options this run does not honour as asked, and the
+        ledger's warnings. Shown under ``-q`` too (pytest_sessionstart), which hides the
+        header."""
         s = self.settings
+        lines = []
         if (s.keep_on_failure or self.reuse is not None) and not self.guarded:
             lines.append("rerobots: --rerobots-keep-on-failure and --rerobots-reuse do nothing "
                          "here: the embedded simulator ends with the run")
         return lines + self.notes
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Under ``-q`` pytest shows no header: the notices still show, as they change what
+        the user asked for."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.is_worker or reporter is None or getattr(reporter, "showheader", True):
+            return
+        for line in self.notices():
+            reporter.write_line(line, yellow=True)
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
