@@ -139,11 +139,13 @@ def run(
         if status is None:
             on = f" on {where}" if where else ""
             raise CommandTimeout(
-                f"command {command!r}{on} did not finish within {timeout or 0:g} s",
+                f"command {command!r}{on} did not finish within {timeout or 0:g} s"
+                + _held_open(command, chan),
                 command=command,
                 timeout=timeout,
                 stdout=stdout.decode("utf-8", "replace"),
                 stderr=stderr.decode("utf-8", "replace"),
+                background=bool(_held_open(command, chan)),
             )
     finally:
         chan.close()
@@ -159,6 +161,20 @@ def run(
     if check and result.exit_status != 0:
         raise CommandFailed(result, where)
     return result
+
+
+def _held_open(command: str, chan: paramiko.Channel) -> str:
+    """Why a timed-out command may never have ended, if it looks like the usual cause: a
+    background process (``cmd &``) that keeps the channel's output open, so that no EOF
+    comes although the shell is gone (SSH's behaviour, OpenSSH's too). Empty otherwise."""
+    if chan.exit_status_ready() and not chan.eof_received:
+        status = chan.exit_status
+        return (f": its shell exited (status {status}) but the output stayed open, held by "
+                "a process it started in the background")
+    if command.rstrip().endswith("&") and not command.rstrip().endswith("&&"):
+        return (": it ends with '&', and a process in the background keeps the output "
+                "open until it ends")
+    return ""
 
 
 def _feed(chan: paramiko.Channel, data: bytes) -> None:

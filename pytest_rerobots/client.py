@@ -214,6 +214,7 @@ class RerobotsClient:
         retries: int = 4,
         max_rate_wait: float = 120.0,
         ignore_env: bool = False,
+        token_source: str | None = None,
         session: requests.Session | None = None,
         sleep: retry.Sleep = time.sleep,
         clock: Callable[[], float] = time.time,
@@ -221,6 +222,10 @@ class RerobotsClient:
         env = {} if ignore_env else os.environ
         if token is None:
             token = env.get("REROBOTS_API_TOKEN") or None
+            if token and token_source is None:
+                token_source = "environment variable REROBOTS_API_TOKEN"  # noqa: S105 (a name)
+        #: Where the token came from (never the token), named when the API refuses it.
+        self.token_source = token_source
         # Held as a Secret: vars(client) (and pytest's -l locals) never show it.
         self._token = Secret(token.strip()) if token and token.strip() else None
         self.api_url = (api_url or env.get("REROBOTS_API_URL") or DEFAULT_API_URL).rstrip("/")
@@ -352,7 +357,20 @@ class RerobotsClient:
                 message or "API rate limit spent", status=status, payload=payload,
                 method=method, path=path, reset=rate.reset if rate else None,
             )
-        raise cls(message, status=status, payload=payload, method=method, path=path)
+        error = cls(message, status=status, payload=payload, method=method, path=path)
+        if cls is WrongAuthToken:
+            error.args = (f"{error}\n{self._token_hint()}",)
+        raise error
+
+    def _token_hint(self) -> str:
+        """Where the refused token came from and how to give another (never the token)."""
+        if not self._token:
+            return ("no API token was sent: set REROBOTS_API_TOKEN (or pass "
+                    "--rerobots-token-file PATH to pytest, token= to Run)")
+        source = self.token_source or "the token given to this client"
+        return (f"the token came from {source} (not shown here); it may be mistyped, "
+                "expired or revoked: put a current token of your rerobots account there, "
+                "or pass another with --rerobots-token-file PATH")
 
     def _request(
         self,

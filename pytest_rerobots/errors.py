@@ -29,16 +29,18 @@ boundary each and chained with ``raise ... from exc``::
         │   └── ExpectTimeout         a live process did not print what expect() waited for
         │       └── ExpectEOF         ... and ended first
         ├── CommandFailed             ``run(..., check=True)`` saw a non-zero exit status
-        └── RemoteFileError           ``put``/``get``: no such remote path, or no permission
+        ├── RemoteFileError           ``put``/``get``: no such remote path, or no permission
+        └── LocalFileError            ``put``/``get``: no such local path, or no permission
 
 Whether a retry is safe is a property of the request, not the error: see
 :mod:`pytest_rerobots.retry`. The messages never contain the API token.
 
-Every error here except ``CommandFailed``, ``CommandTimeout`` (with its kinds) and
-``RemoteFileError`` is trouble with the infrastructure, not a verdict on the code
-under test; the pytest plugin reports it as a test *error*
-(:func:`is_infrastructure`). Those three are what the product did (a firmware
-whose boot log is missing is a product bug), so they are test *failures*.
+Every error here except ``CommandFailed``, ``CommandTimeout`` (with its kinds),
+``RemoteFileError`` and ``LocalFileError`` is trouble with the infrastructure, not a
+verdict on the code under test; the pytest plugin reports it as a test *error*
+(:func:`is_infrastructure`). The first three are what the product did (a firmware
+whose boot log is missing is a product bug), and a local file that is not there is the
+test's own mistake, so they are test *failures*.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ __all__ = [
     "InstanceFailed",
     "InstanceNotFound",
     "InstanceTimeout",
+    "LocalFileError",
     "MalformedResponse",
     "NotFound",
     "RateLimited",
@@ -230,6 +233,13 @@ def _tails(stdout: str, stderr: str) -> str:
     return fence_prefixed("\n".join(parts)) if parts else "(no output on stdout or stderr)"
 
 
+#: What to do when a background process held a command's output open (CommandTimeout).
+BACKGROUND_FIX = (
+    "(run() waits for the end of the command's output, and a background process holds it: "
+    "redirect its output and stdin, run(\"cmd > /tmp/cmd.log 2>&1 < /dev/null &\"), "
+    "or start it with spawn(\"cmd\"), which returns at once and ends it at teardown)")
+
+
 class CommandTimeout(SSHError):
     """A command did not finish within its timeout. The connection stays usable.
 
@@ -238,14 +248,17 @@ class CommandTimeout(SSHError):
     """
 
     def __init__(self, message: str, *, command: str = "", timeout: float | None = None,
-                 stdout: str = "", stderr: str = "") -> None:
+                 stdout: str = "", stderr: str = "", background: bool = False) -> None:
         self.command = command
         self.timeout = timeout
         self.stdout = stdout
         self.stderr = stderr
-        super().__init__(f"{message}\n{_tails(stdout, stderr)}\n"
-                         "(a longer timeout: run(..., timeout=S), or --rerobots-command-timeout "
-                         "S for every command)")
+        #: A process the command started in the background held its output open.
+        self.background = background
+        fix = BACKGROUND_FIX if background else (
+            "(a longer timeout: run(..., timeout=S), or --rerobots-command-timeout "
+            "S for every command)")
+        super().__init__(f"{message}\n{_tails(stdout, stderr)}\n{fix}")
 
 
 class ExpectTimeout(CommandTimeout):
@@ -299,11 +312,30 @@ class RemoteFileError(RerobotsError, OSError):
         return str(self.args[0]) if self.args else ""
 
 
+class LocalFileError(RerobotsError, OSError):
+    """``put`` found no local file to send, or ``get`` no local place to write, or was not
+    allowed to use it: the test's own mistake, so a test failure (one short line naming
+    the local path, not the frames of the copy). An ``OSError`` with ``errno`` and
+    ``filename`` as ``open`` set them; ``path`` is the local path, ``reason`` what went
+    wrong."""
+
+    def __init__(self, message: str, *, path: str = "", reason: str = "",
+                 errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+        self.errno = errno
+        self.filename = path
+
+    def __str__(self) -> str:  # OSError's own __str__ would want errno and strerror
+        return str(self.args[0]) if self.args else ""
+
+
 def is_infrastructure(exc: BaseException) -> bool:
     """Whether ``exc`` is infrastructure trouble (the API, the network, the robot's host)
     rather than the outcome of a command under test."""
     return isinstance(exc, RerobotsError) and not isinstance(
-        exc, (CommandFailed, CommandTimeout, RemoteFileError))
+        exc, (CommandFailed, CommandTimeout, RemoteFileError, LocalFileError))
 
 
 class UnreadableNewAnswer(MalformedResponse):

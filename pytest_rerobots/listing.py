@@ -28,7 +28,7 @@ from .settings import Settings
 from .textsafe import commands_stopped, one_line
 from .wire import epoch
 
-__all__ = ["Deployment", "Listing", "gather", "main", "render"]
+__all__ = ["Deployment", "Listing", "gather", "kept_here", "main", "render"]
 
 WIDTH = 80
 
@@ -144,10 +144,29 @@ def _age(stamp: Any, now: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+def kept_here(ledger: Path | None) -> dict[str, str]:
+    """The instances this checkout's runs kept (``--rerobots-keep-on-failure``,
+    ``--rerobots-reuse``), by id: what each is kept for ("debug", "reuse"). Empty when
+    there is no store, or it cannot be read (the listing goes on without the marks)."""
+    if ledger is None:
+        return {}
+    from . import keep  # lazily: only a listing with a ledger reads the store
+
+    try:
+        records = keep.KeptStore(keep.kept_dir(ledger)).records()
+    except (OSError, ConfigurationError):
+        return {}
+    # Short words, so that the table still fits 80 columns with the type uncut.
+    return {str(r["id"]): "debug" if r.get("kind") == keep.FAILURE else str(r.get("kind"))
+            for r in records if r.get("id")}
+
+
 def render(found: Listing, *, has_token: bool, wtype: str | None = None,
-           wtype_source: str = "", now: float | None = None) -> list[str]:
+           wtype_source: str = "", now: float | None = None,
+           kept: Mapping[str, str] | None = None) -> list[str]:
     """The listing as lines of at most 80 characters. ``wtype`` is the run's workspace
-    type, if it has one: a type the API does not offer is pointed out."""
+    type, if it has one: a type the API does not offer is pointed out. ``kept``: the
+    instances this checkout kept, by id, marked in the table (:func:`kept_here`)."""
     now = time.time() if now is None else now
     token = "token set" if has_token else "no token"
     lines = [one_line(f"rerobots: {found.api_url} ({found.mode}), {token}")]
@@ -175,12 +194,22 @@ def render(found: Listing, *, has_token: bool, wtype: str | None = None,
     elif not found.instances:
         lines.append("your live instances: none")
     else:
+        kept = kept or {}
+        marked = [str(i.get("id")) in kept for i in found.instances]
+        headers: tuple[str, ...] = ("instance", "type", "region", "status", "age")
+        rows: list[tuple[str, ...]] = [(str(i.get("id", "?")), str(i.get("type") or "?"),
+                 str(i.get("region") or "-"), str(i.get("status") or "?"),
+                 _age(i.get("starttime"), now)) for i in found.instances]
+        if any(marked):
+            headers += ("kept",)
+            rows = [(*row, kept.get(row[0], "")) for row in rows]
         lines.append(f"your live instances ({len(found.instances)}):")
-        lines += _table(("instance", "type", "region", "status", "age"),
-                        [(str(i.get("id", "?")), str(i.get("type") or "?"),
-                          str(i.get("region") or "-"), str(i.get("status") or "?"),
-                          _age(i.get("starttime"), now)) for i in found.instances],
-                        flexible=1, right=(4,))
+        lines += _table(headers, rows, flexible=1, right=(4,))
+        if any(marked):
+            lines += textwrap.wrap(
+                "kept: kept by a run of this checkout (debug: after a failing test; reuse: "
+                "for the next run); pytest --rerobots-sweep ends them", WIDTH,
+                break_on_hyphens=False)
     for error in found.errors:
         lines += textwrap.wrap(one_line(f"rerobots list: {error}"), WIDTH,
                                subsequent_indent="  ")
@@ -230,7 +259,8 @@ def main(settings: Settings, out: Callable[[str], Any] = print) -> int:
     with _client(settings) as (api, mode):
         found = gather(api, mode)
         lines = render(found, has_token=api.has_token, wtype=settings.wtype,
-                       wtype_source=settings.sources.get("wtype", ""))
+                       wtype_source=settings.sources.get("wtype", ""),
+                       kept=kept_here(settings.ledger) if not settings.sim else None)
         # The API's strings start lines here (a type, a wrapped list of types or error
         # text) or sit inside them: under GitHub Actions, the runner must act on none.
         with commands_stopped(out):

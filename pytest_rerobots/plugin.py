@@ -39,6 +39,7 @@ from .settings import (
 from .signals import SignalGuard, tell_the_terminal
 from .textsafe import fence_block, in_github_actions
 from .transcript import Transcript
+from .wire import is_uuid
 
 if TYPE_CHECKING:
     import paramiko
@@ -314,6 +315,8 @@ class RerobotsPlugin:
             keep_on_failure=s.keep_on_failure and keeping,
             board_dir=worker.get("rerobots_board_dir"),
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
+            token_source=("the embedded simulator" if self.mode == "embedded simulator"
+                          else s.sources.get("token")),
             # The defaults of every instance: the settings the table marks so, and how
             # often to poll (every 50 ms on the embedded simulator).
             **s.instance_options(), fast_polling=self.mode == "embedded simulator",
@@ -451,7 +454,20 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or (wtypes[0] if wtypes else None)
         if wtype is None:
             pytest.fail(NO_TYPE, pytrace=False)
-        return wtype, self.settings.deployment or marked_deployment
+        deployment = self.settings.deployment or marked_deployment
+        if deployment is not None and not is_uuid(deployment):
+            # A short id, as the summary table prints it: the one deployment it starts
+            # (one listing per run; none for a whole id).
+            problem = None
+            try:
+                deployment = self.need_run().deployments.resolve(deployment)
+            except RerobotsError as exc:
+                source = self.settings.sources.get("deployment") if self.settings.deployment \
+                    else "@pytest.mark.rerobots(deployment=...)"
+                problem = f"{exc} (from {source})" if source else str(exc)
+            if problem is not None:
+                pytest.fail(problem, pytrace=False)
+        return wtype, deployment
 
     # -- hooks ----------------------------------------------------------------
 
@@ -568,11 +584,28 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or "from markers"
         lines = [f"rerobots: {url} ({self.mode}), token {token}, wtype {wtype}, "
                  f"scope {self.settings.scope}"]
+        return lines + self.notices()
+
+    def notices(self) -> list[str]:
+        """The header's notices: options this run does not honour as asked, and the
+        ledger's warnings. Shown under ``-q`` too (pytest_sessionstart), which hides the
+        header."""
         s = self.settings
+        lines = []
         if (s.keep_on_failure or self.reuse is not None) and not self.guarded:
             lines.append("rerobots: --rerobots-keep-on-failure and --rerobots-reuse do nothing "
                          "here: the embedded simulator ends with the run")
         return lines + self.notes
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """Under ``-q`` pytest shows no header: the notices still show, as they change what
+        the user asked for."""
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if self.is_worker or reporter is None or getattr(reporter, "showheader", True):
+            return
+        for line in self.notices():
+            reporter.write_line(line, yellow=True)
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:

@@ -36,13 +36,14 @@ from . import keep
 from .board import Board, Holder, current_test, wait_line, waiting_entry
 from .client import RerobotsClient
 from .ending import end_ids
-from .errors import RerobotsError
+from .errors import ConfigurationError, RerobotsError
 from .fleet import end_all, start_all, wait_all
 from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions, Outcome
 from .ledger import Ledger
 from .records import Records
 from .settings import Secret
 from .signals import SignalGuard
+from .targets import Deployments
 from .transcript import Transcript
 from .watchdog import Watchdog
 from .wire import is_uuid
@@ -67,6 +68,11 @@ SELF_HELD_ADVICE = (
 
 #: The ledger of a ``Run`` made without pytest, relative to the current directory.
 DEFAULT_LEDGER = Path(".rerobots") / "ledger.jsonl"
+
+#: Why a ``Run`` without a token rents nothing (said before any call).
+NO_TOKEN = ("no API token: set REROBOTS_API_TOKEN (a token of your rerobots account), or "  # noqa: S105
+            "pass Run(token=...); or point the Run at a simulator (rerobots-sim prints "
+            "REROBOTS_API_URL and REROBOTS_API_TOKEN)")
 
 _DEFAULT: Any = object()  # "not given", where None has a meaning of its own
 
@@ -107,13 +113,18 @@ class Run:
         kept_dir: str | os.PathLike[str] | None = None,
         checkout: str | None = None,
         board_dir: str | os.PathLike[str] | None = None,
+        token_source: str | None = None,
         **defaults: Any,
     ) -> None:
         self.defaults = InstanceOptions().updated(**defaults)
         if token is None and not ignore_env:
             token = os.environ.get("REROBOTS_API_TOKEN") or None
-        self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env)
+            token_source = token_source or "environment variable REROBOTS_API_TOKEN"
+        self.client = RerobotsClient(token=token, api_url=api_url, ignore_env=ignore_env,
+                                     token_source=token_source or "the token passed to Run")
         self.run_id = run_id or str(uuid.uuid4())
+        #: The API's deployments, listed once (on first need) to resolve short ids.
+        self.deployments = Deployments(self.client)
         self.records = records if records is not None else Records()
         #: What tests did on this run's robots (every instance's connection records here).
         self.transcript = Transcript()
@@ -179,6 +190,8 @@ class Run:
         """An unstarted :class:`.Instance` of ``target`` (a workspace type; or rent
         ``deployment`` of it) with this run's defaults and every layer as listener.
         ``settings`` as for :meth:`.Instance.build`."""
+        if not self.client.has_token:  # before any call: POST /new would only be refused
+            raise ConfigurationError(NO_TOKEN)
         if self._signals:
             # Only a run that rents anything changes how signals behave.
             self.signals.install()
@@ -195,9 +208,12 @@ class Run:
         settings.setdefault("transcript", self.transcript)
         if self.kept is not None:
             settings.setdefault("keep_hook", self._keep)
+        # A short deployment id (as the summary table prints it) is that deployment.
         if deployment is not None:
             settings.setdefault("wtype", target)
-            target = deployment
+            target = self.deployments.resolve(deployment)
+        else:
+            target = self.deployments.target(target)
         return Instance.build(self.client, target, self.defaults, **settings)
 
     @overload

@@ -82,6 +82,12 @@ def _url(value: Any) -> str:
     parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"{text!r} is not an http(s) URL")
+    if parts.path or parts.query or parts.fragment:
+        # The API (and the simulator) answers at its origin's root, and the version is in
+        # the Accept header: "/v1" would only be answered "unrecognized command".
+        origin = f"{parts.scheme}://{parts.netloc}"
+        raise ValueError(f"{text!r} has a path; the API is served at the root of its origin "
+                         f"(the version goes in a header, not the URL): use {origin!r}")
     return text
 
 
@@ -106,6 +112,24 @@ def _seconds(minimum: float) -> Callable[[Any], float]:
             raise ValueError(f"{value!r} must be a finite number >= {minimum:g}")
         return number
     return parse
+
+
+#: Seconds after the last keepalive ping at which the service ends an instance.
+KEEPALIVE_WINDOW = 60.0
+
+
+def _keepalive(value: Any) -> float:
+    number = _seconds(0.05)(value)
+    if number >= KEEPALIVE_WINDOW:
+        raise ValueError(
+            f"{value!r} is not below the service's {KEEPALIVE_WINDOW:g} s keepalive window: "
+            f"the service ends an instance {KEEPALIVE_WINDOW:g} s after its last ping, so "
+            "with pings this far apart it would end the robot during the test (the default, "
+            f"{DEFAULTS_KEEPALIVE:g} s, leaves a margin)")
+    return number
+
+
+DEFAULTS_KEEPALIVE = 40.0
 
 
 def _lease(value: Any) -> int:
@@ -263,7 +287,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("lease", _lease, 3600,
            "expire_d sent with every instance request: the server ends it after this many "
            "seconds whatever happens (default {default})", instance=True),
-    Option("keepalive_interval", _seconds(0.05), 40.0,
+    Option("keepalive_interval", _keepalive, DEFAULTS_KEEPALIVE,
            "seconds between keepalive pings (default {default}; the server ends an instance "
            "60 s after the last one)", instance=True),
     Option("command_timeout", _seconds(0.001), 300.0,
@@ -379,11 +403,17 @@ def resolve(
             try:
                 values[opt.name] = opt.parse(raw)
             except ValueError as exc:
-                raise ConfigurationError(f"{opt.flag} (from {source}): {exc}") from None
+                # "--rerobots-x (from command line)": the flag is named once, not twice.
+                where = "command line" if source.startswith("command line") else source
+                raise ConfigurationError(f"{opt.flag} (from {where}): {exc}") from None
             sources[opt.name] = source
             break
     token = _token(token_file, env)
     values["secret"] = Secret(token) if token else None
+    if token:  # where it came from (never the token itself), for the wrong-token hint
+        sources["token"] = (f"command line --rerobots-token-file {os.fspath(token_file)}"
+                            if token_file is not None
+                            else "environment variable REROBOTS_API_TOKEN")
     return Settings(**values, sweep=sweep, sources=sources)
 
 

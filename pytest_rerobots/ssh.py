@@ -49,6 +49,7 @@ from .errors import (
     CommandFailed,
     CommandTimeout,
     HostKeyMismatch,
+    LocalFileError,
     RemoteFileError,
     SSHConnectError,
     SSHError,
@@ -314,7 +315,8 @@ class Connection:
         """Copy the local file ``local`` to ``remote`` on the host (relative: to its home).
 
         A remote path that does not exist (its directory) or may not be written is a
-        :class:`RemoteFileError`; a missing local file, the ``OSError`` of ``open``."""
+        :class:`RemoteFileError`; a missing or unreadable local file, a
+        :class:`LocalFileError` naming it (both are test failures)."""
         local = os.fspath(local)
         self._transfer("put", f"{local} -> {remote}", remote, local,
                        lambda sftp: sftp.put(local, remote))
@@ -323,7 +325,8 @@ class Connection:
         """Copy ``remote`` on the host to the local file ``local``.
 
         A remote file that does not exist or may not be read is a
-        :class:`RemoteFileError` (and leaves no empty local file behind)."""
+        :class:`RemoteFileError` (and leaves no empty local file behind); a local path
+        that cannot be written (no such directory), a :class:`LocalFileError`."""
         local = os.fspath(local)
         existed = os.path.exists(local)
         try:
@@ -342,11 +345,14 @@ class Connection:
         try:
             move(self.sftp)
         except (FileNotFoundError, PermissionError) as exc:
-            if exc.filename is not None and os.fspath(exc.filename) == local:
-                self._record(at, kind, what, None, begun, note=describe(exc))
-                raise  # the local file: Python's own error says it
             reason = "no such file or directory" if isinstance(exc, FileNotFoundError) \
                 else "permission denied"
+            if exc.filename is not None and os.fspath(exc.filename) == local:
+                # The test's own mistake: one short line naming the path, not the frames
+                # of paramiko's copy (from None: nothing the traceback would add).
+                self._record(at, kind, what, None, begun, note=f"{local}: {reason}")
+                raise LocalFileError(f"local path {local!r}: {reason} ({kind} {what}{on})",
+                                     path=local, reason=reason, errno=exc.errno) from None
             self._record(at, kind, what, None, begun, note=f"{remote}: {reason}")
             raise RemoteFileError(f"remote path {remote!r}{on}: {reason} ({kind} {what})",
                                   path=remote, reason=reason) from exc

@@ -194,7 +194,7 @@ def test_bad_reuse_minutes_are_usage_errors(pytester: pytest.Pytester, value: st
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest(f"--rerobots-reuse={value}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--rerobots-reuse (from command line --rerobots-reuse)*minutes*"])
+    result.stderr.fnmatch_lines(["*--rerobots-reuse (from command line)*minutes*"])
 
 
 FAILING = '''

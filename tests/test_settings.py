@@ -32,8 +32,10 @@ def test_command_line_beats_environment_beats_ini():
 @pytest.mark.parametrize(
     ("cli", "env", "ini", "expected"),
     [
-        ({"ready_timeout": "soon"}, {}, {}, "--rerobots-ready-timeout (from command line "
-                                            "--rerobots-ready-timeout): 'soon' is not a number"),
+        # The option named once (issue 22 item 12; it was "(from command line
+        # --rerobots-ready-timeout)").
+        ({"ready_timeout": "soon"}, {}, {}, "--rerobots-ready-timeout (from command line): "
+                                            "'soon' is not a number"),
         ({}, {}, {"rerobots_scope": "class"}, "--rerobots-scope (from ini option rerobots_scope)"),
         ({}, {"REROBOTS_API_URL": "ftp://x"}, {}, "environment variable REROBOTS_API_URL"),
         ({"lease": "0"}, {}, {}, "must be at least 1 second"),

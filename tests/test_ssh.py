@@ -19,8 +19,8 @@ from pytest_rerobots.errors import (
     CommandFailed,
     CommandTimeout,
     HostKeyMismatch,
+    LocalFileError,
     RemoteFileError,
-    RerobotsError,
     SSHConnectError,
     SSHError,
     is_infrastructure,
@@ -279,10 +279,11 @@ def test_missing_remote_path_is_a_test_failure_naming_it(
     local.write_text("firmware")
     with pytest.raises(RemoteFileError, match=r"remote path 'no-dir/fw\.bin'"):
         conn.put(local, "no-dir/fw.bin")
-    # A missing *local* file is Python's own error, with the local path.
-    with pytest.raises(FileNotFoundError) as missing:
+    # A missing *local* file is a short error naming the local path (issue 22 item 6; it
+    # was Python's own FileNotFoundError, under paramiko's frames): a test failure too.
+    with pytest.raises(LocalFileError, match=r"local path '.*absent\.bin'") as missing:
         conn.put(tmp_path / "absent.bin", "fw.bin")
-    assert not isinstance(missing.value, RerobotsError)
+    assert isinstance(missing.value, OSError) and not is_infrastructure(missing.value)
 
 
 def test_remote_permission_error_is_a_test_failure(

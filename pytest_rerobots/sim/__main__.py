@@ -6,6 +6,11 @@ Once serving it prints two lines a shell can ``eval`` or a CI step can append to
     REROBOTS_API_URL=http://127.0.0.1:8666
     REROBOTS_API_TOKEN=...
 
+With ``--export`` they read ``export REROBOTS_API_URL=...``, for a shell to take as they are
+(``eval "$(rerobots-sim --export | head -2)"`` in a script, or pasted into a terminal);
+``--env-file PATH`` also writes them, as ``NAME=value`` lines, to a file only its owner can
+read (``set -a; . PATH`` in a shell, or ``env_file`` of a container).
+
 The default user's token is random unless chosen, from a file (``--token-file PATH``, its
 first line) or from ``REROBOTS_SIM_TOKEN`` in the environment; never on the command line,
 where every local user can read it (``/proc/<pid>/cmdline``), so ``--token`` is refused.
@@ -68,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
                         default=defaults.request_timeout,
                         help="close a connection whose request is not read this long after "
                              "it began (default %(default)s)")
+    parser.add_argument("--export", action="store_true",
+                        help="print 'export REROBOTS_API_URL=...' lines, for a shell to take "
+                             "as they are")
+    parser.add_argument("--env-file", metavar="PATH", default=None,
+                        help="also write the two lines to PATH (mode 0600), for "
+                             "'set -a; . PATH' or a container's env_file")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
     return parser
 
@@ -97,6 +108,17 @@ def _chosen_token(args: argparse.Namespace) -> str | None:
     return os.environ.get(TOKEN_ENV, "").strip() or None
 
 
+def _write_env_file(path: str, lines: list[str]) -> None:
+    """Write ``lines`` to ``path``, readable by its owner only (it holds the token)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+            handle.write("".join(f"{line}\n" for line in lines))
+    except OSError as exc:
+        raise ConfigurationError(f"--env-file: cannot write {path}: {exc.strerror}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator until SIGINT or SIGTERM; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -116,8 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                            max_body=args.max_body, max_connections=args.max_connections,
                            idle_timeout=args.idle_timeout, request_timeout=args.request_timeout,
                            trust_forwarded_for=args.trust_forwarded_for)) as sim:
-            print(f"REROBOTS_API_URL={sim.url}", flush=True)
-            print(f"REROBOTS_API_TOKEN={sim.token}", flush=True)
+            lines = [f"REROBOTS_API_URL={sim.url}", f"REROBOTS_API_TOKEN={sim.token}"]
+            if args.env_file is not None:
+                _write_env_file(args.env_file, lines)
+            for line in lines:
+                print(f"export {line}" if args.export else line, flush=True)
             # A timed wait keeps the main thread responsive to signals on every platform.
             while not stop.wait(0.5):
                 sim.check()

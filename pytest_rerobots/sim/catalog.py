@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import difflib
 import re
 import sys
 import uuid
@@ -508,7 +509,14 @@ def load_catalog(path: str | Path) -> Catalog:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigurationError(f"{path}: cannot read the catalog: {exc}") from exc
+        hint = ""
+        if isinstance(exc, FileNotFoundError) and path.suffix == "" and len(path.parts) == 1:
+            # A bare name that is no file: most likely a mistyped profile name.
+            close = difflib.get_close_matches(str(path), sorted(PROFILES), n=1, cutoff=0.6)
+            hint = (f"; did you mean the built-in profile {close[0]!r}?" if close else
+                    f"; the built-in profiles are: {', '.join(sorted(PROFILES))}")
+        raise ConfigurationError(
+            f"{path}: cannot read the catalog: {exc.strerror or exc}{hint}") from exc
     data = _read_toml(text, str(path))
     return parse_catalog(data, str(path), base=_base_of(data, str(path)))
 
