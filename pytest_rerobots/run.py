@@ -325,10 +325,13 @@ class Run:
         are held by this run itself: by this process, or another xdist worker of the run
         (the board), or kept by an earlier run of this checkout.
 
-        Hopeless (True) when every one is held for longer than a wait can last: by the
-        thread that waits (its own test, or a fixture around it), for a scope wider than a
-        test, beyond the test it was rented in, or by a worker that itself waits for a
-        robot of the type. Otherwise, what to say in the progress line, or None."""
+        Hopeless (True) when every one is held for longer than a wait can last: in this
+        process, by the thread that waits or for a scope wider than a test (neither is
+        released while this test runs); in another worker, by one that itself waits for a
+        robot of the type (each would wait for the other). A robot another worker holds
+        while it runs other tests is released at the latest when that worker finishes, so
+        it is waited for, and the progress line names the holder. Otherwise, what to say
+        in the progress line, or None."""
         me = inst.holder or Holder()
         found: dict[str, tuple[str, bool]] = {}
         for other in self._holding():
@@ -344,9 +347,7 @@ class Run:
                     continue
                 waiting = entry.get("waiting") or {}
                 scope = held.get("scope")
-                outlived = scope != "test" and held.get("test") != entry.get("test")
-                hopeless = (scope in WIDE_SCOPES or outlived
-                            or waiting.get("wtype") == inst.wtype)
+                hopeless = waiting.get("wtype") == inst.wtype
                 h = Holder(worker=entry.get("worker"), pid=int(entry.get("pid") or 0),
                            test=held.get("test"), scope=scope)
                 found[str(dep)] = (h.describe(), hopeless)
