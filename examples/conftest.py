@@ -41,6 +41,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="this suite's robot tools (flash-fw, robot-status), uploaded to each robot's "
              "bin/; without it the tests that need them run only on the simulator",
     )
+    parser.addoption(
+        "--show-a-failure", action="store_true", default=False,
+        help="also run the test marked demo_failure, which fails on purpose: its robot's "
+             "camera picture (the LED red) lands in the artifacts directory",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "demo_failure: fails on purpose, to show a failed test's camera picture; "
+                   "deselected unless --show-a-failure")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("show_a_failure"):
+        return
+    demo = [item for item in items if item.get_closest_marker("demo_failure")]
+    if demo:
+        config.hook.pytest_deselected(items=demo)
+        items[:] = [item for item in items if item not in demo]
 
 
 @dataclass(frozen=True)

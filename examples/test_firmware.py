@@ -94,3 +94,14 @@ def test_console_boots_the_flashed_firmware(rerobots_instance, flash, firmware):
     console.expect("kobuki> ", timeout=10)
     console.sendline("status")
     console.expect(r"base=ok", timeout=10)
+
+
+@pytest.mark.demo_failure
+def test_a_corrupt_image_keeps_the_led_green(rerobots_instance, robot_tools):
+    # Fails on purpose (run it with --show-a-failure): the flasher refuses an image without
+    # a VERSION= line and the LED turns red. The plugin saves the robot's camera picture,
+    # the red LED in it, under the artifacts directory (rerobots-artifacts/ by default).
+    robot_tools(rerobots_instance)
+    rerobots_instance.run("printf 'no header' > corrupt.bin; bin/flash-fw corrupt.bin")
+    led = rerobots_instance.run("cat state/led 2>/dev/null || echo unknown").stdout.strip()
+    assert led == "green", "the LED is not green after flashing a corrupt image"

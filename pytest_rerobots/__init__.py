@@ -6,6 +6,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    AddonNotActive,
+    AddonUnavailable,
     APIError,
     BusyWorkspaceDeployment,
     BusyWorkspaceInstance,
@@ -70,6 +72,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "AddonNotActive",
+    "AddonUnavailable",
     "BusyWorkspaceDeployment",
     "BusyWorkspaceInstance",
     "CommandFailed",

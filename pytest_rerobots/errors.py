@@ -11,7 +11,10 @@ boundary each and chained with ``raise ... from exc``::
     │   ├── NotFound                  404
     │   │   ├── InstanceNotFound
     │   │   ├── DeploymentNotFound    also an unknown workspace type
-    │   │   └── ReservationNotFound
+    │   │   ├── ReservationNotFound
+    │   │   └── AddonNotActive        404 "add-on `cam` not active on this instance"
+    │   ├── AddonUnavailable          503: the deployment has no such add-on, or it is not
+    │   │                             streaming yet; a snapshot with no image
     │   ├── BusyWorkspaceDeployment   every deployment that could serve is in use
     │   ├── BusyWorkspaceInstance     the instance cannot do that now (e.g. terminate in INIT)
     │   ├── RateLimited               403 with an empty body, or 429
@@ -55,6 +58,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "APIError",
+    "AddonNotActive",
+    "AddonUnavailable",
     "BusyWorkspaceDeployment",
     "BusyWorkspaceInstance",
     "CommandFailed",
@@ -141,6 +146,16 @@ class DeploymentNotFound(NotFound):
 
 class ReservationNotFound(NotFound):
     """No reservation with that id belongs to this token."""
+
+
+class AddonNotActive(NotFound):
+    """The add-on (e.g. the camera, ``cam``) is not applied to that instance: apply it
+    first, or it was removed, or the instance ended."""
+
+
+class AddonUnavailable(APIError):
+    """The add-on cannot serve now: the deployment does not support it, it is still
+    starting (the camera is "not streaming yet"), or the camera had no image to give."""
 
 
 class BusyWorkspaceDeployment(APIError):

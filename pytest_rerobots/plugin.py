@@ -24,6 +24,7 @@ import pytest
 # paramiko or tenacity. The client, instances and the Run load with the first rental
 # (the imports inside functions below).
 from . import plugin_report
+from .camera import DEFAULT_ARTIFACTS, Camera, check_directory
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .ledger import Ledger
 from .records import Records
@@ -109,6 +110,8 @@ def load_settings(config: pytest.Config) -> Settings:
         config.issue_config_time_warning(pytest.PytestConfigWarning(warning), stacklevel=2)
     if settings.ledger is None:
         settings = _with_default_ledger(config, settings)
+    if settings.artifacts is None:
+        settings = replace(settings, artifacts=config.rootpath / DEFAULT_ARTIFACTS)
     return settings
 
 
@@ -155,6 +158,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "rerobots workspace types (the first, unless --rerobots-wtype picks another)",
     )
     settings = load_settings(config)
+    if settings.camera != "off" and settings.artifacts is not None \
+            and "artifacts" in settings.sources:
+        try:  # a directory named on purpose: checked before anything is rented
+            check_directory(settings.artifacts)
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
     plugin = RerobotsPlugin(config, settings)
     # Only a run that may rent (a token, not the embedded simulator, which keeps no ledger)
     # checks the ledger and the kept directory, before its first rental.
@@ -240,6 +249,9 @@ class RerobotsPlugin:
         #: Lines about kept and reused instances sent by xdist workers.
         self.kept_lines: list[str] = []
         self.notes: list[str] = []
+        # The camera add-on's pictures (camera.py), and those of this run's tests.
+        self.camera = Camera(settings.camera, settings.artifacts or Path(DEFAULT_ARTIFACTS))
+        self.pictures: list[str] = []
         self.reuse = settings.reuse
         if self.reuse is not None and os.environ.get("CI", "").strip().lower() == "true":
             self.reuse = None
@@ -408,8 +420,11 @@ class RerobotsPlugin:
         return inst
 
     def given(self, inst: Instance) -> None:
-        """``inst`` was handed to the current test by a fixture (keep-on-failure)."""
+        """``inst`` was handed to the current test by a fixture (keep-on-failure, the
+        camera); a READY instance's camera add-on is applied in the background."""
         self._given.append(inst)
+        if self._run is not None:
+            self.camera.activate(self._run.client, inst)
 
     @property
     def _shared(self) -> bool:
@@ -507,7 +522,7 @@ class RerobotsPlugin:
         self._given = []
         if self._run is not None:
             self._run.testing(nodeid)  # (robots held beyond their test: board.py)
-        if self._run is not None and self.settings.keep_on_failure:
+        if self._run is not None and (self.settings.keep_on_failure or self.camera.on):
             self._uses_before = {id(i): i.uses for i in self._run.records.instances}
 
     def _used_by_this_test(self) -> list[Instance]:
@@ -529,6 +544,11 @@ class RerobotsPlugin:
         if rep.failed and self._run is not None and self.settings.keep_on_failure:
             # Kept at the end of its scope instead of terminated.
             self._run.mark_kept_on_failure(self._used_by_this_test())
+        if self._run is not None and self.camera.wanted(rep.failed) \
+                and (rep.when == "call" or rep.failed):
+            pictures = self.camera.snapshot(self._run.client, self._used_by_this_test(),
+                                            item.nodeid, rep.when)
+            plugin_report.attach_pictures(self.config, rep, pictures)
         if rep.failed and call.excinfo is not None \
                 and isinstance(call.excinfo.value, RerobotsError):
             short = plugin_report.short_failure(call.excinfo, self.config)
@@ -569,6 +589,11 @@ class RerobotsPlugin:
             plugin_report.annotate(self.config, annotation)
         if report.when == "teardown":
             plugin_report.junit_transcript(self.config, report)
+        pictures = getattr(report, "rerobots_pictures", None)
+        if isinstance(pictures, list) and pictures:
+            plugin_report.junit_attachments(self.config, report, pictures)
+            if not self.is_worker:
+                self.pictures.extend(str(p) for p in pictures)
 
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
                                  ) -> tuple[str, str, str] | None:
@@ -617,6 +642,7 @@ class RerobotsPlugin:
         plugin_report.github_step_summary(
             self.records, plugin_report.Tally.of(terminalreporter.stats),
             skipped_for_token=self.skipped_for_token, token=bool(self._token))
+        plugin_report.pictures_summary(terminalreporter, self.pictures)
 
     def kept_summary(self) -> list[str]:
         """What the terminal says of the instances this process kept or reused."""

@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover (a pytest that moved it)
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
+    from .camera import Pictures
     from .instance import FailedRental, Instance
 
 __all__ = ["TRANSCRIPT_KEY", "BoardWatcher", "Progress", "Tally", "annotate",
@@ -435,3 +436,79 @@ def junit_transcript(config: pytest.Config, rep: pytest.TestReport) -> None:
     node = ElementTree.Element("system-out")
     node.text = bin_xml_escape(text)
     xml.node_reporter(rep).append(node)
+
+
+#: The report section that lists a test's camera pictures (camera.py).
+CAMERA_KEY = "rerobots camera"
+
+
+def attach_pictures(config: pytest.Config, rep: pytest.TestReport, pictures: Pictures) -> None:
+    """Attach a test's camera pictures to its report: a section of the failure report with
+    each path (and a line for each camera that gave none), the paths on the report for the
+    JUnit XML and the step summary (``rerobots_pictures``, which travels to the xdist
+    controller), and each image in pytest-html's report when pytest-html is there."""
+    lines = [f"rerobots: camera picture: {path}" for path in pictures.saved]
+    lines += pictures.notes
+    if not lines:
+        return
+    if pictures.saved:
+        lines.append(f"rerobots: the camera took {pictures.seconds:.1f} s")
+    rep.sections.append((CAMERA_KEY, "\n".join(lines)))
+    if not pictures.saved:
+        return
+    rep.rerobots_pictures = [str(path) for path in pictures.saved]  # type: ignore[attr-defined]
+    if config.pluginmanager.hasplugin("html"):
+        _html_images(rep, pictures.saved)
+
+
+def _html_images(rep: pytest.TestReport, paths: Sequence[Path]) -> None:
+    """Embed the pictures in pytest-html's report (its ``extras``), if it can be loaded."""
+    import base64
+
+    try:
+        from pytest_html import extras  # type: ignore[import-not-found]  # optional
+    except ImportError:
+        return
+    found = list(getattr(rep, "extras", []) or [])
+    for path in paths:
+        try:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+        except OSError:
+            continue
+        found.append(extras.jpg(data, name=path.name))
+    rep.extras = found  # type: ignore[attr-defined]
+
+
+def junit_attachments(config: pytest.Config, rep: pytest.TestReport,
+                      pictures: Sequence[str]) -> None:
+    """``[[ATTACHMENT|path]]`` lines in the test's JUnit XML ``system-out`` (Jenkins' JUnit
+    attachments and GitLab read them), when ``--junitxml`` is on."""
+    if xml_key is None:
+        return
+    xml = config.stash.get(xml_key, None)
+    if xml is None:
+        return
+    node = ElementTree.Element("system-out")
+    node.text = bin_xml_escape("\n".join(f"[[ATTACHMENT|{path}]]" for path in pictures))
+    xml.node_reporter(rep).append(node)
+
+
+def pictures_summary(terminalreporter: TerminalReporter, pictures: Sequence[str]) -> None:
+    """The run's camera pictures: one line on the terminal, and their list in the GitHub
+    step summary (the files themselves are in the workflow's uploaded artifact)."""
+    if not pictures:
+        return
+    where = sorted({str(Path(p).parent) for p in pictures})
+    terminalreporter.write_line(
+        f"rerobots: {len(pictures)} camera picture(s) saved under {', '.join(where)}")
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return
+    lines = ["### rerobots: camera pictures", "",
+             "In the artifact the workflow uploads (see its summary page):", "",
+             *(f"- {md_code(Path(p).name)}" for p in pictures), ""]
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
+    except OSError as exc:
+        print(f"rerobots: cannot write GITHUB_STEP_SUMMARY: {exc}", file=sys.stderr)

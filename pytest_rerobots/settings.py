@@ -30,6 +30,8 @@ __all__ = ["COMMAND_LINE_ONLY", "DEFAULTS", "OPTIONS", "Option", "Secret", "Sett
 
 SCOPES = ("session", "module", "function")
 XDIST_MODES = ("per-worker", "shared")
+#: --rerobots-camera: when the camera add-on's pictures are taken (camera.py).
+CAMERA_MODES = ("on-failure", "always", "off")
 
 
 class Secret:
@@ -312,6 +314,13 @@ OPTIONS: tuple[Option, ...] = (
            "keep session instances for the next run of this checkout, which attaches to them "
            "instead of renting; one no run attaches to ends after this many minutes "
            "(fractions allowed; ignored under CI=true)"),
+    Option("camera", _choice(CAMERA_MODES), "on-failure",
+           "pictures from the camera add-on of each robot a test used, where its deployment "
+           "has one: on-failure (default: after a failed or errored test), always, or off",
+           in_env=True),
+    Option("artifacts", _path, None,
+           "directory for the camera's pictures (JPEG, named after the test; default: "
+           "rerobots-artifacts under the rootdir)", in_env=True, metavar="DIR"),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -362,6 +371,10 @@ class Settings:
     keep_on_failure: bool = DEFAULTS["keep_on_failure"]
     #: Keep session instances between runs; idle ones end after this many minutes.
     reuse: float | None = DEFAULTS["reuse"]
+    #: When to take the camera's pictures: on-failure, always or off (camera.py).
+    camera: str = DEFAULTS["camera"]
+    #: Where the pictures go; None: rerobots-artifacts under the rootdir.
+    artifacts: Path | None = DEFAULTS["artifacts"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property

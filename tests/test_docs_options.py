@@ -115,7 +115,7 @@ def test_the_references_default_is_that_of_settings_and_of_every_instance(opt):
 def test_the_environment_variable_sets_the_option(flag: str):
     row = ROWS[flag]
     name = row.flag.removeprefix("--rerobots-").replace("-", "_")
-    for value in ("1", "basic_kobuki", "http://127.0.0.1:8666", "ledger.jsonl"):
+    for value in ("1", "basic_kobuki", "http://127.0.0.1:8666", "ledger.jsonl", "off"):
         try:
             settings = resolve({}, {row.env: value}, {})
         except ConfigurationError:

@@ -48,6 +48,7 @@ from werkzeug.routing import BaseConverter, Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from .accounts import RateState
+from .addons import CameraAddon
 from .endpoints import ENDPOINTS
 from .model import (
     ACTIVE,
@@ -135,6 +136,12 @@ class _QueueIdConverter(BaseConverter):
     """``/queuelen/:id``: letters, digits, ``_``, ``-`` and ``=``, as the server's route."""
 
     regex = r"[a-zA-Z0-9_\-=]+"
+
+
+class _DigitsConverter(BaseConverter):
+    """A camera id in the add-on's routes (``[0-9]+`` on the server)."""
+
+    regex = r"[0-9]+"
 
 
 def _rules() -> list[Rule]:
@@ -365,11 +372,14 @@ class SimApp:
                 "target": _NewTargetConverter,
                 "pid": _PidConverter,
                 "queueid": _QueueIdConverter,
+                "digits": _DigitsConverter,
             },
         )
         # GET /deployments answers by path and query, with their expiry (world clock).
         self._deployments_cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._cache_lock = threading.Lock()
+        #: The camera add-on's state (sim/addons.py).
+        self.camera = CameraAddon(world)
         self._handlers: dict[str, Callable[..., Response]] = {
             e.name: getattr(self, e.name) for e in ENDPOINTS
         }
@@ -820,6 +830,27 @@ class SimApp:
         if not isinstance(body.get("branch"), str) or not isinstance(body.get("commit"), str):
             raise Refusal(400, "request is missing required parameters")
         return _json(200, {"jid": self.world.ci.job(user, pid)})
+
+    # ------------------------------------------------------------------ add-ons
+
+    def addon_cam_apply(self, request: Request, user: str, instance_id: str) -> Response:
+        """``POST /addon/cam/:id``: apply the camera add-on."""
+        self.camera.apply(user, instance_id, _body(request))
+        return _bare()
+
+    def addon_cam_status(self, request: Request, user: str, instance_id: str) -> Response:
+        """``GET /addon/cam/:id``: ``{"status", "remote_user"}``."""
+        return _json(200, self.camera.status(user, instance_id))
+
+    def addon_cam_img(self, request: Request, user: str, instance_id: str, camera: str
+                      ) -> Response:
+        """``GET /addon/cam/:id/:camera/img``: one snapshot, a base64 JPEG."""
+        return _json(200, self.camera.snapshot(user, instance_id, camera))
+
+    def addon_cam_remove(self, request: Request, user: str, instance_id: str) -> Response:
+        """``DELETE /addon/cam/:id``: remove the camera add-on."""
+        self.camera.remove(user, instance_id)
+        return _bare()
 
 
 class RequestHandler(LimitedHandler):

@@ -130,6 +130,9 @@ class SimTimings:
     init_timeout: float = 60.0
     #: Seconds a ``GET /deployments`` answer is served from cache (0: never cached).
     deployments_cache: float = 0.0
+    #: The camera add-on: ``starting`` this long after the instance is READY, then
+    #: ``active``; ``stopping`` this long after DELETE (sim/addons.py).
+    cam_delay: float = 0.3
 
 
 @dataclass
@@ -156,6 +159,9 @@ class Switches:
     busy_race: bool = False
     #: A machine that cannot sandbox the simulated robots is an error, not a warning.
     require_sandbox: bool = False
+    #: Applying the camera add-on again is the 503 "already applied" of the other add-ons
+    #: (the API notes say so of every add-on); the server's camera answers 200.
+    addon_repeat_error: bool = False
 
 
 @dataclass

@@ -6,7 +6,8 @@ name), the order of the authentication and rate-limit checks, and the endpoint n
 fault injection accepts (:mod:`.catalog`, ``Simulator.set_endpoint_fault``).
 
 Paths use werkzeug's rule syntax; the converters (``uuid``, ``digest``, ``wtype``, ``target``,
-``pid``, ``queueid``) carry the real server's route patterns and are defined in :mod:`.api`.
+``pid``, ``queueid``, ``digits``) carry the real server's route patterns and are defined in
+:mod:`.api`.
 This module imports nothing, so that the catalog can use the names without werkzeug.
 """
 
@@ -58,6 +59,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("ci_new", "POST", ("/ci/new",)),
     Endpoint("ci_projects", "GET", ("/ci/projects",)),
     Endpoint("ci_job", "POST", ("/ci/project/<pid:pid>/job",)),
+    # The camera add-on (sim/addons.py).
+    Endpoint("addon_cam_apply", "POST", ("/addon/cam/<uuid:instance_id>",)),
+    Endpoint("addon_cam_status", "GET", ("/addon/cam/<uuid:instance_id>",)),
+    Endpoint("addon_cam_img", "GET", ("/addon/cam/<uuid:instance_id>/<digits:camera>/img",)),
+    Endpoint("addon_cam_remove", "DELETE", ("/addon/cam/<uuid:instance_id>",)),
 )
 
 #: The endpoint names, which fault injection accepts (besides ``"*"``, every endpoint).
