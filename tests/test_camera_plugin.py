@@ -90,7 +90,7 @@ def test_bad_camera_mode_and_directory_are_errors_before_renting(pytester: pytes
     pytester.makepyfile(test_robot=SUITE)
     bad = pytester.runpytest("--rerobots-wtype=basic_kobuki", "--rerobots-camera=sometimes")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
-    bad.stderr.fnmatch_lines(["*--rerobots-camera (from command line --rerobots-camera): "
+    bad.stderr.fnmatch_lines(["*--rerobots-camera (from command line): "
                               "'sometimes' is not one of on-failure, always, off*"])
     (pytester.path / "afile").write_text("")
     blocked = pytester.runpytest("--rerobots-wtype=basic_kobuki",
