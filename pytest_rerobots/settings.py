@@ -174,6 +174,17 @@ def _minutes(value: Any) -> float:
     return number
 
 
+def _budget(value: Any) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of instance-minutes") from None
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"{value!r} must be a number of instance-minutes, 0 or more "
+                         "(fractions allowed)")
+    return number
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value)).expanduser()
 
@@ -288,6 +299,14 @@ OPTIONS: tuple[Option, ...] = (
            "keep session instances for the next run of this checkout, which attaches to them "
            "instead of renting; one no run attaches to ends after this many minutes "
            "(fractions allowed; ignored under CI=true)"),
+    Option("budget", _budget, None,
+           "instance-minutes this run may spend (fractions allowed): once spent, counting the "
+           "robots still held, nothing more is rented and the tests that need a new robot "
+           "are errors", in_env=True, metavar="MINUTES"),
+    Option("each_deployment", _bool, False,
+           "run each test on every deployment of its workspace type, one robot each (as "
+           "@pytest.mark.rerobots(..., each_deployment=True) does)", kind="switch",
+           in_env=True),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -338,6 +357,10 @@ class Settings:
     keep_on_failure: bool = DEFAULTS["keep_on_failure"]
     #: Keep session instances between runs; idle ones end after this many minutes.
     reuse: float | None = DEFAULTS["reuse"]
+    #: The instance-minutes the run may spend (``pytest_rerobots.budget``), if limited.
+    budget: float | None = DEFAULTS["budget"]
+    #: Run each test on every deployment of its type (``each_deployment``).
+    each_deployment: bool = DEFAULTS["each_deployment"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
