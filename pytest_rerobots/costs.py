@@ -74,7 +74,9 @@ def totals(spans: Iterable[Mapping[str, Any]], used: float) -> dict[str, float]:
 
 
 def duration(seconds: float) -> str:
-    """``41 s``, ``2 min``, ``2.5 min``, ``1.5 h``."""
+    """``0.3 s``, ``41 s``, ``2 min``, ``2.5 min``, ``1.5 h``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

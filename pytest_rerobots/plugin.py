@@ -713,10 +713,8 @@ class RerobotsPlugin:
             verdicts = self.each.setdefault(str(each[0]), {})
             if report.failed:
                 verdicts[key] = "failed"
-            elif report.when == "call" and report.passed:
-                verdicts.setdefault(key, "passed")
-            else:
-                verdicts.setdefault(key, "")
+            elif report.when == "call" and report.passed and verdicts.get(key) != "failed":
+                verdicts[key] = "passed"
 
     def spans(self) -> list[dict[str, Any]]:
         """Every instance of the run (workers' included), as :func:`.costs.span` has it."""
@@ -729,7 +727,7 @@ class RerobotsPlugin:
         if any(s.get("rented") is not None for s in spans):
             lines.append(costs.summary_line(spans, self.used_seconds))
         for base, verdicts in self.each.items():
-            ran = {k: v for k, v in verdicts.items() if v}
+            ran = verdicts
             passed = [k for k, v in ran.items() if v == "passed"]
             failed = [k for k, v in ran.items() if v == "failed"]
             line = f"rerobots: {base} passes on {len(passed)} of {len(ran)} robots"
