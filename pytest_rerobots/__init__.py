@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     APIError,
+    BudgetReached,
     BusyWorkspaceDeployment,
     BusyWorkspaceInstance,
     CommandFailed,
@@ -69,6 +70,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APIError",
+    "BudgetReached",
     "BusyWorkspaceDeployment",
     "BusyWorkspaceInstance",
     "CommandFailed",
