@@ -69,7 +69,7 @@ def test_instance_minutes_timeline_and_junit(pytester: pytest.Pytester, sim_env:
             start, end = (int(x) for x in re.findall(r"(\d{10,}),? ?", line.split(":")[-1]))
             assert end >= start
 
-    root = ET.parse(pytester.path / "junit.xml").getroot()
+    root = ET.parse(pytester.path / "junit.xml").getroot()  # noqa: S314 (written by this test)
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     assert suite is not None
     run_props = {p.get("name"): p.get("value") for p in suite.find("properties") or []}
