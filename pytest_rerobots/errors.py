@@ -6,6 +6,7 @@ boundary each and chained with ``raise ... from exc``::
 
     RerobotsError
     ├── ConfigurationError            bad option or catalog value
+    ├── BudgetReached                 --rerobots-budget spent: nothing more is rented
     ├── APIError                      the API answered, and the answer is an error
     │   ├── WrongAuthToken            400 "wrong authorization token" / "authentication failed"
     │   ├── NotFound                  404
@@ -60,6 +61,7 @@ __all__ = [
     "APIError",
     "AddonNotActive",
     "AddonUnavailable",
+    "BudgetReached",
     "BusyWorkspaceDeployment",
     "BusyWorkspaceInstance",
     "CommandFailed",
@@ -361,3 +363,13 @@ class UnreadableNewAnswer(MalformedResponse):
     def __init__(self, message: str, *, made: str | None = None) -> None:
         super().__init__(message)
         self.made = made
+
+
+class BudgetReached(RerobotsError):
+    """The run's budget of instance-minutes (``--rerobots-budget``) is spent: the robot a
+    test needs is not rented. ``budget`` and ``spent`` are in instance-minutes."""
+
+    def __init__(self, message: str, *, budget: float = 0.0, spent: float = 0.0) -> None:
+        super().__init__(message)
+        self.budget = budget
+        self.spent = spent

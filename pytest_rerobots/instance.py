@@ -119,6 +119,12 @@ class Timings:
     held: float = 0.0
     ready_at: float | None = None
     ended_at: float | None = None
+    #: Wall-clock times (``time.time()``) of the run's timeline and of the instance-minutes
+    #: (:mod:`.costs`): the start was asked for, ``POST /new`` answered with this instance
+    #: (or this run took over one an earlier run kept), the terminate began.
+    requested_at: float | None = None
+    rented_at: float | None = None
+    ending_at: float | None = None
 
 
 def _source_address(host: str, port: int) -> str | None:
@@ -309,6 +315,7 @@ class Instance:
 
     def _bring_up(self) -> None:
         self._started = time.monotonic()
+        self.timings.requested_at = time.time()
         if self.existing is not None:
             self._attach(self.existing)
             return
@@ -345,6 +352,7 @@ class Instance:
         ident = str(record["id"])
         self.id = ident
         self._rented_mono = time.monotonic()
+        self.timings.rented_at = time.time()  # (this run's share of its instance-minutes)
         if self.private_key_text:
             self.pkey = _private_key(self.private_key_text)
         info = self.client.instance(ident)
@@ -488,6 +496,7 @@ class Instance:
             if self.id is None:
                 self.outcome = Outcome.NEVER_RENTED
                 return
+            self.timings.ending_at = time.time()
             try:
                 self.outcome = self._terminate_remote()
             except Exception as exc:

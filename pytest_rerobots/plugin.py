@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -23,7 +24,7 @@ import pytest
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental
 # (the imports inside functions below).
-from . import plugin_report
+from . import costs, plugin_report
 from .camera import DEFAULT_ARTIFACTS, Camera, check_directory
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .ledger import Ledger
@@ -38,7 +39,7 @@ from .settings import (
     resolve,
 )
 from .signals import SignalGuard, tell_the_terminal
-from .textsafe import fence_block, in_github_actions
+from .textsafe import fence_block, in_github_actions, one_line
 from .transcript import Transcript
 from .wire import is_uuid
 
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from .sim import Simulator
 
 PLUGIN_NAME = "rerobots-plugin"
+
+#: The parameter each_deployment gives a test: the deployment it runs on.
+EACH_PARAM = "rerobots_each_deployment"
 
 NO_TYPE = (
     "no workspace type for this test: pass --rerobots-wtype TYPE (or set REROBOTS_WTYPE or "
@@ -154,8 +158,9 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "rerobots(*wtypes, deployment=None): run this test on an instance of one of these "
-        "rerobots workspace types (the first, unless --rerobots-wtype picks another)",
+        "rerobots(*wtypes, deployment=None, each_deployment=False): run this test on an "
+        "instance of one of these rerobots workspace types (the first, unless "
+        "--rerobots-wtype picks another); each_deployment: once on every deployment of it",
     )
     settings = load_settings(config)
     if settings.camera != "off" and settings.artifacts is not None \
@@ -193,6 +198,7 @@ class XdistHooks:
         if output is not None:
             output["rerobots_rows"] = plugin_report.rows(self.plugin.records)
             output["rerobots_kept_lines"] = self.plugin.kept_summary()
+            output["rerobots_spans"] = [costs.span(i) for i in self.plugin.records.instances]
 
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
         """Controller: collect what a worker sent (nothing if it crashed)."""
@@ -200,6 +206,7 @@ class XdistHooks:
         self.plugin.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
         self.plugin.kept_lines.extend(output.get("rerobots_kept_lines", []))
+        self.plugin.remote_spans.extend(output.get("rerobots_spans", []))
 
     def pytest_configure_node(self, node: Any) -> None:
         """Hand the run id and the controller's simulator to each worker (through
@@ -252,6 +259,22 @@ class RerobotsPlugin:
         # The camera add-on's pictures (camera.py), and those of this run's tests.
         self.camera = Camera(settings.camera, settings.artifacts or Path(DEFAULT_ARTIFACTS))
         self.pictures: list[str] = []
+        # What the run cost and where its time went (costs.py): the workers' instances,
+        # and, from every test's reports, its uses of robots, the seconds tests used them,
+        # the replay lines of failed tests and each_deployment's verdicts.
+        self.remote_spans: list[dict[str, Any]] = []
+        self.uses: list[dict[str, Any]] = []
+        self.used_seconds = 0.0
+        self.replays: dict[str, str] = {}
+        self.each: dict[str, dict[str, str]] = {}
+        # The current test: seconds waited for its robots, whether it asked for one, and
+        # the instance its rerobots_instance fixture gave it.
+        self._waited = 0.0
+        self._wanted = False
+        self._pooled: Instance | None = None
+        # each_deployment: {workspace type: [(deployment, region)]}, listed once.
+        self._deployments: dict[str, list[tuple[str, str | None]]] = {}
+        self._each_regions: dict[str, str | None] = {}
         self.reuse = settings.reuse
         if self.reuse is not None and os.environ.get("CI", "").strip().lower() == "true":
             self.reuse = None
@@ -325,7 +348,7 @@ class RerobotsPlugin:
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
             signals=self.signals, listeners=[plugin_report.Progress(self.config)],
             keep_on_failure=s.keep_on_failure and keeping,
-            board_dir=worker.get("rerobots_board_dir"),
+            board_dir=worker.get("rerobots_board_dir"), budget=s.budget,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
             token_source=("the embedded simulator" if self.mode == "embedded simulator"
                           else s.sources.get("token")),
@@ -410,14 +433,25 @@ class RerobotsPlugin:
                 self._scope_keys.pop(scope_node.nodeid, [])))
         if key not in keys:
             keys.append(key)
-        if self._prefetching(scope_node):
-            self._prefetch_scope(request.session, scope_node.nodeid)
-        inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
-                        reuse=isinstance(scope_node, pytest.Session),
-                        scope="test" if scope_node is request.node else self.settings.scope)
+        self._wanted = True
+        begun = time.monotonic()
+        try:
+            if self._prefetching(scope_node):
+                self._prefetch_scope(request.session, scope_node.nodeid)
+            inst = run.hold(key, wtype, deployment=deployment, shared=self._shared,
+                            reuse=isinstance(scope_node, pytest.Session),
+                            scope="test" if scope_node is request.node else self.settings.scope)
+        finally:
+            self._waited += time.monotonic() - begun
         plugin_report.record_properties(request.node, inst)
         self.given(inst)
+        self._pooled = inst
         return inst
+
+    def waiting(self, seconds: float) -> None:
+        """The current test waited ``seconds`` for robots (``rerobots_acquire``)."""
+        self._wanted = True
+        self._waited += seconds
 
     def given(self, inst: Instance) -> None:
         """``inst`` was handed to the current test by a fixture (keep-on-failure, the
@@ -469,6 +503,10 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or (wtypes[0] if wtypes else None)
         if wtype is None:
             pytest.fail(NO_TYPE, pytrace=False)
+        callspec = getattr(item, "callspec", None)
+        each = callspec.params.get(EACH_PARAM) if callspec is not None else None
+        if isinstance(each, str):
+            return wtype, each
         deployment = self.settings.deployment or marked_deployment
         if deployment is not None and not is_uuid(deployment):
             # A short id, as the summary table prints it: the one deployment it starts
@@ -483,6 +521,58 @@ class RerobotsPlugin:
             if problem is not None:
                 pytest.fail(problem, pytrace=False)
         return wtype, deployment
+
+    # -- each_deployment ----------------------------------------------------------
+
+    def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
+        """``each_deployment``: parametrize a test that needs ``rerobots_instance`` once per
+        deployment of its workspace type (test id: short id and region)."""
+        if EACH_PARAM not in metafunc.fixturenames:
+            return
+        marker = metafunc.definition.get_closest_marker("rerobots")
+        wtypes, _ = marker_args(marker)
+        each = self.settings.each_deployment or bool(marker and marker.kwargs.get(
+            "each_deployment"))
+        wtype = self.settings.wtype or (wtypes[0] if wtypes else None)
+        if not each or wtype is None or skip_reason(marker, self.settings.wtype):
+            return
+        found = self.deployments_of(wtype)
+        for ident, region in found:
+            self._each_regions[ident] = region
+        metafunc.parametrize(EACH_PARAM, [ident for ident, _ in found],
+                             ids=[costs.each_id(ident, region) for ident, region in found])
+
+    def deployments_of(self, wtype: str) -> list[tuple[str, str | None]]:
+        """The deployments of ``wtype`` (id, region), sorted; listed once per process, from
+        this run's API (the public listing without a token); a collection error in one line
+        if they cannot be listed or there are none."""
+        if wtype in self._deployments:
+            return self._deployments[wtype]
+        from .client import RerobotsClient  # lazily: requests loads only when needed
+
+        token = self._token.reveal() if self._token else None
+        try:
+            with RerobotsClient(token=token, api_url=self.api_url, ignore_env=True) as api:
+                payload = api.deployments(types=[wtype], info=True)
+        except RerobotsError as exc:
+            raise pytest.Collector.CollectError(
+                f"rerobots: each_deployment: cannot list the deployments of {wtype} at "
+                f"{self.api_url}: {exc}") from None
+        info = payload.get("info") or {}
+        found = []
+        for ident in payload.get("workspace_deployments", []):
+            details = info.get(ident) or {}
+            if details.get("type") not in (None, wtype):
+                continue
+            region = details.get("region")
+            found.append((str(ident), str(region) if region else None))
+        if not found:
+            raise pytest.Collector.CollectError(
+                f"rerobots: each_deployment: workspace type {wtype} has no deployments at "
+                f"{self.api_url}; nothing was rented")
+        found.sort(key=lambda d: (d[1] or "", d[0]))
+        self._deployments[wtype] = found
+        return found
 
     # -- hooks ----------------------------------------------------------------
 
@@ -505,9 +595,25 @@ class RerobotsPlugin:
             # xdist's controller: end what the workers hold *before* xdist shuts them
             # down, which can take 10 s when the run was interrupted.
             self._end_leftovers()
+        plugin_report.junit_run_properties(self.config, self._run_properties())
         yield  # (an old-style wrapper: the other impls' errors do not surface here)
         # After the session's fixtures are torn down: what is still live leaked.
         self._end_leftovers()
+
+    def _run_properties(self) -> list[tuple[str, str]]:
+        """The run's JUnit properties: its instance-minutes, in total and per instance."""
+        spans = [s for s in self.spans() if s.get("rented") is not None]
+        if not spans:
+            return []
+        t = costs.totals(spans, self.used_seconds)
+        props = [("rerobots_instances", str(int(t["instances"]))),
+                 ("rerobots_instance_minutes", f"{t['minutes']:.4f}"),
+                 ("rerobots_queued_s", f"{t['queued']:.3f}"),
+                 ("rerobots_starting_s", f"{t['starting']:.3f}"),
+                 ("rerobots_tests_s", f"{t['tests']:.3f}")]
+        props += [(f"rerobots_instance_minutes.{s['id']}", f"{float(s['billed']) / 60:.4f}")
+                  for s in spans]
+        return props
 
     def _end_leftovers(self) -> None:
         """End what the ledger holds as live for this run (a worker killed before its
@@ -520,6 +626,7 @@ class RerobotsPlugin:
     def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
         """Note how often each instance was used before this test (keep-on-failure)."""
         self._given = []
+        self._waited, self._wanted, self._pooled = 0.0, False, None
         if self._run is not None:
             self._run.testing(nodeid)  # (robots held beyond their test: board.py)
         if self._run is not None and (self.settings.keep_on_failure or self.camera.on):
@@ -539,8 +646,15 @@ class RerobotsPlugin:
     def pytest_runtest_makereport(self, item: pytest.Item, call: pytest.CallInfo[None]
                                   ) -> Iterator[None]:
         self._add_transcript(item, call.when)
+        if self._wanted and (call.when == "call" or call.excinfo is not None) and not any(
+                name == "rerobots_wait_s" for name, _ in item.user_properties):
+            # JUnit properties of the test case (in this phase's report and the next ones).
+            item.user_properties.append(("rerobots_wait_s", f"{self._waited:.3f}"))
+            if call.when == "call":
+                item.user_properties.append(("rerobots_use_s", f"{call.duration:.3f}"))
         outcome: Any = yield
         rep = outcome.get_result()
+        self._note_costs(item, call, rep)
         if rep.failed and self._run is not None and self.settings.keep_on_failure:
             # Kept at the end of its scope instead of terminated.
             self._run.mark_kept_on_failure(self._used_by_this_test())
@@ -566,6 +680,33 @@ class RerobotsPlugin:
             rep.rerobots_infrastructure = True  # type: ignore[attr-defined]
             rep.sections.append(("rerobots", "infrastructure trouble, not a test failure: "
                                  f"{type(call.excinfo.value).__name__}"))
+
+    def _note_costs(self, item: pytest.Item, call: pytest.CallInfo[None],
+                    rep: pytest.TestReport) -> None:
+        """On the report (it travels to the xdist controller): the test's uses of robots,
+        the replay line of a failed test, and which deployment each_deployment ran it on."""
+        if call.when == "call" and self._given:
+            rep.rerobots_uses = [  # type: ignore[attr-defined]
+                {"test": item.nodeid, "instance": inst.id, "start": call.start,
+                 "stop": call.stop, "failed": rep.failed}
+                for inst in dict.fromkeys(self._given) if inst.id]
+        inst = self._pooled
+        if rep.failed and inst is not None and inst.deployment:
+            reuse = self.reuse if inst.keep_for == "reuse" else None
+            line = costs.replay_command(item.nodeid, inst.deployment, reuse)
+            rep.rerobots_replay = line  # type: ignore[attr-defined]
+            rep.sections.append(("rerobots replay (run this test again on that robot's "
+                                 "deployment)", line))
+        callspec = getattr(item, "callspec", None)
+        each = callspec.params.get(EACH_PARAM) if callspec is not None else None
+        if isinstance(each, str):
+            eid = costs.each_id(each, self._each_regions.get(each))
+            head, _, ids = item.nodeid.partition("[")
+            others = "-".join(p for p in ids.removesuffix("]").split("-") if p) \
+                if eid not in ids else ids.removesuffix("]").replace(eid, "", 1).strip("-")
+            others = others.replace("--", "-")
+            base = f"{head}[{others}]" if others else head
+            rep.rerobots_each = [base, each, self._each_regions.get(each)]  # type: ignore[attr-defined]
 
     def _add_transcript(self, item: pytest.Item, when: str) -> None:
         """What this phase of the test did on robots, as a report section of its own
@@ -594,6 +735,47 @@ class RerobotsPlugin:
             plugin_report.junit_attachments(self.config, report, pictures)
             if not self.is_worker:
                 self.pictures.extend(str(p) for p in pictures)
+        if not self.is_worker:
+            self._collect_costs(report)
+
+    def _collect_costs(self, report: pytest.TestReport) -> None:
+        """The controller's (or a run without xdist's) tally of each test's report."""
+        self.uses.extend(getattr(report, "rerobots_uses", None) or [])
+        if report.when == "call":
+            for name, value in report.user_properties:
+                if name == "rerobots_use_s":
+                    self.used_seconds += float(str(value))
+        replay = getattr(report, "rerobots_replay", None)
+        if isinstance(replay, str):
+            self.replays.setdefault(report.nodeid, replay)
+        each = getattr(report, "rerobots_each", None)
+        if isinstance(each, list | tuple) and len(each) == 3:
+            key = f"{str(each[1])[:8]} {each[2] or '?'}"
+            verdicts = self.each.setdefault(str(each[0]), {})
+            if report.failed:
+                verdicts[key] = "failed"
+            elif report.when == "call" and report.passed and verdicts.get(key) != "failed":
+                verdicts[key] = "passed"
+
+    def spans(self) -> list[dict[str, Any]]:
+        """Every instance of the run (workers' included), as :func:`.costs.span` has it."""
+        return [*self.remote_spans, *(costs.span(i) for i in self.records.instances)]
+
+    def cost_lines(self) -> list[str]:
+        """The summary's lines of what the run cost and of each_deployment's verdicts."""
+        lines = []
+        spans = self.spans()
+        if any(s.get("rented") is not None for s in spans):
+            lines.append(costs.summary_line(spans, self.used_seconds))
+        for base, verdicts in self.each.items():
+            ran = verdicts
+            passed = [k for k, v in ran.items() if v == "passed"]
+            failed = [k for k, v in ran.items() if v == "failed"]
+            line = f"rerobots: {base} passes on {len(passed)} of {len(ran)} robots"
+            if failed:
+                line += ": fails on " + ", ".join(failed)
+            lines.append(line)
+        return lines
 
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
                                  ) -> tuple[str, str, str] | None:
@@ -639,9 +821,14 @@ class RerobotsPlugin:
         plugin_report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
         for line in [*self.kept_lines, *self.kept_summary()]:
             terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
+        cost_lines = self.cost_lines()
+        for line in cost_lines:
+            terminalreporter.write_line(one_line(line))
         plugin_report.github_step_summary(
             self.records, plugin_report.Tally.of(terminalreporter.stats),
-            skipped_for_token=self.skipped_for_token, token=bool(self._token))
+            skipped_for_token=self.skipped_for_token, token=bool(self._token),
+            extra=plugin_report.cost_markdown(cost_lines, costs.gantt(self.spans(), self.uses),
+                                              self.replays))
         plugin_report.pictures_summary(terminalreporter, self.pictures)
 
     def kept_summary(self) -> list[str]:
@@ -688,11 +875,15 @@ def marker_args(marker: pytest.Mark | None) -> tuple[list[str], str | None]:
     """The workspace types and deployment a ``rerobots`` marker names (validated)."""
     if marker is None:
         return [], None
-    unknown = set(marker.kwargs) - {"deployment"}
+    unknown = set(marker.kwargs) - {"deployment", "each_deployment"}
     if unknown:
         raise pytest.UsageError(
-            f"@pytest.mark.rerobots: unknown keyword {sorted(unknown)[0]!r} (only deployment=)"
+            f"@pytest.mark.rerobots: unknown keyword {sorted(unknown)[0]!r} (only deployment= "
+            "and each_deployment=)"
         )
+    if not isinstance(marker.kwargs.get("each_deployment", False), bool):
+        raise pytest.UsageError("@pytest.mark.rerobots: each_deployment must be True or False, "
+                                f"got {marker.kwargs['each_deployment']!r}")
     wtypes = list(marker.args)
     for wtype in wtypes:
         if not isinstance(wtype, str) or not wtype.strip():
@@ -743,7 +934,14 @@ def rerobots_run(pytestconfig: pytest.Config) -> Run:
 
 
 @pytest.fixture
-def rerobots_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
+def rerobots_each_deployment(request: pytest.FixtureRequest) -> str | None:
+    """The deployment ``each_deployment`` runs this test on (its parameter), else None."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture
+def rerobots_instance(request: pytest.FixtureRequest,
+                      rerobots_each_deployment: str | None) -> Iterator[Instance]:
     """A READY ``Instance`` of this test's workspace type: firewall open, SSH connected.
 
     One instance per (type, deployment) within ``--rerobots-scope`` (session by
@@ -783,7 +981,11 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
 
     def acquire(wtype: str, *more: str, deployment: str | None = None,
                 **options: Any) -> Instance | list[Instance]:
-        insts = run.acquire(wtype, *more, deployment=deployment, scope="test", **options)
+        begun = time.monotonic()
+        try:
+            insts = run.acquire(wtype, *more, deployment=deployment, scope="test", **options)
+        finally:
+            plugin.waiting(time.monotonic() - begun)
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
             plugin.given(inst)
@@ -829,6 +1031,7 @@ __all__ = [
     "marker_args",
     "rerobots_acquire",
     "rerobots_client",
+    "rerobots_each_deployment",
     "rerobots_host",
     "rerobots_instance",
     "rerobots_run",

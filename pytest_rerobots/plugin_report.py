@@ -39,9 +39,10 @@ if TYPE_CHECKING:
     from .camera import Pictures
     from .instance import FailedRental, Instance
 
-__all__ = ["TRANSCRIPT_KEY", "BoardWatcher", "Progress", "Tally", "annotate",
-           "github_step_summary", "junit_transcript", "record_properties", "redact", "rows",
-           "setup_error_annotation", "short_failure", "terminal_summary"]
+__all__ = ["TRANSCRIPT_KEY", "BoardWatcher", "Progress", "Tally", "annotate", "cost_markdown",
+           "github_step_summary", "junit_run_properties", "junit_transcript",
+           "record_properties", "redact", "rows", "setup_error_annotation", "short_failure",
+           "terminal_summary"]
 
 #: In a CI log (no terminal), print a progress line at most this often.
 CI_PROGRESS_EVERY = 10.0
@@ -345,7 +346,8 @@ class Tally:
 
 
 def github_step_summary(records: Records, tally: Tally | None = None, *,
-                        skipped_for_token: int = 0, token: bool = True) -> None:
+                        skipped_for_token: int = 0, token: bool = True,
+                        extra: Sequence[str] = ()) -> None:
     """Append the run's outcome in Markdown to ``$GITHUB_STEP_SUMMARY``, when set: the
     counts, the failed tests, then the instance table; or, when nothing was rented for
     want of a token (a fork's pull request gets no secrets), one line saying so."""
@@ -371,11 +373,37 @@ def github_step_summary(records: Records, tally: Tally | None = None, *,
         # breaks the table; what the API sent is shown as text.
         lines += ["| " + " | ".join(md_cell(cell) for cell in row) + " |"
                   for row in table_rows]
+        lines += ["", *extra]  # (what the run cost: cost_markdown)
     try:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
     except OSError as exc:
         print(f"rerobots: cannot write GITHUB_STEP_SUMMARY: {exc}", file=sys.stderr)
+
+
+def cost_markdown(lines: Sequence[str], chart: Sequence[str],
+                  replays: Mapping[str, str]) -> list[str]:
+    """The step summary's part on what the run cost (:mod:`.costs`): its summary lines, the
+    timeline as a Mermaid gantt chart (GitHub draws it), and the replay line of each failed
+    test, as code blocks (verbatim, copyable)."""
+    out = [f"{md_cell(line)}  " for line in lines]
+    if len(chart) > 4:  # (more than its header: something was rented)
+        out += ["", "#### rerobots timeline", "", "```mermaid", *chart, "```"]
+    if replays:
+        out += ["", "#### rerobots: run a failed test again on its robot's deployment", ""]
+        for nodeid, line in replays.items():
+            out += [f"{md_code(nodeid)}:", "", "```sh", one_line(line).replace("`", "'"),
+                    "```", ""]
+    return out
+
+
+def junit_run_properties(config: pytest.Config, properties: Sequence[tuple[str, str]]) -> None:
+    """Add the run's properties (its instance-minutes) to the JUnit XML's test suite."""
+    xml = config.stash.get(xml_key, None) if xml_key is not None else None
+    if xml is None:
+        return
+    for name, value in properties:
+        xml.add_global_property(name, value)
 
 
 def redact(text: str, token: str | None) -> str:

@@ -507,6 +507,7 @@ class Renter:
         inst.status = "INIT"
         inst.busy_reason = None  # no longer waiting for a busy robot
         inst._rented_mono = time.monotonic()
+        inst.timings.rented_at = time.time()
         inst._emit("rented")
         inst._keepalive.start()
 

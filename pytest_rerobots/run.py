@@ -34,9 +34,10 @@ from typing import Any, overload
 
 from . import keep
 from .board import Board, Holder, current_test, wait_line, waiting_entry
+from .budget import Budget
 from .client import RerobotsClient
 from .ending import end_ids
-from .errors import ConfigurationError, RerobotsError
+from .errors import BudgetReached, ConfigurationError, RerobotsError
 from .fleet import end_all, start_all, wait_all
 from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions, Outcome
 from .ledger import Ledger
@@ -91,6 +92,8 @@ class Run:
     ``keep_on_failure`` and ``reuse`` (minutes) let instances outlive the run (see
     :mod:`.keep`): in a store beside the ledger, or in ``kept_dir``, for ``checkout``
     (default: the current directory); they need a ledger and a token.
+    ``budget`` is the instance-minutes the run may spend (:mod:`.budget`): once spent, a
+    rental raises :class:`.BudgetReached`; shared through ``board_dir`` when given.
     Other keywords are the defaults of every instance (:class:`.InstanceOptions`
     fields, e.g. ``ready_timeout``).
     """
@@ -114,6 +117,7 @@ class Run:
         checkout: str | None = None,
         board_dir: str | os.PathLike[str] | None = None,
         token_source: str | None = None,
+        budget: float | None = None,
         **defaults: Any,
     ) -> None:
         self.defaults = InstanceOptions().updated(**defaults)
@@ -129,6 +133,10 @@ class Run:
         #: What tests did on this run's robots (every instance's connection records here).
         self.transcript = Transcript()
         self.listeners: list[InstanceListener] = [self.records, *listeners]
+        #: The run's budget of instance-minutes, if it has one.
+        self.budget = Budget(budget, board_dir) if budget is not None else None
+        if self.budget is not None:
+            self.listeners.append(self.budget)
         if ledger is _DEFAULT:
             ledger = DEFAULT_LEDGER
             self._unprepared: Path | None = DEFAULT_LEDGER.parent
@@ -208,6 +216,9 @@ class Run:
         settings.setdefault("transcript", self.transcript)
         if self.kept is not None:
             settings.setdefault("keep_hook", self._keep)
+        if (self.budget is not None and settings.get("existing") is None
+                and settings.get("kept_record") is None):
+            self.budget.check(target)  # (only a rental spends)
         # A short deployment id (as the summary table prints it) is that deployment.
         if deployment is not None:
             settings.setdefault("wtype", target)
@@ -523,7 +534,11 @@ class Run:
         if self.holds(key) or key in self._pending:
             return
         kept = self._claim_kept(target, deployment) if reuse else None
-        first = self._pool[key] = self._held_instance(target, deployment, kept, scope)
+        try:
+            first = self._pool[key] = self._held_instance(target, deployment, kept, scope)
+        except BudgetReached as exc:  # raised for the test that holds it (hold())
+            self._failed[key] = exc
+            return
         abort = threading.Event()
 
         done = threading.Event()

@@ -200,6 +200,17 @@ def _minutes(value: Any) -> float:
     return number
 
 
+def _budget(value: Any) -> float:
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of instance-minutes") from None
+    if not 0 <= number < float("inf"):
+        raise ValueError(f"{value!r} must be a number of instance-minutes, 0 or more "
+                         "(fractions allowed)")
+    return number
+
+
 def _path(value: Any) -> Path:
     return Path(_text(value)).expanduser()
 
@@ -321,6 +332,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("artifacts", _path, None,
            "directory for the camera's pictures (JPEG, named after the test; default: "
            "rerobots-artifacts under the rootdir)", in_env=True, metavar="DIR"),
+    Option("budget", _budget, None,
+           "instance-minutes this run may spend (fractions allowed): once spent, counting the "
+           "robots still held, nothing more is rented and the tests that need a new robot "
+           "are errors", in_env=True, metavar="MINUTES"),
+    Option("each_deployment", _bool, False,
+           "run each test on every deployment of its workspace type, one robot each (as "
+           "@pytest.mark.rerobots(..., each_deployment=True) does)", kind="switch",
+           in_env=True),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -375,6 +394,10 @@ class Settings:
     camera: str = DEFAULTS["camera"]
     #: Where the pictures go; None: rerobots-artifacts under the rootdir.
     artifacts: Path | None = DEFAULTS["artifacts"]
+    #: The instance-minutes the run may spend (``pytest_rerobots.budget``), if limited.
+    budget: float | None = DEFAULTS["budget"]
+    #: Run each test on every deployment of its type (``each_deployment``).
+    each_deployment: bool = DEFAULTS["each_deployment"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 __all__ = ["block", "block_lines", "commands_stopped", "fence_block", "fence_prefixed",
-           "in_github_actions", "md_cell", "md_code", "one_line"]
+           "in_github_actions", "md_cell", "md_code", "mermaid_text", "one_line"]
 
 # Bidirectional embeddings, overrides and isolates: invisible, and they reorder what a
 # terminal or a browser shows after them (text that reads other than it is).
@@ -173,3 +173,23 @@ def commands_stopped(write: Callable[[str], Any],
         yield
     finally:
         write(f"::{token}::")
+
+
+# What a Mermaid gantt chart reads as syntax inside a title, a section or a task's name:
+# ``:`` ends a task's name, ``;`` and a line break end a statement, ``#`` and ``%%`` begin
+# comments and entities, ``<``, ``>``, ``&``, quotes and braces are HTML or directives to
+# its renderer, and a backtick could end the Markdown fence the chart sits in.
+_MERMAID_UNSAFE = frozenset(":;#%<>&\"'`{}|\\")
+
+
+def mermaid_text(text: str, limit: int = 80) -> str:
+    """``text`` as plain words in a Mermaid gantt chart (a section or a task's name): one
+    line, ``::`` shown as ``→``, every character Mermaid could read as syntax replaced by
+    ``_`` (``:`` by ``.``), at most ``limit`` characters; never empty."""
+    text = one_line(text).replace("::", " → ")
+    out = "".join("." if ch == ":" else "_" if ch in _MERMAID_UNSAFE or not ch.isprintable()
+                  else ch for ch in text)
+    out = " ".join(out.split())
+    if len(out) > limit:
+        out = out[:limit - 1] + "…"
+    return out or "_"
