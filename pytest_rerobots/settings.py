@@ -288,6 +288,10 @@ OPTIONS: tuple[Option, ...] = (
            "keep session instances for the next run of this checkout, which attaches to them "
            "instead of renting; one no run attaches to ends after this many minutes "
            "(fractions allowed; ignored under CI=true)"),
+    Option("rent_ahead_idle", _minutes, 15.0,
+           "a robot rented ahead (--rerobots-rent-ahead) that no run of this checkout "
+           "attaches to is ended after this many minutes (default {default})", in_env=True,
+           metavar="MINUTES"),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -302,6 +306,11 @@ COMMAND_LINE_ONLY: tuple[Option, ...] = (
     Option("list", _bool, False,
            "print the workspace types, their deployments with region and queue length, and "
            "your live instances (with a token), then exit", kind="switch", in_ini=False),
+    Option("rent_ahead", _bool, False,
+           "rent the robots of --rerobots-wtype, --rerobots-deployment or the types named "
+           "after it, and exit without waiting for READY: the next run of this checkout "
+           "attaches to them (collects no tests; run it before installing the rest)",
+           kind="switch", in_ini=False),
 )
 
 #: The table's default of each option, by name.
@@ -338,6 +347,8 @@ class Settings:
     keep_on_failure: bool = DEFAULTS["keep_on_failure"]
     #: Keep session instances between runs; idle ones end after this many minutes.
     reuse: float | None = DEFAULTS["reuse"]
+    #: Minutes a robot rented ahead waits for a run to attach to it before it is ended.
+    rent_ahead_idle: float = DEFAULTS["rent_ahead_idle"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
