@@ -122,10 +122,12 @@ def _with_default_ledger(config: pytest.Config, settings: Settings) -> Settings:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
-    """``pytest --rerobots-rent-ahead`` loads no ``conftest.py``: it runs before the
-    project's own dependencies, which those may import, are installed."""
+    """``pytest --rerobots-rent-ahead`` and ``--rerobots-sweep`` load no ``conftest.py``:
+    they run before the project's own dependencies, which those may import, are installed
+    (or after their install failed)."""
     namespace = early_config.known_args_namespace
-    if getattr(namespace, "rerobots_rent_ahead", False):
+    if getattr(namespace, "rerobots_rent_ahead", False) or getattr(
+            namespace, "rerobots_sweep", False):
         namespace.noconftest = True
 
 
