@@ -36,6 +36,9 @@ Rows:
 9. One ``sendline`` + ``expect`` pair on a spawned ``cat`` against one
    ``Instance.run("echo x")``, on both host backends; and what ``spawn`` + ``close``
    cost together.
+10. A CI job under ``CI=true``: an "install" as long as the robot's start (ready delay
+    10 s, a 10 s sleep), then a one-test suite; with ``pytest --rerobots-rent-ahead``
+    before the install against without it.
 """
 
 from __future__ import annotations
@@ -662,6 +665,54 @@ def row_sessions(reps: int, delay: float = 3.0) -> list[Row]:
     ]
 
 
+# --------------------------------------------------------------------------- 10. rent ahead
+
+
+AHEAD = "bench_ahead"
+
+
+def row_rent_ahead(reps: int, delay: float = 10.0) -> list[Row]:
+    """A job: (rent ahead,) "install" for ``delay`` s, run a one-test suite; the robot
+    takes ``delay`` s to become READY. Under CI=true, as in a CI job."""
+    text = deployments_toml(AHEAD, 1) + (f"\n[timings]\nready_delay = {delay}\n"
+                                         "terminate_delay = 0.05\n")
+    suite = ("def test_robot(rerobots_instance):\n"
+             "    assert rerobots_instance.run('true').exit_status == 0\n")
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        with SimProcess(write_catalog(root, text)) as sim, \
+                RerobotsClient(sim.token, sim.url, ignore_env=True) as api:
+            env = clean_env(REROBOTS_API_URL=sim.url, REROBOTS_API_TOKEN=sim.token, CI="true")
+            for k in range(reps):
+                for ahead in (True, False) if k % 2 == 0 else (False, True):
+                    wait_free(api, AHEAD)
+                    job = root / f"job-{k}-{int(ahead)}"
+                    job.mkdir()
+                    (job / "pytest.ini").write_text("[pytest]\n")
+                    (job / "test_robot.py").write_text(suite)
+                    pytest_cmd = [sys.executable, "-m", "pytest"]
+                    begun = time.perf_counter()
+                    if ahead:
+                        subprocess.run([*pytest_cmd, "--rerobots-rent-ahead", AHEAD], cwd=job,
+                                       env=env, capture_output=True, check=True)
+                    time.sleep(delay)  # the job installs the project's dependencies
+                    done = subprocess.run([*pytest_cmd, "-q", f"--rerobots-wtype={AHEAD}"],
+                                          cwd=job, env=env, capture_output=True, text=True,
+                                          check=False)
+                    times[ahead].append(time.perf_counter() - begun)
+                    if done.returncode != 0 or "1 passed" not in done.stdout:
+                        raise RuntimeError(f"job (rent ahead: {ahead}) failed:\n"
+                                           f"{done.stdout[-3000:]}{done.stderr[-2000:]}")
+            if sim.errors():
+                note(f"row 10: simulator errors: {sim.errors()[-500:]}")
+    r = ratio(times[True], times[False])
+    return [Row("10", f"CI job (CI=true): a {delay:g} s install as long as the robot's start, "
+                "then one test; `pytest --rerobots-rent-ahead` before the install vs without",
+                cell(times[True], "s", digits=1), cell(times[False], "s", digits=1), r,
+                str(reps), "ratio <= 0.65", r is not None and r <= 0.65)]
+
+
 # --------------------------------------------------------------------------- 8. load
 
 
@@ -802,7 +853,7 @@ def row_expect(backend: str, n: int) -> list[Row]:
     ]
 
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10")
 
 
 def load() -> str:
@@ -835,8 +886,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(ROWS),
                         help="comma-separated rows to run (default: all)")
     parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions of rows 1, 3, 5, 6 and 7 (default 25, 8, 5, 3, 5; "
-                             "quick: 5, 3, 2, 1, 2)")
+                        help="repetitions of rows 1, 3, 5, 6, 7 and 10 (default 25, 8, 5, 3, 5, "
+                             "2; quick: 5, 3, 2, 1, 2, 1)")
     parser.add_argument("-n", type=int, default=None,
                         help="round trips per client in rows 2 and 9 (default 200, quick 50)")
     parser.add_argument("--long-delay", type=float, default=None,
@@ -867,6 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         "7": lambda: row_teardown(reps(5, 2)) + row_teardown(reps(5, 2), latency=0.1),
         "8": lambda: row_load(100, 50, 20 if quick else 60),
         "9": lambda: row_expect("asyncssh", n) + row_expect("openssh", n),
+        "10": lambda: row_rent_ahead(reps(2, 1)),
     }
     rows: list[Row] = []
     begun = time.perf_counter()

@@ -32,7 +32,14 @@ import paramiko
 from . import retry, ssh
 from .board import Holder
 from .ending import end
-from .errors import InstanceError, InstanceFailed, MalformedResponse, RerobotsError, SSHConnectError
+from .errors import (
+    InstanceError,
+    InstanceFailed,
+    InstanceNotFound,
+    MalformedResponse,
+    RerobotsError,
+    SSHConnectError,
+)
 from .fleet import Aborted, end_all, start_all
 from .options import ConstructorKeywords, InstanceOptions
 from .outcome import ENDED_OUTCOMES, Outcome
@@ -222,6 +229,9 @@ class Instance:
     keep_for: str | None = field(default=None, init=False)
     #: Whether it was attached to from an earlier run's kept record (and found usable).
     reused: bool = field(default=False, init=False)
+    #: Whether it was rented ahead of this run (``pytest --rerobots-rent-ahead``) and
+    #: attached to.
+    rented_ahead: bool = field(default=False, init=False)
     #: What the keeper wrote when it was kept (``pytest_rerobots.keep``).
     kept: dict[str, Any] | None = field(default=None, init=False, repr=False)
     #: How many times its connection was used (commands, transfers, ``ssh``/``sftp``).
@@ -349,6 +359,9 @@ class Instance:
         """Use an instance an earlier run kept: one ``GET /instance`` (it must be READY),
         then log in with the key it was kept with and run ``true``. No ``POST /new`` and
         no READY wait; anything wrong raises, and start() ends it (it is ours)."""
+        if record.get("kind") == "ahead":
+            self._attach_ahead(record)
+            return
         ident = str(record["id"])
         self.id = ident
         self._rented_mono = time.monotonic()
@@ -381,6 +394,38 @@ class Instance:
             raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
                                  instance_id=ident, status=self.status)
         self.reused = True
+
+    def _attach_ahead(self, record: Mapping[str, Any]) -> None:
+        """Use an instance rented ahead of this run (``pytest --rerobots-rent-ahead``),
+        perhaps still in INIT: wait for READY only if it is not READY yet, then open the
+        firewall and connect as after a rental of our own. A failed start raises, and
+        start() ends it (it is ours); the run rents another."""
+        ident = str(record["id"])
+        self.id = ident
+        self.status = "INIT"
+        self._rented_mono = time.monotonic() - max(0.0, time.time()
+                                                   - float(record.get("kept_at") or 0))
+        if self.private_key_text:
+            self.pkey = _private_key(self.private_key_text)
+        self._emit("rented")  # the ledger and the watchdog hold it for this run now
+        self._keepalive.start()
+        try:
+            info = self.client.instance(ident)
+        except InstanceNotFound:
+            info = {}  # not listed yet: the READY wait allows for that
+        if info.get("status") == "READY":
+            self.details, self.status = dict(info), "READY"
+            self._take_details(info)
+            self.timings.ready_at = time.time()
+        else:
+            Renter(self).wait_ready()
+        self.rented_ahead = True
+        self._open_firewall()
+        if self.options.connect:
+            if self.pkey is None:
+                raise InstanceError(f"instance {ident} rented ahead: no login key",
+                                    instance_id=ident)
+            self._connect()
 
     def _take_details(self, info: Mapping[str, Any]) -> None:
         try:

@@ -10,6 +10,10 @@ Two options keep an instance instead of terminating it (docs/contract.md,
   next run of the same checkout, against the same API origin and token, attaches to one
   of the same type (and deployment) instead of renting. One that no run attaches to for
   MINUTES is terminated.
+* ``pytest --rerobots-rent-ahead`` (:mod:`.ahead`): instances rented before the test run,
+  kept here while still in INIT, ``kind`` "ahead". The next run of the same checkout
+  attaches to them whether or not it reuses (CI included) and waits only for what is not
+  READY yet. One that no run attaches to within its idle limit is terminated.
 
 A kept instance lives in a directory of its own under the :class:`KeptStore`, named after
 the ledger (``ledger.jsonl.kept/`` beside ``ledger.jsonl``, so under pytest's cache
@@ -64,13 +68,15 @@ __all__ = ["KeptStore", "check_ledger", "describe", "kept_dir", "ssh_command", "
 
 log = logging.getLogger("pytest_rerobots.keep")
 
-#: Kinds of kept instance.
-FAILURE, REUSE = "failure", "reuse"
+#: Kinds of kept instance: kept after a failure, kept for reuse, rented ahead of a run.
+FAILURE, REUSE, AHEAD = "failure", "reuse", "ahead"
 
 
 def purpose(kind: str | None) -> str:
     """What a kind of kept instance is kept for, in the words the terminal, the summary
-    and the sweep use ("debugging", "reuse")."""
+    and the sweep use ("debugging", "reuse", "the next run (rented ahead)")."""
+    if kind == AHEAD:
+        return "the next run (rented ahead)"
     return "debugging" if kind == FAILURE else str(kind)
 
 #: A kept instance whose lease ends sooner than this (s) is not attached to: it could end
@@ -146,6 +152,14 @@ def describe(record: Mapping[str, Any], now: float | None = None) -> list[str]:
         lease = "its lease end is unknown"
     keeper = record.get("keeper")
     kept_by = f"; process {keeper} keeps it alive until then" if keeper else ""
+    if record.get("kind") == AHEAD:
+        idle = float(record.get("idle") or 0)
+        return [
+            f"rerobots: rented ahead: {ident} ({where})",
+            f"  the next run of this checkout within {idle / 60:g} min attaches to it"
+            f"{kept_by.replace(' until then', ' meanwhile').replace(';', ',')}",
+            "  end it now: pytest --rerobots-sweep",
+        ]
     if record.get("kind") == REUSE:
         idle = float(record.get("idle") or 0)
         return [
@@ -272,6 +286,33 @@ class KeptStore:
             "lease_end": lease_end, "keeper": None, "pid": os.getpid(),
         }
         known_hosts = "".join(_known_hosts_line(inst.host, inst.port, k) for k in inst.hostkeys)
+        return self._store(record, text, known_hosts, secret=secret, interval=interval,
+                           ledger=ledger)
+
+    def keep_ahead(self, ident: str, *, target: str, wtype: str | None,
+                   deployment: str | None, key_text: str, secret: Secret | None,
+                   interval: float, idle: float, lease_end: float | None,
+                   ledger: Ledger | None = None, visible_by: float | None = None
+                   ) -> dict[str, Any]:
+        """Keep ``ident``, rented ahead of a run and perhaps still in INIT (so with no
+        address or host key yet): write its record and login key and start its keeper,
+        which ends it after ``idle`` seconds unclaimed. ``visible_by``: until then the
+        keeper takes a 404 for an instance the server has not listed yet."""
+        record: dict[str, Any] = {
+            "id": ident, "kind": AHEAD, "wtype": wtype, "deployment": deployment,
+            "region": None, "target": target, "host": None, "port": None, "hostkeys": [],
+            "api_url": self.api_url, "token_sha256": self.token_sha256,
+            "checkout": self.checkout, "kept_at": time.time(), "idle": idle,
+            "lease_end": lease_end, "keeper": None, "pid": os.getpid(),
+        }
+        return self._store(record, key_text, "", secret=secret, interval=interval,
+                           ledger=ledger, visible_by=visible_by)
+
+    def _store(self, record: dict[str, Any], key_text: str, known_hosts: str, *,
+               secret: Secret | None, interval: float, ledger: Ledger | None,
+               visible_by: float | None = None) -> dict[str, Any]:
+        """Write a kept instance's files and start its keeper; the record."""
+        ident, text, lease_end = record["id"], key_text, record["lease_end"]
         with self.lock() as fd:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(ident, 0o700, dir_fd=fd)
@@ -284,7 +325,7 @@ class KeptStore:
                 os.close(sub)
         header = {"id": ident, "dir": str(self.directory), "api_url": self.api_url,
                   "interval": interval, "idle": record["idle"],
-                  "lease_end": lease_end, "ledger": None}
+                  "lease_end": lease_end, "ledger": None, "visible_by": visible_by}
         if ledger is not None:
             header["ledger"] = {"path": os.path.abspath(ledger.path), "run": ledger.run_id,
                                 "api_url": ledger.api_url}
@@ -314,15 +355,21 @@ class KeptStore:
     # -- attaching ----------------------------------------------------------------
 
     def claim(self, wtype: str | None, deployment: str | None = None, *,
-              client: RerobotsClient | None = None) -> tuple[dict[str, Any], str] | None:
-        """Take a kept instance of ``wtype`` (on ``deployment``, if given) for this run:
-        its record and its key's text; its directory is removed, so its keeper stops.
-        The newest one first. One whose lease is nearly over is ended (with ``client``)
-        and skipped."""
+              client: RerobotsClient | None = None,
+              kinds: tuple[str, ...] = (REUSE,)) -> tuple[dict[str, Any], str] | None:
+        """Take a kept instance of ``wtype`` (on ``deployment``, if given; a ``wtype`` of
+        None matches any type) kept as one of ``kinds``, for this run: its record and its
+        key's text; its directory is removed, so its keeper stops. Rented-ahead ones
+        first, then the newest. One whose lease is nearly over is ended (with ``client``)
+        and skipped. A store that does not exist is not made."""
+        if not self.directory.is_dir():
+            return None
         with self.lock() as fd:
-            for record in reversed(self.records()):
-                if (record.get("kind") != REUSE or not self.mine(record)
-                        or record.get("wtype") != wtype
+            found = sorted(reversed(self.records()), key=lambda r: r.get("kind") != AHEAD)
+            for record in found:
+                if (record.get("kind") not in kinds or not self.mine(record)
+                        or (wtype is not None and record.get("wtype") != wtype)
+                        or (wtype is None and deployment is None)
                         or (deployment is not None and record.get("deployment") != deployment)):
                     continue
                 ident = record["id"]
@@ -514,7 +561,9 @@ def _keeper_main(header: dict[str, Any]) -> int:
                     try:
                         status = client.instance(ident)["status"]
                     except NotFound:
-                        status = "TERMINATED"
+                        # (Rented moments ago, the server may not list it yet.)
+                        fresh = time.time() < float(header.get("visible_by") or 0)
+                        status = "unknown" if fresh else "TERMINATED"
                     except RerobotsError:
                         status = "unknown"
                     if status in ("TERMINATING", "TERMINATED", "INIT_FAIL"):

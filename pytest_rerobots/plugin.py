@@ -129,9 +129,23 @@ def _with_default_ledger(config: pytest.Config, settings: Settings) -> Settings:
 
 
 @pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    """``pytest --rerobots-rent-ahead`` and ``--rerobots-sweep`` load no ``conftest.py``:
+    they run before the project's own dependencies, which those may import, are installed
+    (or after their install failed)."""
+    namespace = early_config.known_args_namespace
+    if getattr(namespace, "rerobots_rent_ahead", False) or getattr(
+            namespace, "rerobots_sweep", False):
+        namespace.noconftest = True
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit.
-    ``pytest --rerobots-list``: print what can be rented, then exit."""
+    ``pytest --rerobots-list``: print what can be rented, then exit.
+    ``pytest --rerobots-rent-ahead``: rent for the next run, then exit."""
+    if config.getoption("rerobots_rent_ahead"):
+        return _rent_ahead(config)
     if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
         from . import listing  # lazily: it loads the client (requests)
 
@@ -153,6 +167,46 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
         except ConfigurationError as exc:  # a ledger or kept directory another user can write
             raise pytest.UsageError(str(exc)) from None
     return 1 if failed else 0
+
+
+def _rent_ahead(config: pytest.Config) -> int:
+    """``pytest --rerobots-rent-ahead [TYPE...]`` (see :mod:`.ahead`); no collection."""
+    settings = load_settings(config)
+    if settings.sweep or config.getoption("rerobots_list"):
+        raise pytest.UsageError("--rerobots-rent-ahead: not with --rerobots-sweep or "
+                                "--rerobots-list")
+    if settings.sim:
+        raise pytest.UsageError("--rerobots-rent-ahead: the embedded simulator "
+                                "(--rerobots-sim) ends with its process; rent ahead from "
+                                "an API that outlives it (REROBOTS_API_URL)")
+    if settings.secret is None:
+        raise pytest.UsageError("--rerobots-rent-ahead: no rerobots API token: set "
+                                "REROBOTS_API_TOKEN or pass --rerobots-token-file")
+    # The types named after the option (pytest takes them for paths; nothing is collected).
+    from_args = getattr(config, "args_source", None) == pytest.Config.ArgsSource.ARGS
+    names = list(config.args) if from_args else []
+    from .ahead import rent_ahead  # lazily: it loads the client (requests)
+    from .client import RerobotsClient
+
+    assert settings.ledger is not None
+    _prepare_cache_dir(config, settings.ledger)
+    with RerobotsClient(token=settings.token, api_url=settings.api_url,
+                        ignore_env=True) as api:
+        try:
+            return rent_ahead(api, settings, names, checkout=str(config.rootpath))
+        except ConfigurationError as exc:
+            raise pytest.UsageError(str(exc)) from None
+
+
+def _prepare_cache_dir(config: pytest.Config, ledger: Path) -> None:
+    """Before the ledger is first written under pytest's cache dir, make that dir with
+    the ``.gitignore`` pytest would give it (pytest adds it only to a dir it makes)."""
+    cache_dir = Path(str(_ini(config, "cache_dir") or ".pytest_cache"))
+    if not cache_dir.is_absolute():
+        cache_dir = config.rootpath / cache_dir
+    if cache_dir in ledger.parents and not cache_dir.exists():
+        cache_dir.mkdir(parents=True)
+        (cache_dir / ".gitignore").write_text("# Created by pytest automatically.\n*\n")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -837,6 +891,8 @@ class RerobotsPlugin:
             return []
         lines = [f"rerobots: reused {i.id} ({i.label}) kept by an earlier run: no POST /new, "
                  "no READY wait" for i in self.records.instances if i.reused]
+        lines += [f"rerobots: attached to {i.id} ({i.label}) rented ahead: no POST /new"
+                  for i in self.records.instances if i.rented_ahead]
         for inst in self._run.kept_instances():
             assert inst.kept is not None
             from .keep import describe  # lazily: only a run that kept an instance needs it

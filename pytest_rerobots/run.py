@@ -158,7 +158,8 @@ class Run:
         self.keep_on_failure = keep_on_failure
         self.reuse = reuse
         self.kept: keep.KeptStore | None = None
-        if self.ledger is not None and token and (keep_on_failure or reuse):
+        # (Also without keeping: a run attaches to what ``--rerobots-rent-ahead`` rented.)
+        if self.ledger is not None and token:
             self.kept = keep.KeptStore(
                 kept_dir if kept_dir is not None else keep.kept_dir(self.ledger.path),
                 api_url=self.client.api_url, token_sha256=self.client.token_sha256(),
@@ -404,12 +405,18 @@ class Run:
         """Whether session instances are kept for the next run, and attached to."""
         return self.kept is not None and self.reuse is not None
 
-    def _claim_kept(self, target: str, deployment: str | None) -> tuple[dict[str, Any], str] | None:
-        if not self.reusing or self.kept is None:
+    def _claim_kept(self, target: str, deployment: str | None,
+                    reuse: bool = True) -> tuple[dict[str, Any], str] | None:
+        """A kept instance for ``target`` to attach to: one rented ahead of this run, or
+        (``reuse``, when the run reuses) one an earlier run kept for reuse."""
+        if self.kept is None:
             return None
+        kinds = (keep.AHEAD, keep.REUSE) if reuse and self.reusing else (keep.AHEAD,)
         wtype = None if is_uuid(target) else target
+        if wtype is None and deployment is None:
+            deployment = target
         try:
-            return self.kept.claim(wtype, deployment, client=self.client)
+            return self.kept.claim(wtype, deployment, client=self.client, kinds=kinds)
         except OSError as exc:  # an unreadable store: rent, as without reuse
             log.warning("rerobots: kept instances in %s: %s", self.kept.directory, exc)
             return None
@@ -428,11 +435,12 @@ class Run:
                     first: Instance | None = None, scope: str | None = None) -> Instance:
         """Start the instance for ``key``: attach to a kept one (``reuse``) or rent; a kept
         one that is not usable is ended (by its start) and another is rented."""
+        claim_reuse = reuse
         reuse = reuse and self.reusing
         inst = first
         if inst is None:
             inst = self._held_instance(target, deployment,
-                                       self._claim_kept(target, deployment) if reuse else None,
+                                       self._claim_kept(target, deployment, claim_reuse),
                                        scope)
         while True:
             self._pool[key] = inst
@@ -442,12 +450,12 @@ class Run:
                 inst.start(abort=abort)
                 return inst
             except Exception as exc:
-                if inst.kept_record is None:
+                if inst.kept_record is None or (abort is not None and abort.is_set()):
                     raise
                 log.warning("rerobots: kept instance %s not usable (%s); renting another",
                             inst.kept_record.get("id"), exc)
-            inst = self._held_instance(target, deployment, self._claim_kept(target, deployment),
-                                       scope)
+            inst = self._held_instance(target, deployment,
+                                       self._claim_kept(target, deployment, claim_reuse), scope)
 
     def mark_kept_on_failure(self, instances: Iterable[Instance]) -> list[Instance]:
         """Keep these instances (used by a failing test) at their end instead of
@@ -533,7 +541,7 @@ class Run:
         as for :meth:`hold`."""
         if self.holds(key) or key in self._pending:
             return
-        kept = self._claim_kept(target, deployment) if reuse else None
+        kept = self._claim_kept(target, deployment, reuse)
         try:
             first = self._pool[key] = self._held_instance(target, deployment, kept, scope)
         except BudgetReached as exc:  # raised for the test that holds it (hold())

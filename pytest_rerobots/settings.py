@@ -340,6 +340,10 @@ OPTIONS: tuple[Option, ...] = (
            "run each test on every deployment of its workspace type, one robot each (as "
            "@pytest.mark.rerobots(..., each_deployment=True) does)", kind="switch",
            in_env=True),
+    Option("rent_ahead_idle", _minutes, 15.0,
+           "a robot rented ahead (--rerobots-rent-ahead) that no run of this checkout "
+           "attaches to is ended after this many minutes (default {default})", in_env=True,
+           metavar="MINUTES"),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -354,6 +358,11 @@ COMMAND_LINE_ONLY: tuple[Option, ...] = (
     Option("list", _bool, False,
            "print the workspace types, their deployments with region and queue length, and "
            "your live instances (with a token), then exit", kind="switch", in_ini=False),
+    Option("rent_ahead", _bool, False,
+           "rent the robots of --rerobots-wtype, --rerobots-deployment or the types named "
+           "after it, and exit without waiting for READY: the next run of this checkout "
+           "attaches to them (collects no tests; run it before installing the rest)",
+           kind="switch", in_ini=False),
 )
 
 #: The table's default of each option, by name.
@@ -398,6 +407,8 @@ class Settings:
     budget: float | None = DEFAULTS["budget"]
     #: Run each test on every deployment of its type (``each_deployment``).
     each_deployment: bool = DEFAULTS["each_deployment"]
+    #: Minutes a robot rented ahead waits for a run to attach to it before it is ended.
+    rent_ahead_idle: float = DEFAULTS["rent_ahead_idle"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property

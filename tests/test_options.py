@@ -29,6 +29,7 @@ VALUES = {
     "ledger": ("my-ledger.jsonl", "my-ledger.jsonl"),
     "keep_on_failure": ("yes", True),
     "reuse": ("2.5", 2.5),
+    "rent_ahead_idle": ("3", 3.0),
 }
 
 PROBE = """

@@ -62,4 +62,11 @@ def test_the_workflow_keeps_the_readmes_promises():
     # The token reaches only the steps that talk to the API.
     with_token = [name for name, step in steps.items()
                   if "REROBOTS_API_TOKEN" in (step.get("env") or {})]
-    assert with_token == ["Tests on ${{ matrix.wtype }}", "End whatever the tests left running"]
+    assert with_token == ["Rent the robot ahead", "Tests on ${{ matrix.wtype }}",
+                          "End whatever the tests left running"]
+    # Rented ahead right after the plugin is installed, before the project's dependencies.
+    names = list(steps)
+    ahead = steps["Rent the robot ahead"]
+    assert ahead["run"].startswith("pytest --rerobots-rent-ahead --rerobots-wtype=")
+    assert names.index("Install pytest-rerobots") + 1 == names.index("Rent the robot ahead")
+    assert names.index("Rent the robot ahead") < names.index("Install")

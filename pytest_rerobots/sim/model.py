@@ -164,7 +164,7 @@ class SimInstance:
     firewall: list[list[str]] = field(default_factory=list)
     vpn_clients: list[str] = field(default_factory=list)
     host: HostInfo | None = None
-    # none -> starting -> up -> stopped, or starting -> failed
+    # none -> starting -> up -> stopping -> stopped, or starting -> failed
     host_state: str = "none"
 
     @property

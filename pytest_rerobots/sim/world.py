@@ -10,6 +10,7 @@ Lifecycle of an instance (``created`` is when it left the queue)::
     INIT --ready_delay, host listening--> READY --terminate/expire_d/keepalive--> TERMINATING
       |                                                                             |
       +--init_fail_rate, host failure, init_timeout--> INIT_FAIL    terminate_delay-+-> TERMINATED
+                                                     (and its host stopped, after the answer)
 
 As on the real server (``docs/simulator-differences.md`` lists where the simulator differs):
 a new instance is not found for ``not_found_window`` after POST /new; an instance in INIT,
@@ -256,6 +257,7 @@ class World:
                 elif inst.options.keepalive and now >= inst.last_ka + timings.keepalive_timeout:
                     self._begin_termination(inst, now)
             if (inst.status == TERMINATING and inst.terminating_at is not None
+                    and inst.host_state != "stopping"
                     and now >= inst.terminating_at + duration_at(timings.terminate_delay,
                                                                  inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
@@ -293,10 +295,23 @@ class World:
     # ------------------------------------------------------------------ hosts
 
     def _stop_host(self, inst: SimInstance) -> None:
-        # A host still starting is stopped by _start_host once it is up.
+        # A host still starting is stopped by _start_host once it is up. A running one is
+        # stopped by a host worker, after the request that ended it has been answered (the
+        # server answers POST /terminate at once and finishes in the background); the
+        # instance reaches TERMINATED only once its host is down.
         if inst.host_state == "up":
-            inst.host_state = "stopped"
-            self.background.defer(partial(self.hosts.stop_host, inst.id))
+            inst.host_state = "stopping"
+            self.background.offload(partial(self._stop_host_now, inst.id))
+
+    def _stop_host_now(self, instance_id: str) -> None:
+        try:
+            self.hosts.stop_host(instance_id)
+        finally:
+            with self.transaction():
+                inst = self.instances.get(instance_id)
+                if inst is not None and inst.host_state == "stopping":
+                    inst.host_state = "stopped"
+                self._advance(self.clock())  # TERMINATED may be due now
 
     def _queue_host_start(self, inst: SimInstance) -> None:
         inst.host_state = "starting"
