@@ -30,6 +30,10 @@ VALUES = {
     "keep_on_failure": ("yes", True),
     "reuse": ("2.5", 2.5),
     "rent_ahead_idle": ("3", 3.0),
+    "camera": ("always", "always"),
+    "artifacts": ("robot-pictures", "robot-pictures"),
+    "budget": ("0.5", 0.5),
+    "each_deployment": ("yes", True),
 }
 
 PROBE = """
@@ -66,7 +70,7 @@ def test_each_form_of_each_option_resolves(pytester: pytest.Pytester,
     text, expected = VALUES[opt.name]
     args: list[str] = []
     if form == "cli":
-        flag_is_switch = opt.name in ("require", "sim", "keep_on_failure")
+        flag_is_switch = opt.kind == "switch"
         args = [opt.flag] if flag_is_switch else [f"{opt.flag}={text}"]
     elif form == "env":
         monkeypatch.setenv(opt.env, text)
