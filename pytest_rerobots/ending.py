@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Protocol
 
@@ -102,7 +102,7 @@ def end_ids(
     ids: Iterable[str],
     *,
     deadline: float = 120.0,
-    notfound_grace: float = 0.0,
+    notfound_grace: float | Mapping[str, float] = 0.0,
     ledger: EndRecorder | None = None,
     by: str = "controller",
 ) -> dict[str, str]:
@@ -111,11 +111,14 @@ def end_ids(
 
     Returns ``{id: outcome}``, an outcome of :data:`.ENDED_OUTCOMES` or one starting
     with ``"failed:"``. Each success is recorded in ``ledger`` as ended ``by`` that
-    layer. Never raises for one instance's trouble.
+    layer. Never raises for one instance's trouble. ``notfound_grace`` may be given per
+    id (a mapping; an id it does not name gets none).
     """
     def one(ident: str) -> tuple[str, str]:
+        grace = (notfound_grace.get(ident, 0.0) if isinstance(notfound_grace, Mapping)
+                 else notfound_grace)
         try:
-            outcome: str = end(client, ident, deadline=deadline, notfound_grace=notfound_grace)
+            outcome: str = end(client, ident, deadline=deadline, notfound_grace=grace)
         except Exception as exc:  # one instance's trouble must not stop the others
             outcome = f"failed: {exc}"
         if ledger is not None and outcome in ENDED_OUTCOMES:

@@ -10,6 +10,7 @@ all the same. Nothing here imports pytest.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from . import keep, safefiles
 from .ending import end_ids
 from .errors import ConfigurationError
 from .ledger import Ledger
+from .options import InstanceOptions
 from .outcome import ENDED_OUTCOMES
 
 if TYPE_CHECKING:
@@ -102,7 +104,14 @@ def _sweep_ledger(client: RerobotsClient, ledger: Ledger, write: Callable[[str],
                   "no API token (set REROBOTS_API_TOKEN or pass --rerobots-token-file)")
         return len(mine)
     targets = {r["id"]: r.get("target", "?") for r in mine}
-    results = end_ids(client, targets, ledger=ledger, by="sweep")
+    # The service lists an instance a moment after answering POST /new: one rented just
+    # now (a sweep right after --rerobots-rent-ahead, or after a run killed at once)
+    # is "not found" for a while, and taking that for "gone" would leave it live.
+    now = time.time()
+    window = InstanceOptions().notfound_grace
+    grace = {r["id"]: window - (now - float(r.get("time") or 0.0)) for r in mine
+             if now - float(r.get("time") or 0.0) < window}
+    results = end_ids(client, targets, ledger=ledger, by="sweep", notfound_grace=grace)
     for ident, outcome in results.items():
         write(f"rerobots sweep: {ident} ({targets[ident]}) {outcome}")
     failed = sum(1 for o in results.values() if o not in ENDED_OUTCOMES)
