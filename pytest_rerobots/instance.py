@@ -32,8 +32,16 @@ import paramiko
 from . import retry, ssh
 from .board import Holder
 from .ending import end
-from .errors import InstanceError, InstanceFailed, MalformedResponse, RerobotsError, SSHConnectError
+from .errors import (
+    InstanceError,
+    InstanceFailed,
+    InstanceLost,
+    MalformedResponse,
+    RerobotsError,
+    SSHConnectError,
+)
 from .fleet import Aborted, end_all, start_all
+from .leasewatch import LeaseWatch
 from .options import ConstructorKeywords, InstanceOptions
 from .outcome import ENDED_OUTCOMES, Outcome
 from .renting import FailedRental, Keepalive, Renter
@@ -221,7 +229,10 @@ class Instance:
     #: How many times its connection was used (commands, transfers, ``ssh``/``sftp``).
     uses: int = field(default=0, init=False, repr=False)
     _connection: ssh.Connection | None = field(default=None, init=False, repr=False)
+    #: Why it was lost while held (the lease watch), if it was: every use raises it.
+    lost: InstanceLost | None = field(default=None, init=False, repr=False)
     _keepalive: Keepalive = field(init=False, repr=False)
+    _watch: LeaseWatch | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
     _up: bool = field(default=False, init=False, repr=False)
@@ -323,6 +334,7 @@ class Instance:
         self._open_firewall()
         if self.options.connect:
             self._connect()
+        self._start_watch()
 
     def _attach(self, ident: str) -> None:
         """Use an instance another process rented (``existing``): log in with the key
@@ -337,6 +349,7 @@ class Instance:
             if self.pkey is None:
                 self.pkey = _private_key(self.client.instance_sshkey(ident))
             self._connect()
+        self._start_watch()
 
     def _attach_kept(self, record: Mapping[str, Any]) -> None:
         """Use an instance an earlier run kept: one ``GET /instance`` (it must be READY),
@@ -373,6 +386,51 @@ class Instance:
             raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
                                  instance_id=ident, status=self.status)
         self.reused = True
+        self._start_watch()
+
+    # -- the lease watch (pytest_rerobots.leasewatch) -------------------------
+
+    def _start_watch(self) -> None:
+        if self._watch is None:
+            self._watch = LeaseWatch(self, self.options.watch_interval)
+            self._watch.start()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+
+    def _diagnose(self) -> None:
+        """Its connection broke under a use: ask the service at once whether it ended the
+        robot (one ``GET /instance``), so that the use fails naming that."""
+        watch = self._watch
+        if watch is not None and self.lost is None and not self.ending:
+            lost = watch.check_api()
+            if lost is not None:
+                self.lose(lost)
+
+    @property
+    def ending(self) -> bool:
+        """Whether this process is ending (or has ended) it: not a loss."""
+        return self._ending or self.outcome is not None
+
+    @property
+    def current_connection(self) -> ssh.Connection | None:
+        """Its SSH connection, if any, without counting a use."""
+        return self._connection
+
+    def lose(self, error: InstanceLost) -> None:
+        """It is lost while held (the lease watch saw it): remember why, cut its
+        connection so that what is in flight fails now with ``error``, and tell the
+        listeners (``lost``). It is still ended as usual (a partitioned host's instance
+        is still live on the service)."""
+        if self.lost is not None or self.ending:
+            return
+        self.lost = error
+        log.warning("rerobots: %s", error)
+        conn = self._connection
+        if conn is not None:
+            conn.mark_lost(error)
+        self._emit("lost", error)  # (an optional event: listeners may have no ``lost``)
 
     def _take_details(self, info: Mapping[str, Any]) -> None:
         try:
@@ -413,6 +471,7 @@ class Instance:
         """A connection on ``client`` that records to the run's transcript, with the
         default command timeout."""
         conn = ssh.Connection(client)
+        conn.diagnose = self._diagnose
         conn.transcript = self.transcript
         conn.label = self.where
         conn.command_timeout = self.options.command_timeout
@@ -429,6 +488,8 @@ class Instance:
     def ensure_connected(self) -> None:
         """Reconnect if the SSH connection was lost (e.g. a test closed it or the host
         dropped it), so the next user of a shared instance gets a live one."""
+        if self.lost is not None:
+            raise self.lost.again()
         if not self.options.connect or self.host is None or self.outcome is not None:
             return
         conn = self._connection
@@ -514,7 +575,8 @@ class Instance:
             if self.outcome is not None or self._ending:
                 return False
             self._ending = True
-            return True
+        self._stop_watch()  # our own end is no loss
+        return True
 
     def _close_connection(self) -> None:
         conn, self._connection = self._connection, None

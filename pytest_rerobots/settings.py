@@ -288,6 +288,15 @@ OPTIONS: tuple[Option, ...] = (
            "keep session instances for the next run of this checkout, which attaches to them "
            "instead of renting; one no run attaches to ends after this many minutes "
            "(fractions allowed; ignored under CI=true)"),
+    Option("watch_interval", _seconds(0), 5.0,
+           "seconds between checks that a held robot is still usable: its status on the "
+           "service and an SSH probe of its host (default {default}; a robot lost is noticed "
+           "within this, a host that stopped answering within this plus 5 s; 0: no checks)",
+           instance=True),
+    Option("reruns", _count, 0,
+           "run a test that ended in infrastructure trouble (a lost robot, SSH, the API) again "
+           "on a fresh robot, up to this many times; a product failure is never rerun "
+           "(default {default})", in_env=True),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -338,6 +347,9 @@ class Settings:
     keep_on_failure: bool = DEFAULTS["keep_on_failure"]
     #: Keep session instances between runs; idle ones end after this many minutes.
     reuse: float | None = DEFAULTS["reuse"]
+    watch_interval: float = DEFAULTS["watch_interval"]
+    #: Reruns of a test that ended in infrastructure trouble (never of a product failure).
+    reruns: int = DEFAULTS["reruns"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
