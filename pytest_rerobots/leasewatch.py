@@ -16,7 +16,8 @@ never after its own timeout. A connection that breaks under a use (the service s
 host of a robot it ends) is diagnosed at once with the same API question, so the use fails
 naming the termination rather than a bare lost connection. API trouble during a check is
 not a loss (the keepalive and the next check go on); an SSH connection that was merely
-dropped while the robot stays READY is reconnected by the next user (:meth:`~.instance.Instance.ensure_connected`).
+dropped while the robot stays READY is reconnected by the next user
+(:meth:`~.instance.Instance.ensure_connected`).
 
 So a robot the service ended is noticed within ``watch_interval`` plus one API request,
 and a partitioned host within ``watch_interval + PROBE_TIMEOUT`` (10 s by default).
