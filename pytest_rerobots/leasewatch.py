@@ -1,26 +1,34 @@
 """The lease watch: while a robot is held READY, notice within seconds that it is lost.
 
-Every ``watch_interval`` seconds (default 5) a daemon thread asks two things:
+Every ``watch_interval`` seconds (default 5) a daemon thread probes the robot's host on the
+test's own SSH connection: a session channel opened and closed at once, which costs no API
+call. What it finds:
 
-- the API (``GET /instance/:id``, one request per robot per interval): is it still READY?
-  TERMINATING, TERMINATED or INIT_FAIL that this run did not ask for means the service
-  ended it (its lease, an admin, another client, a fault on the service);
-- its host (a session channel opened and closed at once, on the test's own connection):
-  does it answer within ``PROBE_TIMEOUT`` seconds? A host that does not, while its TCP
-  connection stays open, is a network partition; a closed transport is a dropped one.
+- the probe is answered: the robot is fine;
+- the transport is closed (the service stops the host of a robot it ends) or the probe is
+  not answered within ``PROBE_TIMEOUT`` s while the connection stays open (a network
+  partition, a hung host): one ``GET /instance/:id`` says which. TERMINATING, TERMINATED or
+  INIT_FAIL that this run did not ask for means the service ended it (its lease, an admin,
+  another client, a fault); otherwise an unanswered probe is a host unreachable, and a
+  closed transport a dropped connection, which the next user reconnects
+  (:meth:`~.instance.Instance.ensure_connected`; if that fails, so does the test);
+- and once every ``API_EVERY`` seconds the status is asked anyway, for a robot the service
+  ended while its host still answers.
 
-A loss is an :class:`~.errors.InstanceLost` naming what happened and when; the watch
-hands it to the instance (:meth:`~.instance.Instance.lose`), which cuts the connection so
-that a command, transfer, ``expect`` or forward in flight fails at once with that error,
-never after its own timeout. A connection that breaks under a use (the service stops the
-host of a robot it ends) is diagnosed at once with the same API question, so the use fails
-naming the termination rather than a bare lost connection. API trouble during a check is
-not a loss (the keepalive and the next check go on); an SSH connection that was merely
-dropped while the robot stays READY is reconnected by the next user
-(:meth:`~.instance.Instance.ensure_connected`).
+The real API's budget is 3600 calls an hour per token, shared by every job: the watch
+spends one call a minute per robot while all is well.
 
-So a robot the service ended is noticed within ``watch_interval`` plus one API request,
-and a partitioned host within ``watch_interval + PROBE_TIMEOUT`` (10 s by default).
+A loss is an :class:`~.errors.InstanceLost` naming what happened and when; the watch hands
+it to the instance (:meth:`~.instance.Instance.lose`), which cuts the connection so that a
+command, transfer, ``expect`` or forward in flight fails at once with that error, never
+after its own timeout. A connection that breaks under a use is diagnosed at once with the
+same API question, so the use fails naming the termination rather than a bare lost
+connection. API trouble during a check is not a loss (the next check tries again).
+
+So a robot the service ended (its host gone) is noticed within ``watch_interval``, at
+once if a command was running; a partitioned host within ``watch_interval +
+PROBE_TIMEOUT`` (10 s by default); a robot ended whose host still answers within
+``API_EVERY`` (60 s).
 """
 
 from __future__ import annotations
@@ -37,12 +45,14 @@ from .errors import InstanceLost, RerobotsError
 if TYPE_CHECKING:
     from .instance import Instance
 
-__all__ = ["ENDED_BY_SERVICE", "PROBE_TIMEOUT", "LeaseWatch", "clock"]
+__all__ = ["API_EVERY", "ENDED_BY_SERVICE", "PROBE_TIMEOUT", "LeaseWatch", "clock"]
 
 log = logging.getLogger(__name__)
 
 #: Seconds a host has to answer the watch's probe before it counts as unreachable.
 PROBE_TIMEOUT = 5.0
+#: Seconds between status requests while the host answers (the API's budget is small).
+API_EVERY = 60.0
 #: Statuses that mean the service ended the instance.
 ENDED_BY_SERVICE = frozenset({"TERMINATING", "TERMINATED", "INIT_FAIL"})
 
@@ -62,6 +72,8 @@ class LeaseWatch:
         self.probe_timeout = probe_timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._asked = time.monotonic()  # (READY was just seen: no status request yet)
+        self._probe_at = 0.0
 
     def start(self) -> None:
         if self._thread is not None or self.interval <= 0:
@@ -94,9 +106,20 @@ class LeaseWatch:
         inst = self.inst
         if inst.id is None or inst.outcome is not None or inst.ending:
             return None
-        lost = self.check_api()
-        if lost is None:
-            lost = self._check_host(inst)
+        now = time.monotonic()
+        probe = self._probe_host(inst)
+        lost: InstanceLost | None = None
+        if probe == "answered" and now - self._asked < API_EVERY:
+            return None
+        if probe != "answered" or now - self._asked >= API_EVERY:
+            self._asked = now
+            lost = self.check_api()
+        if lost is None and probe == "silent":
+            lost = InstanceLost(
+                f"{inst.where}: its host stopped answering at {clock(self._probe_at)} (no "
+                f"SSH answer within {self.probe_timeout:g} s, connection still open: a "
+                "network partition or a hung host)", instance_id=inst.id,
+                status=inst.status, at=self._probe_at, reason="host unreachable")
         return None if self._stop.is_set() or inst.ending else lost
 
     def check_api(self) -> InstanceLost | None:
@@ -125,24 +148,22 @@ class LeaseWatch:
             f"{status}): {why}", instance_id=inst.id, status=status, at=now,
             reason="terminated by the service")
 
-    def _check_host(self, inst: Instance) -> InstanceLost | None:
+    def _probe_host(self, inst: Instance) -> str:
+        """``answered``, ``silent`` (no answer, connection open), ``closed`` (the transport
+        is down) or ``none`` (no connection to probe)."""
         conn = inst.current_connection
         if conn is None or conn.closed:
-            return None
+            return "none"
         transport = conn.client.get_transport()
         if transport is None or not transport.is_active():
-            return None  # dropped: the next user reconnects (and fails if it cannot)
-        begun = time.time()
+            return "closed"
+        self._probe_at = time.time()
         try:
             chan = transport.open_session(timeout=self.probe_timeout)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             if not transport.is_active():
-                return None  # closed meanwhile (a drop, or this run's own end)
+                return "closed"  # closed meanwhile (a drop, or this run's own end)
             log.info("lease watch: host of %s did not answer: %s", inst.id, exc)
-            return InstanceLost(
-                f"{inst.where}: its host stopped answering at {clock(begun)} (no SSH answer "
-                f"within {self.probe_timeout:g} s, connection still open: a network "
-                "partition or a hung host)", instance_id=inst.id, status=inst.status,
-                at=begun, reason="host unreachable")
+            return "silent"
         chan.close()
-        return None
+        return "answered"

@@ -476,6 +476,16 @@ class Run:
         if key in self._failed:
             raise self._failed[key]
         inst = self._pool.get(key)
+        if inst is not None and inst.lost is not None:
+            # Lost while held (the lease watch): dropped from the pool and ended (a
+            # partitioned host's instance still lives on the service); a fresh one follows.
+            log.warning("rerobots: %s was lost (%s); renting a fresh one", inst.where,
+                        inst.lost.reason)
+            try:
+                self.release_many([key])
+            except Exception as exc:  # the records show how its end went
+                log.warning("rerobots: ending lost instance %s failed: %s", inst.id, exc)
+            inst = None
         if inst is not None:
             inst.ensure_connected()
             return inst
@@ -525,6 +535,11 @@ class Run:
         self._pending[key] = (done, abort)
         threading.Thread(target=bring_up, name=f"rerobots-prefetch-{target}",
                          daemon=True).start()
+
+    def forget_failures(self) -> None:
+        """Forget the failed starts on record, so that the next :meth:`hold` of their
+        keys rents again (a rerun of a test after infrastructure trouble)."""
+        self._failed.clear()
 
     def holds(self, key: Hashable) -> bool:
         """Whether ``key`` has an instance held (or on its way), or a failed start on
