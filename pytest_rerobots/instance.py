@@ -189,6 +189,9 @@ class Instance:
     #: fails at once; another one shows what to say in the progress line.
     held_here: Callable[[Instance, Sequence[str]], tuple[str, bool] | None] | None = field(
         default=None, repr=False)
+    #: The deployments to avoid while others of the type can serve (the checkout's
+    #: health record, :mod:`.health`); a pinned deployment is rented all the same.
+    unhealthy: Callable[[], Sequence[str]] | None = field(default=None, repr=False)
     #: Who holds it, and for how long (for the run's board and its messages).
     holder: Holder | None = field(default=None, repr=False)
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
@@ -461,6 +464,7 @@ class Instance:
                 deadline=self.options.connect_timeout, sleep=self._nap,
             )
         except SSHConnectError as exc:
+            self._emit("unreachable")  # (an optional event: the health record's)
             hint = firewall_hint(self.options.allow, _source_address(self.host, self.port))
             if hint is None:
                 raise

@@ -314,6 +314,9 @@ class RerobotsPlugin:
             keep_on_failure=s.keep_on_failure and keeping,
             board_dir=worker.get("rerobots_board_dir"),
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
+            # The health record of deployments (health.py), the embedded simulator's too.
+            health_dir=s.ledger.parent if s.ledger is not None and not s.sweep else None,
+            health_origin=self.mode if self.mode == "embedded simulator" else None,
             # The defaults of every instance: the settings the table marks so, and how
             # often to poll (every 50 ms on the embedded simulator).
             **s.instance_options(), fast_polling=self.mode == "embedded simulator",
