@@ -104,3 +104,82 @@ def test_a_bad_reruns_value_is_one_configuration_error(pytester: pytest.Pytester
     result = pytester.runpytest(f"--rerobots-reruns={value}")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     assert "--rerobots-reruns" in result.stderr.str()
+
+
+CATALOG = """
+[timings]
+ready_delay = 0.05
+terminate_delay = 0.05
+
+[faults]
+lose_held = "terminate"
+lose_held_after = 2.0
+lose_held_count = 1
+"""
+
+
+def test_reruns_under_xdist_from_a_catalog_fault(pytester: pytest.Pytester) -> None:
+    (pytester.path / "catalog.toml").write_text(CATALOG)
+    pytester.makepyfile(SUITE.format(command="sleep 4"))
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--dist", "loadfile", "--rerobots-sim", "--rerobots-sim-config=catalog.toml",
+        "--rerobots-reruns=1", "--rerobots-watch-interval=0.5", "--junitxml=out.xml",
+        "-p", "no:cacheprovider")
+    out = result.stdout.str()
+    outcomes = result.parseoutcomes()
+    assert (outcomes.get("passed"), outcomes.get("failed"), outcomes.get("rerun")) == (2, 1, 1), out
+    section = out.split("rerobots instances", 1)[1]
+    assert len(re.findall(r"basic_kobuki", section)) == 2, out  # the lost one and its successor
+    assert "lost: terminated by the service" in section
+    props = _properties((pytester.path / "out.xml").read_text())
+    assert any(n == "rerobots_rerun_1" for n, _ in props["test_a_lost"])
+    assert ("rerobots_failure", "product") in props["test_c_product"]
+
+
+def test_the_faults_come_from_a_catalog_and_are_checked(tmp_path) -> None:
+    from pytest_rerobots.errors import ConfigurationError
+    from pytest_rerobots.sim.catalog import load_catalog
+
+    path = tmp_path / "c.toml"
+    path.write_text(CATALOG)
+    faults = load_catalog(path).faults
+    assert (faults.lose_held, faults.lose_held_after, faults.lose_held_count) == (
+        "terminate", 2.0, 1)
+    path.write_text('[faults]\nlose_held = "explode"\n')
+    with pytest.raises(ConfigurationError, match=r"faults\.lose_held: expected one of terminate"):
+        load_catalog(path)
+
+
+@pytest.mark.parametrize("scope", ["session", "module", "function"])
+def test_dropped_ssh_is_infrastructure_and_the_next_test_reconnects(
+        pytester: pytest.Pytester, sim_env: Simulator, scope: str) -> None:
+    sim_env.configure(lose_held="drop_ssh", lose_held_after=2.0, lose_held_count=1)
+    pytester.makepyfile(SUITE.format(command="sleep 120"))
+    begun = time.monotonic()
+    result = pytester.runpytest(f"--rerobots-scope={scope}", "--rerobots-watch-interval=0.5",
+                                "-v")
+    assert time.monotonic() - begun < 60
+    result.assert_outcomes(passed=1, failed=1, errors=1)
+    assert re.search(r"test_a_lost ERROR \(infrastructure\)", result.stdout.str())
+    # The robot stayed READY: pooled scopes reconnect to it, no new rental.
+    assert sim_env.request_count("new") == (3 if scope == "function" else 1)
+    assert sim_env.live_instances() == []
+
+
+def test_the_rerobots_sim_fixture_loses_the_robot_a_test_holds(
+        pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("""
+        import threading, pytest
+        pytestmark = pytest.mark.rerobots("basic_kobuki")
+        def test_lost(rerobots_instance, rerobots_sim):
+            threading.Timer(0.5, rerobots_sim.lose_held,
+                            args=(rerobots_instance.id, "partition")).start()
+            rerobots_instance.run("sleep 120")
+        def test_next(rerobots_instance):
+            assert rerobots_instance.run("echo ok").stdout == "ok\\n"
+        """)
+    begun = time.monotonic()
+    result = pytester.runpytest("--rerobots-sim", "--rerobots-watch-interval=0.5", "-v")
+    assert time.monotonic() - begun < 60
+    result.assert_outcomes(passed=1, errors=1)
+    assert "stopped answering" in result.stdout.str()
