@@ -277,8 +277,21 @@ class Renter:
     def _rent(self, avoid: Sequence[str] = ()) -> None:
         inst = self.inst
         wds = self._others_than(avoid) if avoid and inst.deployment is None else None
-        if inst.deployment is None and inst.unhealthy is not None:
-            wds = self._healthy(avoid) or wds
+        healthy = (self._healthy(avoid)
+                   if inst.deployment is None and inst.unhealthy is not None else None)
+        if healthy:
+            # The healthy deployments first; if they are all busy, any (no wait for them).
+            try:
+                first = self._new(self.target, wds=healthy)
+            except BusyWorkspaceDeployment:
+                log.info("rerobots: %s: the deployments without recent trouble are busy; "
+                         "renting any", self.label)
+            else:
+                if first.success:
+                    self._rented(first.id)
+                else:
+                    self._follow_reservation(first.id, inst.deployment or "")
+                return
         try:
             answer: NewInstance | None = self._new(self.target, wds=wds)
         except DeploymentNotFound as missing:

@@ -440,7 +440,9 @@ class Run:
             return []
         marked = []
         for inst in instances:
-            if inst.outcome is None and inst.id and inst.existing is None:
+            # (A lost robot is not kept: there is nothing left to log in to.)
+            if inst.outcome is None and inst.id and inst.existing is None \
+                    and inst.lost is None:
                 inst.keep_for = "failure"
                 marked.append(inst)
         return marked

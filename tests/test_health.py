@@ -75,11 +75,13 @@ def test_the_next_run_starts_on_the_good_deployment_first(pytester: pytest.Pytes
 
 def test_a_pinned_deployment_is_rented_even_when_unhealthy(pytester: pytest.Pytester) -> None:
     (pytester.path / "catalog.toml").write_text(CATALOG.replace("init_fail_rate = 1.0", ""))
-    Health(pytester.path / ".pytest_cache" / "d" / "rerobots").record(BAD, "lost", "x")
+    Health(pytester.path / ".pytest_cache" / "d" / "rerobots", "embedded simulator").record(
+        BAD, "lost", "x")
     pytester.makepyfile(SUITE)
-    pytester.runpytest("--rerobots-sim", "--rerobots-sim-config=catalog.toml",
-                       f"--rerobots-deployment={BAD}").assert_outcomes(passed=1)
-    assert (pytester.path / "deployments.txt").read_text().split() == [BAD]
+    args = ("--rerobots-sim", "--rerobots-sim-config=catalog.toml")
+    pytester.runpytest(*args).assert_outcomes(passed=1)  # avoided: the good one
+    pytester.runpytest(*args, f"--rerobots-deployment={BAD}").assert_outcomes(passed=1)
+    assert (pytester.path / "deployments.txt").read_text().split() == [GOOD, BAD]
 
 
 def test_old_trouble_is_not_avoided(tmp_path: Path) -> None:
@@ -88,3 +90,4 @@ def test_old_trouble_is_not_avoided(tmp_path: Path) -> None:
     health.record(GOOD, "ssh never answered", "b")
     assert health.unhealthy() == [GOOD]
     assert set(health.recent()) == {BAD, GOOD}
+

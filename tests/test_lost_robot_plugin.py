@@ -58,7 +58,7 @@ def test_a_lost_robot_is_an_error_in_seconds_and_the_next_test_gets_a_fresh_one(
     assert ("rerobots_failure", "infrastructure") in props["test_a_lost"]
     assert ("rerobots_failure", "product") in props["test_c_product"]
     assert not any(n == "rerobots_failure" for n, _ in props["test_b_next"])
-    rentals = sim_env.request_count("new")
+    rentals = len(sim_env.world.snapshots())  # instances made (a busy POST /new makes none)
     assert rentals == (3 if scope == "function" else 2), rentals
     assert sim_env.live_instances() == []
 
@@ -74,7 +74,7 @@ def test_reruns_rerun_infrastructure_trouble_on_a_fresh_robot_only(
     out = result.stdout.str()
     assert re.search(r"test_a_lost RERUN", out) and re.search(r"test_a_lost PASSED", out), out
     assert len(re.findall(r"test_c_product FAILED", out)) == 1  # a product failure: once
-    assert sim_env.request_count("new") == 2
+    assert len(sim_env.world.snapshots()) == 2  # exactly two rentals
     props = _properties((pytester.path / "out.xml").read_text())
     reruns = [v for n, v in props["test_a_lost"] if n == "rerobots_rerun_1"]
     assert reruns and "terminated by the service" in reruns[0]
@@ -162,7 +162,7 @@ def test_dropped_ssh_is_infrastructure_and_the_next_test_reconnects(
     result.assert_outcomes(passed=1, failed=1, errors=1)
     assert re.search(r"test_a_lost ERROR \(infrastructure\)", result.stdout.str())
     # The robot stayed READY: pooled scopes reconnect to it, no new rental.
-    assert sim_env.request_count("new") == (3 if scope == "function" else 1)
+    assert len(sim_env.world.snapshots()) == (3 if scope == "function" else 1)
     assert sim_env.live_instances() == []
 
 
