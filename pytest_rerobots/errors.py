@@ -25,6 +25,8 @@ boundary each and chained with ``raise ... from exc``::
     │   └── UnreadableNewAnswer       ... to POST /new: reconciled; ``made`` is what it made
     ├── InstanceError                 an instance did not become usable
     │   ├── InstanceFailed            it reached INIT_FAIL, TERMINATING or TERMINATED
+    │   ├── InstanceLost              it was lost while held: ended by the service, its host
+    │   │                             unreachable (``pytest_rerobots.leasewatch``)
     │   └── InstanceTimeout           the deadline passed; carries the last status seen
     └── SSHError                      the robot's host
         ├── HostKeyMismatch           the host key is not the one the API reported
@@ -73,6 +75,7 @@ __all__ = [
     "HostKeyMismatch",
     "InstanceError",
     "InstanceFailed",
+    "InstanceLost",
     "InstanceNotFound",
     "InstanceTimeout",
     "LocalFileError",
@@ -216,6 +219,23 @@ class InstanceError(RerobotsError):
 
 class InstanceFailed(InstanceError):
     """The instance reached INIT_FAIL, TERMINATING or TERMINATED while we waited."""
+
+
+class InstanceLost(InstanceError):
+    """A robot held READY is no longer usable: the service ended it (its lease, an admin,
+    another client), or its host stopped answering. ``at`` is when this run noticed (epoch
+    seconds); ``reason`` says what happened, for the health record."""
+
+    def __init__(self, message: str, *, instance_id: str | None = None,
+                 status: str | None = None, at: float = 0.0, reason: str = "") -> None:
+        super().__init__(message, instance_id=instance_id, status=status)
+        self.at = at
+        self.reason = reason
+
+    def again(self) -> InstanceLost:
+        """The same error, new (to raise once more, from the use that met it)."""
+        return InstanceLost(str(self), instance_id=self.instance_id, status=self.status,
+                            at=self.at, reason=self.reason)
 
 
 class InstanceTimeout(InstanceError):

@@ -35,12 +35,14 @@ from .ending import end
 from .errors import (
     InstanceError,
     InstanceFailed,
+    InstanceLost,
     InstanceNotFound,
     MalformedResponse,
     RerobotsError,
     SSHConnectError,
 )
 from .fleet import Aborted, end_all, start_all
+from .leasewatch import LeaseWatch
 from .options import ConstructorKeywords, InstanceOptions
 from .outcome import ENDED_OUTCOMES, Outcome
 from .renting import FailedRental, Keepalive, Renter
@@ -194,6 +196,9 @@ class Instance:
     #: fails at once; another one shows what to say in the progress line.
     held_here: Callable[[Instance, Sequence[str]], tuple[str, bool] | None] | None = field(
         default=None, repr=False)
+    #: The deployments to avoid while others of the type can serve (the checkout's
+    #: health record, :mod:`.health`); a pinned deployment is rented all the same.
+    unhealthy: Callable[[], Sequence[str]] | None = field(default=None, repr=False)
     #: Who holds it, and for how long (for the run's board and its messages).
     holder: Holder | None = field(default=None, repr=False)
     sleep: retry.Sleep = field(default=time.sleep, repr=False)
@@ -237,7 +242,10 @@ class Instance:
     #: How many times its connection was used (commands, transfers, ``ssh``/``sftp``).
     uses: int = field(default=0, init=False, repr=False)
     _connection: ssh.Connection | None = field(default=None, init=False, repr=False)
+    #: Why it was lost while held (the lease watch), if it was: every use raises it.
+    lost: InstanceLost | None = field(default=None, init=False, repr=False)
     _keepalive: Keepalive = field(init=False, repr=False)
+    _watch: LeaseWatch | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _started: float = field(default=0.0, init=False, repr=False)
     _up: bool = field(default=False, init=False, repr=False)
@@ -340,6 +348,7 @@ class Instance:
         self._open_firewall()
         if self.options.connect:
             self._connect()
+        self._start_watch()
 
     def _attach(self, ident: str) -> None:
         """Use an instance another process rented (``existing``): log in with the key
@@ -354,6 +363,7 @@ class Instance:
             if self.pkey is None:
                 self.pkey = _private_key(self.client.instance_sshkey(ident))
             self._connect()
+        self._start_watch()
 
     def _attach_kept(self, record: Mapping[str, Any]) -> None:
         """Use an instance an earlier run kept: one ``GET /instance`` (it must be READY),
@@ -394,6 +404,51 @@ class Instance:
             raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
                                  instance_id=ident, status=self.status)
         self.reused = True
+        self._start_watch()
+
+    # -- the lease watch (pytest_rerobots.leasewatch) -------------------------
+
+    def _start_watch(self) -> None:
+        if self._watch is None:
+            self._watch = LeaseWatch(self, self.options.watch_interval)
+            self._watch.start()
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+
+    def _diagnose(self) -> None:
+        """Its connection broke under a use: ask the service at once whether it ended the
+        robot (one ``GET /instance``), so that the use fails naming that."""
+        watch = self._watch
+        if watch is not None and self.lost is None and not self.ending:
+            lost = watch.check_api()
+            if lost is not None:
+                self.lose(lost)
+
+    @property
+    def ending(self) -> bool:
+        """Whether this process is ending (or has ended) it: not a loss."""
+        return self._ending or self.outcome is not None
+
+    @property
+    def current_connection(self) -> ssh.Connection | None:
+        """Its SSH connection, if any, without counting a use."""
+        return self._connection
+
+    def lose(self, error: InstanceLost) -> None:
+        """It is lost while held (the lease watch saw it): remember why, cut its
+        connection so that what is in flight fails now with ``error``, and tell the
+        listeners (``lost``). It is still ended as usual (a partitioned host's instance
+        is still live on the service)."""
+        if self.lost is not None or self.ending:
+            return
+        self.lost = error
+        log.warning("rerobots: %s", error)
+        conn = self._connection
+        if conn is not None:
+            conn.mark_lost(error)
+        self._emit("lost", error)  # (an optional event: listeners may have no ``lost``)
 
     def _attach_ahead(self, record: Mapping[str, Any]) -> None:
         """Use an instance rented ahead of this run (``pytest --rerobots-rent-ahead``),
@@ -456,6 +511,7 @@ class Instance:
                 deadline=self.options.connect_timeout, sleep=self._nap,
             )
         except SSHConnectError as exc:
+            self._emit("unreachable")  # (an optional event: the health record's)
             hint = firewall_hint(self.options.allow, _source_address(self.host, self.port))
             if hint is None:
                 raise
@@ -466,6 +522,7 @@ class Instance:
         """A connection on ``client`` that records to the run's transcript, with the
         default command timeout."""
         conn = ssh.Connection(client)
+        conn.diagnose = self._diagnose
         conn.transcript = self.transcript
         conn.label = self.where
         conn.command_timeout = self.options.command_timeout
@@ -482,6 +539,8 @@ class Instance:
     def ensure_connected(self) -> None:
         """Reconnect if the SSH connection was lost (e.g. a test closed it or the host
         dropped it), so the next user of a shared instance gets a live one."""
+        if self.lost is not None:
+            raise self.lost.again()
         if not self.options.connect or self.host is None or self.outcome is not None:
             return
         conn = self._connection
@@ -568,7 +627,8 @@ class Instance:
             if self.outcome is not None or self._ending:
                 return False
             self._ending = True
-            return True
+        self._stop_watch()  # our own end is no loss
+        return True
 
     def _close_connection(self) -> None:
         conn, self._connection = self._connection, None

@@ -24,6 +24,7 @@ from typing import Any
 
 from .client import RerobotsClient
 from .errors import ConfigurationError, RerobotsError
+from .health import AVOID_FOR, Health
 from .settings import Settings
 from .textsafe import commands_stopped, one_line
 from .wire import epoch
@@ -216,6 +217,23 @@ def render(found: Listing, *, has_token: bool, wtype: str | None = None,
     return lines
 
 
+def health_lines(recent: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """This checkout's health record (:mod:`.health`): each deployment's recent troubles,
+    and whether rentals of its type avoid it now."""
+    if not recent:
+        return ["", "deployment health (this checkout): no trouble recorded"]
+    now = time.time()
+    lines = ["", "deployment health (this checkout, last 24 h; rentals avoid a deployment "
+                 f"for {AVOID_FOR / 3600:g} h after trouble):"]
+    for deployment, entries in sorted(recent.items()):
+        last = max(float(e.get("at", 0)) for e in entries)
+        avoided = "avoided now" if now - last < AVOID_FOR else "not avoided"
+        lines += textwrap.wrap(one_line(f"{deployment[:8]}: {Health.describe(entries)} "
+                                        f"({avoided})"), WIDTH, subsequent_indent="  ")
+    lines.append("(pytest --rerobots-sweep forgets it)")
+    return lines
+
+
 @contextmanager
 def _client(settings: Settings) -> Iterator[tuple[RerobotsClient, str]]:
     """The API to list: the configured one, or an embedded simulator under ``sim``."""
@@ -261,6 +279,9 @@ def main(settings: Settings, out: Callable[[str], Any] = print) -> int:
         lines = render(found, has_token=api.has_token, wtype=settings.wtype,
                        wtype_source=settings.sources.get("wtype", ""),
                        kept=kept_here(settings.ledger) if not settings.sim else None)
+        if settings.ledger is not None:
+            origin = mode if mode == "embedded simulator" else api.api_url
+            lines += health_lines(Health(settings.ledger.parent, origin).recent())
         # The API's strings start lines here (a type, a wrapped list of types or error
         # text) or sit inside them: under GitHub Actions, the runner must act on none.
         with commands_stopped(out):

@@ -238,11 +238,17 @@ class Process:
                     before = self._buffer[:found.start()]
                     self._buffer = self._buffer[found.end():]
                     return Match(k, patterns[k], found, before)
+                if self._eof and self._conn.lost is None:
+                    self._conn._check_lost(EOFError())  # a broken connection: diagnosed
+                if self._conn.lost is not None:
+                    # The robot is lost (lease watch): infrastructure, not the product.
+                    raise self._conn.lost.again()
                 if self._eof:
                     raise self._expect_error(ExpectEOF, patterns, timeout)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise self._expect_error(ExpectTimeout, patterns, timeout)
+                # Woken by the reader at EOF, which a lost robot's cut transport brings.
                 self._cond.wait(remaining)
 
     def _expect_error(self, cls: type[ExpectTimeout],
@@ -271,9 +277,13 @@ class Process:
     def send(self, data: str | bytes) -> None:
         """Write ``data`` to the process's stdin (its terminal, with a pty)."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
+        if self._conn.lost is not None:
+            raise self._conn.lost.again()
         try:
             self._chan.sendall(raw)
         except (OSError, EOFError, paramiko.SSHException) as exc:
+            if self._conn.lost is not None:
+                raise self._conn.lost.again() from exc
             raise SSHError(f"cannot write to {self.command!r}: {exc or 'closed'}") from exc
 
     def sendline(self, line: str | bytes = "") -> None:

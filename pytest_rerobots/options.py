@@ -43,6 +43,8 @@ class InstanceOptions:
     terminate_timeout: float = 120.0
     #: The timeout of a ``run`` that names none; ``None`` waits for ever.
     command_timeout: float | None = DEFAULTS["command_timeout"]
+    #: Seconds between the lease watch's checks of a held robot (0: no watch).
+    watch_interval: float = DEFAULTS["watch_interval"]
     connect: bool = True
     fast_polling: bool = False
 

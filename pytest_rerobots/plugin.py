@@ -406,6 +406,9 @@ class RerobotsPlugin:
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
             token_source=("the embedded simulator" if self.mode == "embedded simulator"
                           else s.sources.get("token")),
+            # The health record of deployments (health.py), the embedded simulator's too.
+            health_dir=s.ledger.parent if s.ledger is not None and not s.sweep else None,
+            health_origin=self.mode if self.mode == "embedded simulator" else None,
             # The defaults of every instance: the settings the table marks so, and how
             # often to poll (every 50 ms on the embedded simulator).
             **s.instance_options(), fast_polling=self.mode == "embedded simulator",
@@ -734,6 +737,84 @@ class RerobotsPlugin:
             rep.rerobots_infrastructure = True  # type: ignore[attr-defined]
             rep.sections.append(("rerobots", "infrastructure trouble, not a test failure: "
                                  f"{type(call.excinfo.value).__name__}"))
+        if rep.failed and rep.when in ("setup", "call") and self._on_robot(item):
+            self._label_failure(item, rep, call)
+
+    def _on_robot(self, item: pytest.Item) -> bool:
+        """Whether ``item`` uses a robot: a fixture of ours that rents, or one it got."""
+        names = getattr(item, "fixturenames", ())
+        return bool(self._given) or any(n in _RENTING_FIXTURES for n in names)
+
+    def _label_failure(self, item: pytest.Item, rep: pytest.TestReport,
+                       call: pytest.CallInfo[None]) -> None:
+        """Record which kind of failure this is: infrastructure trouble or the product
+        (``rerobots_failure``: on the report, which travels to the xdist controller, and a
+        JUnit property of the test case), and annotate infrastructure trouble."""
+        exc = call.excinfo.value if call.excinfo is not None else None
+        kind = "infrastructure" if exc is not None and is_infrastructure(exc) else "product"
+        rep.rerobots_failure = kind  # type: ignore[attr-defined]
+        item.user_properties[:] = [p for p in item.user_properties
+                                   if p[0] != "rerobots_failure"]
+        item.user_properties.append(("rerobots_failure", kind))
+        if kind == "infrastructure" and rep.when == "call" and exc is not None \
+                and in_github_actions():
+            rep.rerobots_annotation = plugin_report.failure_annotation(  # type: ignore[attr-defined]
+                item, rep.when, exc)
+
+    # -- reruns of infrastructure trouble (--rerobots-reruns) -------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None
+                                ) -> bool | None:
+        """With ``--rerobots-reruns N``: run a test on a robot again, up to N times, while it
+        ends in infrastructure trouble; a product failure is never rerun. An attempt that
+        is rerun is reported as ``rerun`` (R), as pytest-rerunfailures does; its error is
+        kept as the JUnit property ``rerobots_rerun_<n>``."""
+        reruns = self.settings.reruns
+        if reruns <= 0 or not self._on_robot(item):
+            return None
+        from _pytest.runner import runtestprotocol
+
+        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+        for attempt in range(reruns + 1):
+            reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            trouble = next((r for r in reports if r.failed and getattr(
+                r, "rerobots_failure", None) == "infrastructure"), None)
+            if trouble is None or attempt == reruns:
+                for rep in reports:
+                    item.ihook.pytest_runtest_logreport(report=rep)
+                break
+            for rep in reports:
+                if rep is trouble:
+                    rep.outcome = "rerun"  # type: ignore[assignment]
+                    item.ihook.pytest_runtest_logreport(report=rep)
+                    break
+                item.ihook.pytest_runtest_logreport(report=rep)
+            self._prepare_rerun(item, attempt + 1, trouble)
+        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+        return True
+
+    def _prepare_rerun(self, item: pytest.Item, attempt: int, trouble: pytest.TestReport
+                       ) -> None:
+        """Keep the attempt's error for JUnit, and start the test afresh: its fixtures set
+        up again, failed starts forgotten (a lost robot is dropped by the pool itself)."""
+        crash = getattr(trouble.longrepr, "reprcrash", None)
+        message = getattr(crash, "message", None) or str(trouble.longrepr).splitlines()[-1:]
+        item.user_properties[:] = [p for p in item.user_properties
+                                   if p[0] != "rerobots_failure"]
+        item.user_properties.append((f"rerobots_rerun_{attempt}", str(message)))
+        if self._run is not None:
+            self._run.forget_failures()
+        self._given = []
+        fixtureinfo = getattr(item, "_fixtureinfo", None)
+        for defs in (fixtureinfo.name2fixturedefs.values() if fixtureinfo else ()):
+            for fixturedef in defs:
+                cached = getattr(fixturedef, "cached_result", None)
+                if cached is not None and cached[2] is not None:  # failed: set up again
+                    fixturedef.cached_result = None
+        init = getattr(item, "_initrequest", None)
+        if callable(init):
+            init()
 
     def _note_costs(self, item: pytest.Item, call: pytest.CallInfo[None],
                     rep: pytest.TestReport) -> None:
@@ -835,8 +916,15 @@ class RerobotsPlugin:
                                  ) -> tuple[str, str, str] | None:
         # A plain word, not (word, markup): pytest before 8.3 prints the pair's repr in
         # its short summary. The report failed, so pytest colours the word red anyway.
+        if report.outcome == "rerun":
+            return "rerun", "R", "RERUN"
+        kind = getattr(report, "rerobots_failure", None)
         if report.when == "call" and getattr(report, "rerobots_infrastructure", False):
-            return "error", "E", "ERROR"
+            return "error", "E", "ERROR (infrastructure)"
+        if report.when == "setup" and report.failed and kind == "infrastructure":
+            return "error", "E", "ERROR (infrastructure)"
+        if report.when == "call" and report.failed and kind == "product":
+            return "failed", "F", "FAILED (product)"
         return None
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
@@ -922,6 +1010,10 @@ def _never_runs(item: pytest.Item) -> bool:
         return False
     return xfailed is not None and not xfailed.run
 
+
+#: The fixtures through which a test rents (a failure of such a test gets a kind).
+_RENTING_FIXTURES = frozenset({"rerobots_instance", "rerobots_ssh", "rerobots_sftp",
+                               "rerobots_acquire", "rerobots_host", "rerobots_run"})
 
 #: The fixtures that hand a test the pooled instance.
 _NEEDS_INSTANCE = frozenset({"rerobots_instance", "rerobots_ssh", "rerobots_sftp"})

@@ -217,6 +217,20 @@ def setup_error_annotation(item: pytest.Item, exc: BaseException) -> str:
             f"title={_command_property(title)}::{_command_data(chr(10).join(message))}")
 
 
+#: The two kinds of a test that fails on a robot (JUnit property ``rerobots_failure``).
+FAILURE_KINDS = ("infrastructure", "product")
+
+
+def failure_annotation(item: pytest.Item, when: str, exc: BaseException) -> str:
+    """The ``::error`` workflow command for a test that ended in infrastructure trouble
+    (its robot lost, SSH, the API): at the test's line, saying it is not the product."""
+    path, lineno, _ = item.location
+    message = f"{type(exc).__name__}: {exc}".splitlines()[:ANNOTATION_LINES]
+    title = (f"rerobots: infrastructure trouble, not the product ({when}) in {item.name}")
+    return (f"::error file={_command_property(path)},line={(lineno or 0) + 1},"
+            f"title={_command_property(title)}::{_command_data(chr(10).join(message))}")
+
+
 def annotate(config: pytest.Config, command: str) -> None:
     """Print a workflow command on a line of its own, outside any capture."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
@@ -279,6 +293,8 @@ def _ended(instance: Instance) -> str:
         notes.append(f"for {purpose(instance.keep_for)}")
     if instance.reused:
         notes.append("reused")
+    if instance.lost is not None:
+        notes.append(f"lost: {instance.lost.reason}")
     return f"{instance.outcome} ({'; '.join(notes)})" if notes else str(instance.outcome)
 
 
@@ -323,6 +339,9 @@ class Tally:
     failed_names: tuple[str, ...] = ()
     errored_names: tuple[str, ...] = ()
     extra: Mapping[str, int] = field(default_factory=dict)
+    #: Tests that failed on a robot, by kind (``rerobots_failure``): infrastructure
+    #: trouble and product failures.
+    kinds: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, stats: Mapping[str, Sequence[Any]]) -> Tally:
@@ -333,16 +352,26 @@ class Tally:
 
         counted = ("passed", "failed", "error", "skipped")
         extra = {k: len(v) for k, v in stats.items()
-                 if k in ("xfailed", "xpassed", "deselected") and v}
+                 if k in ("xfailed", "xpassed", "deselected", "rerun") and v}
+        kinds: dict[str, int] = {}
+        for key in ("failed", "error"):
+            for rep in stats.get(key, ()):
+                kind = getattr(rep, "rerobots_failure", None)
+                if isinstance(kind, str):
+                    kinds[kind] = kinds.get(kind, 0) + 1
         return cls(len(stats.get("passed", ())), len(stats.get("failed", ())),
                    len(stats.get("error", ())), len(stats.get("skipped", ())),
-                   names(counted[1]), names(counted[2]), extra)
+                   names(counted[1]), names(counted[2]), extra, kinds)
 
     @property
     def line(self) -> str:
         parts = [f"{self.passed} passed", f"{self.failed} failed", f"{self.errors} errors",
                  f"{self.skipped} skipped", *(f"{n} {k}" for k, n in self.extra.items())]
-        return ", ".join(parts)
+        line = ", ".join(parts)
+        if self.kinds:
+            line += " (on robots: " + ", ".join(
+                f"{self.kinds.get(k, 0)} {k}" for k in FAILURE_KINDS) + ")"
+        return line
 
 
 def github_step_summary(records: Records, tally: Tally | None = None, *,

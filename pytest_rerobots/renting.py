@@ -277,6 +277,21 @@ class Renter:
     def _rent(self, avoid: Sequence[str] = ()) -> None:
         inst = self.inst
         wds = self._others_than(avoid) if avoid and inst.deployment is None else None
+        healthy = (self._healthy(avoid)
+                   if inst.deployment is None and inst.unhealthy is not None else None)
+        if healthy:
+            # The healthy deployments first; if they are all busy, any (no wait for them).
+            try:
+                first = self._new(self.target, wds=healthy)
+            except BusyWorkspaceDeployment:
+                log.info("rerobots: %s: the deployments without recent trouble are busy; "
+                         "renting any", self.label)
+            else:
+                if first.success:
+                    self._rented(first.id)
+                else:
+                    self._follow_reservation(first.id, inst.deployment or "")
+                return
         try:
             answer: NewInstance | None = self._new(self.target, wds=wds)
         except DeploymentNotFound as missing:
@@ -323,6 +338,25 @@ class Renter:
         info = listing.get("info") or {}
         return [d for d in listing["workspace_deployments"]
                 if isinstance(d, str) and not (info.get(d) or {}).get("lockout")]
+
+    def _healthy(self, avoid: Sequence[str]) -> list[str] | None:
+        """The type's usable deployments without recent trouble (the health record) and
+        not in ``avoid``; None if the record names none of them or none would be left."""
+        assert self.inst.unhealthy is not None
+        try:
+            bad = set(self.inst.unhealthy())
+        except Exception as exc:  # the record is a favour
+            log.warning("rerobots: cannot read the health record: %s", exc)
+            return None
+        if not bad:
+            return None
+        usable = [d for d in self._usable_deployments() if d not in avoid]
+        healthy = [d for d in usable if d not in bad]
+        if not healthy or len(healthy) == len(usable):
+            return None
+        log.info("rerobots: %s: avoiding deployments with recent trouble: %s", self.label,
+                 ", ".join(sorted(d[:8] for d in bad if d in usable)))
+        return healthy
 
     def _others_than(self, avoid: Sequence[str]) -> list[str] | None:
         """The type's usable deployments other than ``avoid``; None if there are none."""

@@ -39,6 +39,7 @@ from .client import RerobotsClient
 from .ending import end_ids
 from .errors import BudgetReached, ConfigurationError, RerobotsError
 from .fleet import end_all, start_all, wait_all
+from .health import Health
 from .instance import ENDED_OUTCOMES, Instance, InstanceListener, InstanceOptions, Outcome
 from .ledger import Ledger
 from .records import Records
@@ -118,6 +119,8 @@ class Run:
         board_dir: str | os.PathLike[str] | None = None,
         token_source: str | None = None,
         budget: float | None = None,
+        health_dir: str | os.PathLike[str] | object | None = _DEFAULT,
+        health_origin: str | None = None,
         **defaults: Any,
     ) -> None:
         self.defaults = InstanceOptions().updated(**defaults)
@@ -144,6 +147,13 @@ class Run:
             self._unprepared = None
         self.ledger = (Ledger(ledger, run_id=self.run_id, api_url=self.client.api_url)
                        if ledger is not None else None)
+        #: The checkout's health record of deployments (:mod:`.health`): beside the ledger
+        #: unless ``health_dir`` says where (None: none), for ``health_origin`` (default:
+        #: the API origin).
+        if health_dir is _DEFAULT:
+            health_dir = self.ledger.path.parent if self.ledger is not None else None
+        self.health = (Health(health_dir, health_origin or self.client.api_url)  # type: ignore[arg-type]
+                       if health_dir is not None else None)
         # REROBOTS_NO_WATCHDOG=1 is undocumented: it leaves layer 3 out so that the
         # project's own tests can show layer 4 (keepalive) working alone.
         self.watchdog: Watchdog | None = None
@@ -215,6 +225,8 @@ class Run:
             worker=self.board.worker if self.board else None, thread=threading.get_ident(),
             test=current_test(), scope=scope))
         settings.setdefault("transcript", self.transcript)
+        if self.health is not None:
+            settings.setdefault("unhealthy", self.health.unhealthy)
         if self.kept is not None:
             settings.setdefault("keep_hook", self._keep)
         if (self.budget is not None and settings.get("existing") is None
@@ -464,7 +476,9 @@ class Run:
             return []
         marked = []
         for inst in instances:
-            if inst.outcome is None and inst.id and inst.existing is None:
+            # (A lost robot is not kept: there is nothing left to log in to.)
+            if inst.outcome is None and inst.id and inst.existing is None \
+                    and inst.lost is None:
                 inst.keep_for = "failure"
                 marked.append(inst)
         return marked
@@ -490,7 +504,8 @@ class Run:
     def _layers(self) -> list[InstanceListener]:
         # The watchdog hears of a new instance before the ledger records it.
         board = [_BoardListener(self)] if self.board is not None else []
-        return [x for x in (self.watchdog, self.ledger, *board) if x is not None]
+        health = [_HealthListener(self.health)] if self.health is not None else []
+        return [x for x in (self.watchdog, self.ledger, *board, *health) if x is not None]
 
     # -- the pool: one instance per key, held until released ------------------
 
@@ -512,6 +527,16 @@ class Run:
         if key in self._failed:
             raise self._failed[key]
         inst = self._pool.get(key)
+        if inst is not None and inst.lost is not None:
+            # Lost while held (the lease watch): dropped from the pool and ended (a
+            # partitioned host's instance still lives on the service); a fresh one follows.
+            log.warning("rerobots: %s was lost (%s); renting a fresh one", inst.where,
+                        inst.lost.reason)
+            try:
+                self.release_many([key])
+            except Exception as exc:  # the records show how its end went
+                log.warning("rerobots: ending lost instance %s failed: %s", inst.id, exc)
+            inst = None
         if inst is not None:
             inst.ensure_connected()
             return inst
@@ -565,6 +590,11 @@ class Run:
         self._pending[key] = (done, abort)
         threading.Thread(target=bring_up, name=f"rerobots-prefetch-{target}",
                          daemon=True).start()
+
+    def forget_failures(self) -> None:
+        """Forget the failed starts on record, so that the next :meth:`hold` of their
+        keys rents again (a rerun of a test after infrastructure trouble)."""
+        self._failed.clear()
 
     def holds(self, key: Hashable) -> bool:
         """Whether ``key`` has an instance held (or on its way), or a failed start on
@@ -641,6 +671,44 @@ class Run:
                 self.watchdog.close()
             self.client.close()
             self.signals.uninstall()
+
+
+class _HealthListener:
+    """Writes each deployment's troubles to the checkout's health record."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def _record(self, deployment: str | None, kind: str, instance: str | None,
+                detail: str = "") -> None:
+        try:
+            self.health.record(deployment, kind, instance, detail=detail)
+        except Exception as exc:  # a record is a favour: never fail a test for it
+            log.warning("rerobots: cannot write the health record: %s", exc)
+
+    def replaced(self, instance: Instance, failed: Any) -> None:
+        self._record(failed.deployment, "failed start", failed.id, failed.status)
+
+    def rented(self, instance: Instance) -> None:
+        pass
+
+    def progress(self, instance: Instance) -> None:
+        pass
+
+    def ended(self, instance: Instance) -> None:
+        pass
+
+    def reserved(self, instance: Instance, reservation: str) -> None:
+        pass
+
+    def unreserved(self, instance: Instance, reservation: str) -> None:
+        pass
+
+    def lost(self, instance: Instance, error: Any) -> None:
+        self._record(instance.deployment, "lost", instance.id, getattr(error, "reason", ""))
+
+    def unreachable(self, instance: Instance) -> None:
+        self._record(instance.deployment, "ssh never answered", instance.id)
 
 
 class _BoardListener:

@@ -344,6 +344,15 @@ OPTIONS: tuple[Option, ...] = (
            "a robot rented ahead (--rerobots-rent-ahead) that no run of this checkout "
            "attaches to is ended after this many minutes (default {default})", in_env=True,
            metavar="MINUTES"),
+    Option("watch_interval", _seconds(0), 5.0,
+           "seconds between checks that a held robot is still usable: its status on the "
+           "service and an SSH probe of its host (default {default}; a robot lost is noticed "
+           "within this, a host that stopped answering within this plus 5 s; 0: no checks)",
+           instance=True),
+    Option("reruns", _count, 0,
+           "run a test that ended in infrastructure trouble (a lost robot, SSH, the API) again "
+           "on a fresh robot, up to this many times; a product failure is never rerun "
+           "(default {default})", in_env=True),
 )
 
 #: Options of the command line only, after the settings: the token's file (read by
@@ -409,6 +418,9 @@ class Settings:
     each_deployment: bool = DEFAULTS["each_deployment"]
     #: Minutes a robot rented ahead waits for a run to attach to it before it is ended.
     rent_ahead_idle: float = DEFAULTS["rent_ahead_idle"]
+    watch_interval: float = DEFAULTS["watch_interval"]
+    #: Reruns of a test that ended in infrastructure trouble (never of a product failure).
+    reruns: int = DEFAULTS["reruns"]
     sources: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property

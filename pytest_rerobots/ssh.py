@@ -31,6 +31,7 @@ import base64
 import binascii
 import contextlib
 import io
+import logging
 import os
 import socket
 import threading
@@ -49,12 +50,15 @@ from .errors import (
     CommandFailed,
     CommandTimeout,
     HostKeyMismatch,
+    InstanceLost,
     LocalFileError,
     RemoteFileError,
     SSHConnectError,
     SSHError,
 )
 from .transcript import Entry, Transcript, tail
+
+log = logging.getLogger(__name__)
 
 # DEFAULT, DEFAULT_COMMAND_TIMEOUT, CommandResult, Timeout and run live in .channel; they
 # are named here too, as the SSH layer's own, for the code that reaches them through it.
@@ -259,6 +263,11 @@ class Connection:
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         self._closed = False
+        #: Why the robot is lost, once the lease watch said so: every use fails with it.
+        self.lost: InstanceLost | None = None
+        #: Asked when the connection breaks under a use: finds out at once whether the
+        #: robot is lost (its instance sets it; it calls :meth:`mark_lost` if so).
+        self.diagnose: Callable[[], None] | None = None
 
     @classmethod
     def open(cls, host: str, port: int, **kwargs: Any) -> Connection:
@@ -294,6 +303,7 @@ class Connection:
         applies. Recorded in ``transcript``, if set."""
         if timeout is DEFAULT:
             timeout = self.command_timeout
+        self._check_lost()
         at, begun = time.time(), time.monotonic()
         try:
             result = run(self._client, command, timeout=timeout, check=check, stdin=stdin,
@@ -304,9 +314,12 @@ class Connection:
         except CommandTimeout as exc:
             self._record(at, "run", command, None, begun, stdout=exc.stdout, stderr=exc.stderr,
                          note=f"timed out after {timeout or 0:g} s")
+            self._check_lost(exc)
             raise
         except SSHError as exc:
-            self._record(at, "run", command, None, begun, note=str(exc))
+            self._record(at, "run", command, None, begun,
+                         note=str(self.lost) if self.lost is not None else str(exc))
+            self._check_lost(exc)
             raise
         self._record_result(at, result)
         return result
@@ -340,10 +353,15 @@ class Connection:
 
     def _transfer(self, kind: str, what: str, remote: str, local: str,
                   move: Callable[[paramiko.SFTPClient], object]) -> None:
+        self._check_lost()
         at, begun = time.time(), time.monotonic()
         on = f" on {self.label}" if self.label else ""
         try:
-            move(self.sftp)
+            try:
+                move(self.sftp)
+            except (OSError, EOFError, SSHError) as exc:
+                self._check_lost(exc)
+                raise
         except (FileNotFoundError, PermissionError) as exc:
             reason = "no such file or directory" if isinstance(exc, FileNotFoundError) \
                 else "permission denied"
@@ -390,6 +408,33 @@ class Connection:
                 at=at, kind=kind, command=command, instance=self.label, status=status,
                 duration=time.monotonic() - begun, stdout=tail(stdout), stderr=tail(stderr),
                 note=note.splitlines()[0] if note else ""))
+
+    def mark_lost(self, error: InstanceLost) -> None:
+        """The robot is lost (``pytest_rerobots.leasewatch``): cut the transport, so that
+        what is in flight (a command, a transfer, an ``expect``) ends now and raises
+        ``error`` rather than waiting for its timeout. :meth:`close` still cleans up."""
+        self.lost = error
+        transport = self._client.get_transport()
+        if transport is not None:
+            transport.close()
+
+    def _check_lost(self, exc: BaseException | None = None) -> None:
+        """Raise the loss (from ``exc``, what it caused), if the robot is lost. A broken
+        connection is diagnosed first: the service may have ended the robot."""
+        if self.lost is None and exc is not None and self.diagnose is not None \
+                and not self.transport_active:
+            try:
+                self.diagnose()
+            except Exception:  # the diagnosis is a favour; the first error stands
+                log.debug("diagnosing a broken connection failed", exc_info=True)
+        if self.lost is not None:
+            raise self.lost.again() from exc
+
+    @property
+    def transport_active(self) -> bool:
+        """Whether the SSH transport is still up."""
+        transport = self._client.get_transport()
+        return transport is not None and transport.is_active()
 
     @property
     def closed(self) -> bool:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from . import keep, safefiles
 from .ending import end_ids
 from .errors import ConfigurationError
+from .health import Health
 from .ledger import Ledger
 from .options import InstanceOptions
 from .outcome import ENDED_OUTCOMES
@@ -71,6 +72,9 @@ def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> i
             store.forget(record["id"])
             write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
                   "its key and known-hosts files removed")
+    forgotten = Health(ledger.path.parent).forget()
+    if forgotten:
+        write(f"rerobots sweep: the health record of {forgotten} deployment(s) forgotten")
     return failed
 
 

@@ -34,6 +34,8 @@ VALUES = {
     "artifacts": ("robot-pictures", "robot-pictures"),
     "budget": ("0.5", 0.5),
     "each_deployment": ("yes", True),
+    "watch_interval": ("2.5", 2.5),
+    "reruns": ("2", 2),
 }
 
 PROBE = """

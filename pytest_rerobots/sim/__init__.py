@@ -305,6 +305,13 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
         """The next ``count`` successful POST /new act but drop the connection unanswered."""
         self.world.injector.lose_new_responses(count)
 
+    def lose_held(self, instance_id: str, kind: str = "terminate") -> None:
+        """Lose a live instance now: ``"terminate"`` (the service ends it, as an ended lease
+        or an admin would), ``"partition"`` (its host stops answering, connections left
+        open) or ``"drop_ssh"`` (its SSH connections are dropped, the host keeps listening).
+        ``[faults] lose_held`` does the same from a catalog, some seconds after READY."""
+        self.world.lose_held(instance_id, kind)
+
     def clear_faults(self) -> None:
         """Turn every injected fault off."""
         self.world.clear_faults()

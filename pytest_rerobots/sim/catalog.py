@@ -40,6 +40,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "ENDPOINT_NAMES",
+    "LOSS_KINDS",
     "OVERRIDE_KEYS",
     "PROFILES",
     "Catalog",
@@ -182,7 +183,18 @@ class Faults:
     stuck_init: float = 0.0
     lose_new_response: float = 0.0
     seed: int | None = None
+    #: A robot lost while held: ``"terminate"`` (the service ends it), ``"partition"``
+    #: (its host stops answering, connections stay open) or ``"drop_ssh"`` (its SSH
+    #: connections are dropped); ``""`` for none. It strikes ``lose_held_after`` seconds
+    #: after READY, the first ``lose_held_count`` instances (0: every one).
+    lose_held: str = ""
+    lose_held_after: float = 1.0
+    lose_held_count: int = 1
     endpoints: dict[str, EndpointFault] = field(default_factory=dict)
+
+
+#: The values of ``[faults] lose_held``: how a held robot is lost.
+LOSS_KINDS = ("terminate", "partition", "drop_ssh")
 
 
 @dataclass(frozen=True)
@@ -321,6 +333,14 @@ def _check_setting(check: _Checker, name: str, value: Any, key: str) -> Any:
         return check.integer(value, key, minimum=1)
     if name == "seed":
         return check.integer(value, key)
+    if name == "lose_held_count":
+        return check.integer(value, key)
+    if name == "lose_held":
+        kind = check.string(value, key, nonempty=False)
+        if kind not in ("", *LOSS_KINDS):
+            raise check.fail(key, f"expected one of {', '.join(LOSS_KINDS)} (or \"\"), "
+                                  f"got {value!r}")
+        return kind
     if OVERRIDE_KEYS[name] == "switches":
         return check.boolean(value, key)
     if name == "rate_window":
@@ -418,7 +438,8 @@ def _deployments(
         if wtype not in types:
             raise check.fail(f"{key}.type", f"no workspace type {wtype!r} in [types] "
                                             "(nor in the built-in catalog)")
-        region = check.string(spec.get("region", "us:cali"), f"{key}.region")
+        # Empty, as a hardshare deployment's is on the real server.
+        region = check.string(spec.get("region", "us:cali"), f"{key}.region", nonempty=False)
         if "id" in spec:
             ident = check.string(spec["id"], f"{key}.id")
             if not _UUID_RE.fullmatch(ident):

@@ -107,11 +107,12 @@ class FaultInjector:
 
     def clear(self) -> None:
         """Turn off the faults held here (endpoint errors and latency, pending failures,
-        404 window, stuck INIT, lost responses)."""
+        404 window, stuck INIT, lost responses, held robots lost)."""
         with self._lock:
             self.settings.endpoints.clear()
             self.settings.not_found_window = 0.0
             self.settings.stuck_init = 0.0
             self.settings.lose_new_response = 0.0
+            self.settings.lose_held = ""
             self._lost_new_responses = 0
             self._forced_failures.clear()

@@ -57,6 +57,16 @@ class HostBackend(Protocol):
         """Stop the host of ``instance_id`` (idempotent)."""
         ...
 
+    def partition_host(self, instance_id: str) -> None:
+        """Make the host of ``instance_id`` stop answering, its connections left open (a
+        network partition): nothing it receives is read, nothing is sent, and a new
+        connection is held silent. Until the host stops."""
+        ...
+
+    def drop_connections(self, instance_id: str) -> None:
+        """Drop every SSH connection of the host of ``instance_id`` (it keeps listening)."""
+        ...
+
     def check(self) -> None:
         """Raise the first unexpected error of the hosts' background work, if any."""
         ...
@@ -97,6 +107,12 @@ class NullHostManager:
 
     def stop_host(self, instance_id: str) -> None:
         """Nothing to stop."""
+
+    def partition_host(self, instance_id: str) -> None:
+        """Nothing answers anyway."""
+
+    def drop_connections(self, instance_id: str) -> None:
+        """No connections to drop."""
 
     def check(self) -> None:
         """Nothing runs in the background."""

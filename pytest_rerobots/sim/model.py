@@ -161,6 +161,10 @@ class SimInstance:
     last_ka: float = 0.0
     terminating_at: float | None = None
     ended_at: float | None = None
+    #: When it became READY (the ``lose_held`` fault counts from there).
+    ready_at: float | None = None
+    #: Whether the ``lose_held`` fault has struck it (once per instance).
+    lost: bool = False
     firewall: list[list[str]] = field(default_factory=list)
     vpn_clients: list[str] = field(default_factory=list)
     host: HostInfo | None = None

@@ -58,7 +58,7 @@ from ..errors import ConfigurationError
 from . import renting
 from .accounts import Accounts
 from .background import Background
-from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
+from .catalog import LOSS_KINDS, OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
 from .ci import CIProjects
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
@@ -189,6 +189,8 @@ class World:
         #: ``POST /terminate`` of an INIT instance ends it instead of refusing (set by
         #: :meth:`.Simulator.terminate_init_at_once` when the run that embeds it ends).
         self.terminate_init = False
+        #: How many instances the ``lose_held`` fault has struck.
+        self.losses = 0
 
     @property
     def faults(self) -> Faults:
@@ -248,8 +250,11 @@ class World:
                     self._end(inst, INIT_FAIL, now)
                 elif not inst.stuck and age >= ready_delay and inst.host_state == "up":
                     inst.status = READY
+                    inst.ready_at = now
                     if self.switches.eurl_on_ready:
                         self._notify(inst, READY)
+            if inst.status == READY and not inst.lost:
+                self._maybe_lose(inst, now)
             if inst.status in ACTIVE:
                 expire_d = inst.options.expire_d
                 if expire_d is not None and now >= inst.created + expire_d:
@@ -261,6 +266,40 @@ class World:
                     and now >= inst.terminating_at + duration_at(timings.terminate_delay,
                                                                  inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
+
+    def _maybe_lose(self, inst: SimInstance, now: float) -> None:
+        """The ``lose_held`` fault: strike a READY instance once it is due."""
+        faults = self.injector.settings
+        if not faults.lose_held or inst.ready_at is None \
+                or now < inst.ready_at + faults.lose_held_after:
+            return
+        if faults.lose_held_count and self.losses >= faults.lose_held_count:
+            return
+        self.losses += 1
+        self._lose(inst, faults.lose_held, now)
+
+    def _lose(self, inst: SimInstance, kind: str, now: float) -> None:
+        inst.lost = True
+        log.info("fault: instance %s lost while held (%s)", inst.id, kind)
+        if kind == "terminate":
+            self._begin_termination(inst, now)
+        elif kind == "partition" and inst.host_state == "up":
+            self.background.defer(partial(self.hosts.partition_host, inst.id))
+        elif kind == "drop_ssh" and inst.host_state == "up":
+            self.background.defer(partial(self.hosts.drop_connections, inst.id))
+
+    def lose_held(self, instance_id: str, kind: str) -> None:
+        """Lose a READY instance now, as ``[faults] lose_held`` would (see
+        :data:`~.catalog.LOSS_KINDS`): the service ends it, its host stops answering with
+        its connections left open, or its SSH connections are dropped."""
+        if kind not in LOSS_KINDS:
+            raise ConfigurationError(f"lose_held: kind must be one of {', '.join(LOSS_KINDS)}, "
+                                     f"got {kind!r}")
+        with self.transaction():
+            inst = self.instances.get(instance_id)
+            if inst is None or inst.status not in ACTIVE:
+                raise ConfigurationError(f"lose_held: no live instance {instance_id}")
+            self._lose(inst, kind, self.clock())
 
     def _serve_reservation(self, deployment: SimDeployment, now: float) -> None:
         """The server's post-termination cleanup: the deployment's first reservation becomes

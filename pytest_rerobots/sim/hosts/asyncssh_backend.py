@@ -114,6 +114,15 @@ class AsyncsshHost(Host):
         for proc in list(self._procs):
             killpg(proc.pid)
 
+    async def _freeze_connections(self) -> None:
+        for conn in list(self._conns):
+            # asyncssh keeps the connection's asyncio transport in ``_transport`` (no
+            # public accessor): reading stops, and whatever would be sent is dropped.
+            transport = getattr(conn, "_transport", None)
+            if transport is not None:
+                transport.pause_reading()
+                transport.write = lambda data: None
+
     async def _stop_server(self) -> None:
         procs = list(self._procs)
         if procs:

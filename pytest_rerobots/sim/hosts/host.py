@@ -101,6 +101,8 @@ class Host:
         self._listener: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._stopping = False
+        #: A network partition (:meth:`partition`): nothing answers, nothing is closed.
+        self.partitioned = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self._socks: set[socket.socket] = set()
 
@@ -116,6 +118,19 @@ class Host:
 
     async def _stop_server(self) -> None:
         raise NotImplementedError
+
+    async def _freeze_connections(self) -> None:
+        raise NotImplementedError
+
+    async def partition(self) -> None:
+        """A network partition until the host stops: its connections stay open but nothing
+        is read from them or sent on them; a new connection is held silent."""
+        self.partitioned = True
+        await self._freeze_connections()
+
+    async def drop_connections(self) -> None:
+        """Drop every SSH connection (and what its sessions run); keep listening."""
+        await self._close_connections()
 
     def argv(self, *command: str) -> list[str]:
         """``command`` as run on this robot: inside its sandbox, if it has one."""
@@ -198,11 +213,11 @@ class Host:
             verdict = await self._ask_firewall(src)
             if self._stopping:
                 sock.close()
+            elif self.partitioned or verdict == "DROP":
+                await self._hold(sock)
             elif verdict == "ACCEPT":
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 await self._serve(sock)
-            elif verdict == "DROP":
-                await self._hold(sock)
             else:
                 reset(sock)
         finally:

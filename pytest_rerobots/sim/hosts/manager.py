@@ -216,6 +216,21 @@ class HostManager:
             del self._hosts[instance_id]
         self._loop.run(host.stop(), timeout=_STOP_TIMEOUT + 5)
 
+    def partition_host(self, instance_id: str) -> None:
+        """Make the host stop answering, its connections left open (see
+        :meth:`.hostproto.HostBackend.partition_host`); unknown ids are ignored."""
+        with self._lock:
+            host = self._hosts.get(instance_id)
+        if host is not None:
+            self._loop.run(host.partition(), timeout=_STOP_TIMEOUT + 5)
+
+    def drop_connections(self, instance_id: str) -> None:
+        """Drop the host's SSH connections; it keeps listening. Unknown ids are ignored."""
+        with self._lock:
+            host = self._hosts.get(instance_id)
+        if host is not None:
+            self._loop.run(host.drop_connections(), timeout=_STOP_TIMEOUT + 5)
+
     def close(self) -> None:
         """Stop every host, then the event loop thread and the firewall workers. Idempotent."""
         with self._lock:

@@ -221,6 +221,14 @@ class OpensshHost(Host):
             killpg(proc.pid, signal.SIGKILL)
         signal_all([pid for pid in children if "sshd" in cmdline(pid)], signal.SIGKILL)
 
+    async def _freeze_connections(self) -> None:
+        # A stopped sshd neither reads nor writes; its socket stays open. Stopping kills
+        # it (SIGKILL works on a stopped process).
+        for proc in list(self._sshds):
+            for pid in (proc.pid, *descendants(proc.pid)):
+                if pid == proc.pid or "sshd" in cmdline(pid):
+                    signal_all([pid], signal.SIGSTOP)
+
     async def _stop_server(self) -> None:
         sshds = list(self._sshds)
         if sshds:
