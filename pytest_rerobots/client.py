@@ -8,8 +8,6 @@ rate-limit pacing from the ``X-RateLimit-*`` headers, and retries (through
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 import math
@@ -26,6 +24,7 @@ import requests.auth
 import urllib3.exceptions
 
 from . import retry
+from .addons import ADDONS, CAMERA_IDS, AddonEndpoints, CameraSnapshot
 from .errors import (
     AddonNotActive,
     AddonUnavailable,
@@ -45,10 +44,11 @@ from .errors import (
     WrongAuthToken,
 )
 from .settings import DEFAULT_API_URL, Secret
-from .wire import epoch, is_uuid
+from .wire import check_id, epoch, error_message, is_uuid
 
-__all__ = ["ADDONS", "DEFAULT_API_URL", "CameraSnapshot", "NewInstance", "RateLimit",
-           "RerobotsClient"]
+# ADDONS, CAMERA_IDS and CameraSnapshot live in .addons; they stay importable from here.
+__all__ = ["ADDONS", "CAMERA_IDS", "DEFAULT_API_URL", "CameraSnapshot", "NewInstance",
+           "RateLimit", "RerobotsClient"]
 
 log = logging.getLogger("pytest_rerobots.client")
 
@@ -69,30 +69,10 @@ _ALREADY_ENDED = ("instance already terminating", "instance already terminated",
 _DEPLOYMENT_MISSING = ("no matching wdeployment found",
                        "no workspace deployment found with given id")
 
-#: The add-ons the server routes (``/addon/<name>/:id``; its ``factory.py``).
-ADDONS = frozenset({"cam", "vnc", "wstcp", "mistyproxy", "vscode", "py", "java", "drive",
-                    "cmd", "cmdsh"})
-#: Camera ids the server accepts in ``/addon/cam/:id/:camera/img``.
-CAMERA_IDS = range(4)
 # 503 messages of the add-ons: not an outage, so not ServerError (and not retried).
 _ADDON_UNAVAILABLE = ("this instance does not support the `",
                       "the add-on `",               # ... on this instance is not streaming yet
                       "add-on `")                   # ... already applied to instance <id>
-
-
-@dataclass(frozen=True)
-class CameraSnapshot:
-    """One picture from an instance's camera add-on: ``data`` is the image's bytes
-    (``format`` names it; the server sends JPEG)."""
-
-    instance_id: str
-    camera: int
-    format: str
-    data: bytes
-
-    def __repr__(self) -> str:
-        return (f"CameraSnapshot(instance_id={self.instance_id!r}, camera={self.camera}, "
-                f"format={self.format!r}, {len(self.data)} bytes)")
 
 
 @dataclass(frozen=True)
@@ -126,25 +106,6 @@ class NewInstance:
                 f"reconciled={self.reconciled})")
 
 
-def check_id(value: Any, what: str) -> str:
-    """``value`` if it is a valid id, else ``MalformedResponse`` naming ``what`` it was."""
-    if not is_uuid(value):
-        raise MalformedResponse(f"{what}: {str(value)[:80]!r} is not an instance id (a UUID)")
-    return str(value)
-
-
-def _message(payload: Any) -> str:
-    """The error string of an API answer, whichever key the endpoint uses."""
-    if isinstance(payload, Mapping):
-        for key in ("error_message", "error", "result_message", "message"):
-            value = payload.get(key)
-            if isinstance(value, str):
-                return value
-    if isinstance(payload, str):
-        return payload
-    return ""
-
-
 def _starts(message: str, prefixes: Iterable[str]) -> bool:
     low = message.lower()
     return any(low.startswith(p) for p in prefixes)
@@ -158,7 +119,7 @@ def classify(status: int, payload: Any, *, empty: bool,
     A 403 with an empty body is rate limiting when the budget is spent (or unknown);
     with budget left it is the deployment's access rules saying no.
     """
-    message = _message(payload)
+    message = error_message(payload)
     if status == 429 or (status == 403 and empty and (remaining is None or remaining <= 0)):
         return RateLimited
     if _starts(message, _AUTH_MESSAGES):
@@ -223,7 +184,7 @@ def _put(params: dict[str, Any], key: str, value: Any) -> None:
         params[key] = value
 
 
-class RerobotsClient:
+class RerobotsClient(AddonEndpoints):
     """A client of the rerobots API.
 
     ``token`` defaults to the environment variable ``REROBOTS_API_TOKEN`` and
@@ -236,7 +197,8 @@ class RerobotsClient:
     Asking what is on offer needs no token: :meth:`workspace_types`, :meth:`deployments`
     (with ``info=True``: type, region and queue length of each) and :meth:`queue_length`.
     With one, :meth:`queue_lengths` gives fresher queue lengths and :meth:`instances`
-    what the user holds.
+    what the user holds. The add-on endpoints (the camera's: :meth:`apply_camera`,
+    :meth:`camera_snapshot`, ...) come from :class:`~pytest_rerobots.addons.AddonEndpoints`.
     """
 
     def __init__(
@@ -382,7 +344,7 @@ class RerobotsClient:
         if status == 200:
             return payload
         cls = classify(status, payload, empty=empty, remaining=_remaining(response.headers))
-        message = _message(payload)
+        message = error_message(payload)
         if status == 403 and empty and cls is APIError:
             message = "forbidden (the deployment's access rules refuse this token)"
         if cls is RateLimited:
@@ -801,88 +763,6 @@ class RerobotsClient:
         payload = self._request("POST", "/ci/new", body={"repo_url": repo_url}, idempotent=False)
         self._expect(payload, "pid", str, "POST /ci/new")
         return dict(payload)
-
-    # -- add-ons --------------------------------------------------------------
-
-    @staticmethod
-    def _addon_path(addon: str, instance_id: str) -> str:
-        if addon not in ADDONS:
-            raise ValueError(f"unknown add-on {addon!r}; the API has {', '.join(sorted(ADDONS))}")
-        return f"/addon/{addon}/{check_id(instance_id, 'a path')}"
-
-    def apply_addon(self, addon: str, instance_id: str,
-                    body: Mapping[str, Any] | None = None) -> None:
-        """``POST /addon/<addon>/:id``: apply an add-on (e.g. ``"cam"``) to an instance.
-
-        Activation takes time on the real service: :meth:`addon_status` says ``starting``
-        until it is ``active``. Applying one already applied is not an error (the server's
-        camera answers 200; other add-ons 503 "already applied", which is taken as done).
-        A deployment without the add-on is :class:`AddonUnavailable`.
-        """
-        path = self._addon_path(addon, instance_id)
-        try:
-            self._request("POST", path, body=dict(body) if body else None)
-        except AddonUnavailable as exc:
-            if "already applied" not in exc.message:
-                raise
-
-    def addon_status(self, addon: str, instance_id: str) -> dict[str, Any]:
-        """``GET /addon/<addon>/:id``: ``{"status": "starting|active|stopping", ...}`` (the
-        camera adds ``remote_user``); :class:`AddonNotActive` when it is not applied."""
-        path = self._addon_path(addon, instance_id)
-        payload = self._request("GET", path)
-        self._expect(payload, "status", str, f"GET /addon/{addon}")
-        return dict(payload)
-
-    def remove_addon(self, addon: str, instance_id: str) -> bool:
-        """``DELETE /addon/<addon>/:id``: remove an add-on. False if it was not applied."""
-        try:
-            self._request("DELETE", self._addon_path(addon, instance_id))
-        except AddonNotActive:
-            return False
-        return True
-
-    def apply_camera(self, instance_id: str) -> None:
-        """``POST /addon/cam/:id``: turn on the instance's cameras (see :meth:`apply_addon`)."""
-        self.apply_addon("cam", instance_id)
-
-    def camera_status(self, instance_id: str) -> str:
-        """``GET /addon/cam/:id``'s status: ``starting``, ``active`` or ``stopping``;
-        :class:`AddonNotActive` when the camera add-on is not applied."""
-        return str(self.addon_status("cam", instance_id)["status"])
-
-    def remove_camera(self, instance_id: str) -> bool:
-        """``DELETE /addon/cam/:id``; False if the camera add-on was not applied."""
-        return self.remove_addon("cam", instance_id)
-
-    def camera_snapshot(self, instance_id: str, camera: int = 0) -> CameraSnapshot:
-        """``GET /addon/cam/:id/:camera/img``: one picture from camera ``camera`` (0 to 3).
-
-        :class:`AddonNotActive` when the add-on is not applied; :class:`AddonUnavailable`
-        while it is starting or when the camera has no image (``{"success": false}``).
-        """
-        if camera not in CAMERA_IDS:
-            raise ValueError(f"camera must be 0 to 3, not {camera!r}")
-        path = f"{self._addon_path('cam', instance_id)}/{camera}/img"
-        payload = self._request("GET", path)
-        what = f"GET /addon/cam/:id/{camera}/img"
-        if not isinstance(payload, Mapping) or not isinstance(payload.get("success"), bool):
-            raise MalformedResponse(f"{what}: expected 'success', got {payload!r}"[:400])
-        if not payload["success"]:
-            raise AddonUnavailable(_message(payload) or "no image", status=200,
-                                   payload=payload, method="GET", path=path)
-        data = self._expect(payload, "data", str, what)
-        fmt = payload.get("format")
-        if payload.get("coding") != "base64" or not isinstance(fmt, str):
-            raise MalformedResponse(f"{what}: expected format and coding base64, got "
-                                    f"{payload.get('format')!r}, {payload.get('coding')!r}")
-        try:
-            image = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise MalformedResponse(f"{what}: data is not base64") from None
-        if not image:
-            raise MalformedResponse(f"{what}: the image is empty")
-        return CameraSnapshot(instance_id, camera, fmt, image)
 
 
 def _header_number(headers: Mapping[str, str], name: str) -> float | None:

@@ -1,17 +1,22 @@
-"""What the API's values look like: its ids and its timestamps, read one way everywhere.
+"""What the API's values look like: its ids, its timestamps and its error strings, read
+one way everywhere.
 
-Pure functions at the bottom of the package (they import nothing of ours), used by the
-client, the renting code, the listing and the kept-instance store.
+Pure functions near the bottom of the package (they import nothing of ours but the
+errors), used by the client and its add-on endpoints, the renting code, the listing and
+the kept-instance store.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["epoch", "is_uuid"]
+from .errors import MalformedResponse
+
+__all__ = ["check_id", "epoch", "error_message", "is_uuid"]
 
 
 def is_uuid(value: Any) -> bool:
@@ -24,6 +29,25 @@ def is_uuid(value: Any) -> bool:
         return str(uuid.UUID(value)) == value.lower()
     except ValueError:
         return False
+
+
+def check_id(value: Any, what: str) -> str:
+    """``value`` if it is a valid id, else ``MalformedResponse`` naming ``what`` it was."""
+    if not is_uuid(value):
+        raise MalformedResponse(f"{what}: {str(value)[:80]!r} is not an instance id (a UUID)")
+    return str(value)
+
+
+def error_message(payload: Any) -> str:
+    """The error string of an API answer, whichever key the endpoint uses."""
+    if isinstance(payload, Mapping):
+        for key in ("error_message", "error", "result_message", "message"):
+            value = payload.get(key)
+            if isinstance(value, str):
+                return value
+    if isinstance(payload, str):
+        return payload
+    return ""
 
 
 def epoch(stamp: Any) -> float:
