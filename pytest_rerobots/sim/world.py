@@ -25,8 +25,10 @@ exist yet), so a second POST /new there succeeds too, and the later instance end
 The world holds the other parts of the service as objects of their own: the users, tokens
 and rate windows (:class:`~.accounts.Accounts`), the injected faults
 (:class:`~.faults.FaultInjector`), the eurl notifications (:class:`~.eurl.EventSender`), the
-SSH hosts (a :class:`~.hostproto.HostBackend`), the CI projects (:class:`~.ci.CIProjects`) and
-the work done off the lock (:class:`~.background.Background`).
+SSH hosts (a :class:`~.hostproto.HostBackend`, started and stopped by
+:class:`~.hostwork.HostWork`), the held-robot losses (:class:`~.losses.HeldLosses`), the CI
+projects (:class:`~.ci.CIProjects`) and the work done off the lock
+(:class:`~.background.Background`).
 
 Operations that the API exposes return model objects or plain data, and raise
 :class:`~.model.Refusal` with the status and error message the real server answers with;
@@ -58,11 +60,13 @@ from ..errors import ConfigurationError
 from . import renting
 from .accounts import Accounts
 from .background import Background
-from .catalog import LOSS_KINDS, OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
+from .catalog import OVERRIDE_KEYS, Catalog, Faults, check_setting, duration_at
 from .ci import CIProjects
 from .eurl import EventSender, event_payload
 from .faults import FaultInjector
 from .hostproto import HostBackend, NullHostManager
+from .hostwork import HostWork
+from .losses import HeldLosses
 from .model import (
     ACTIVE,
     HOLDING,
@@ -189,8 +193,17 @@ class World:
         #: ``POST /terminate`` of an INIT instance ends it instead of refusing (set by
         #: :meth:`.Simulator.terminate_init_at_once` when the run that embeds it ends).
         self.terminate_init = False
-        #: How many instances the ``lose_held`` fault has struck.
-        self.losses = 0
+        self._losses = HeldLosses(self)
+        self._hostwork = HostWork(self)
+
+    @property
+    def losses(self) -> int:
+        """How many instances the ``lose_held`` fault has struck."""
+        return self._losses.count
+
+    @losses.setter
+    def losses(self, count: int) -> None:
+        self._losses.count = count
 
     @property
     def faults(self) -> Faults:
@@ -254,7 +267,7 @@ class World:
                     if self.switches.eurl_on_ready:
                         self._notify(inst, READY)
             if inst.status == READY and not inst.lost:
-                self._maybe_lose(inst, now)
+                self._losses.maybe_lose(inst, now)
             if inst.status in ACTIVE:
                 expire_d = inst.options.expire_d
                 if expire_d is not None and now >= inst.created + expire_d:
@@ -267,39 +280,11 @@ class World:
                                                                  inst.terminate_draw)):
                 self._end(inst, TERMINATED, now)
 
-    def _maybe_lose(self, inst: SimInstance, now: float) -> None:
-        """The ``lose_held`` fault: strike a READY instance once it is due."""
-        faults = self.injector.settings
-        if not faults.lose_held or inst.ready_at is None \
-                or now < inst.ready_at + faults.lose_held_after:
-            return
-        if faults.lose_held_count and self.losses >= faults.lose_held_count:
-            return
-        self.losses += 1
-        self._lose(inst, faults.lose_held, now)
-
-    def _lose(self, inst: SimInstance, kind: str, now: float) -> None:
-        inst.lost = True
-        log.info("fault: instance %s lost while held (%s)", inst.id, kind)
-        if kind == "terminate":
-            self._begin_termination(inst, now)
-        elif kind == "partition" and inst.host_state == "up":
-            self.background.defer(partial(self.hosts.partition_host, inst.id))
-        elif kind == "drop_ssh" and inst.host_state == "up":
-            self.background.defer(partial(self.hosts.drop_connections, inst.id))
-
     def lose_held(self, instance_id: str, kind: str) -> None:
         """Lose a READY instance now, as ``[faults] lose_held`` would (see
         :data:`~.catalog.LOSS_KINDS`): the service ends it, its host stops answering with
         its connections left open, or its SSH connections are dropped."""
-        if kind not in LOSS_KINDS:
-            raise ConfigurationError(f"lose_held: kind must be one of {', '.join(LOSS_KINDS)}, "
-                                     f"got {kind!r}")
-        with self.transaction():
-            inst = self.instances.get(instance_id)
-            if inst is None or inst.status not in ACTIVE:
-                raise ConfigurationError(f"lose_held: no live instance {instance_id}")
-            self._lose(inst, kind, self.clock())
+        self._losses.lose_held(instance_id, kind)
 
     def _serve_reservation(self, deployment: SimDeployment, now: float) -> None:
         """The server's post-termination cleanup: the deployment's first reservation becomes
@@ -320,78 +305,18 @@ class World:
     def _begin_termination(self, inst: SimInstance, now: float) -> None:
         inst.status = TERMINATING
         inst.terminating_at = now
-        self._stop_host(inst)
+        self._hostwork.stop(inst)
 
     def _end(self, inst: SimInstance, status: str, now: float) -> None:
         inst.status = status
         inst.ended_at = now
-        self._stop_host(inst)
+        self._hostwork.stop(inst)
         self._notify(inst, status)
         if status == TERMINATED:
             inst.deployment.icounter += 1
             self._serve_reservation(inst.deployment, now)
 
     # ------------------------------------------------------------------ hosts
-
-    def _stop_host(self, inst: SimInstance) -> None:
-        # A host still starting is stopped by _start_host once it is up. A running one is
-        # stopped by a host worker, after the request that ended it has been answered (the
-        # server answers POST /terminate at once and finishes in the background); the
-        # instance reaches TERMINATED only once its host is down.
-        if inst.host_state == "up":
-            inst.host_state = "stopping"
-            self.background.offload(partial(self._stop_host_now, inst.id))
-
-    def _stop_host_now(self, instance_id: str) -> None:
-        try:
-            self.hosts.stop_host(instance_id)
-        finally:
-            with self.transaction():
-                inst = self.instances.get(instance_id)
-                if inst is not None and inst.host_state == "stopping":
-                    inst.host_state = "stopped"
-                self._advance(self.clock())  # TERMINATED may be due now
-
-    def _queue_host_start(self, inst: SimInstance) -> None:
-        inst.host_state = "starting"
-        work = partial(self._start_host, inst.id)
-        if self.hosts.instant:
-            self.background.defer(work)
-        else:
-            self.background.offload(work)
-
-    def _start_host(self, instance_id: str) -> None:
-        with self.lock:
-            inst = self.instances.get(instance_id)
-            if inst is None or inst.host_state != "starting":
-                return
-            keys = [inst.public_key]
-            if inst.options.sshkey:
-                keys.append(inst.options.sshkey)
-            spec = inst.deployment.spec
-        try:
-            info = self.hosts.start_host(
-                instance_id,
-                authorized_keys=keys,
-                firewall=partial(self.firewall_action, instance_id),
-                files=dict(spec.files),
-                commands=list(spec.commands),
-                devices=dict(spec.devices),
-            )
-        except Exception as exc:
-            log.warning("host of instance %s failed to start: %r", instance_id, exc)
-            with self.lock:
-                inst.host_state = "failed"
-            self.tick()
-            return
-        with self.lock:
-            inst.host = info
-            still_wanted = inst.status == INIT and not self.background.stopping
-            inst.host_state = "up" if still_wanted else "stopped"
-        if not still_wanted:
-            self.hosts.stop_host(instance_id)
-        # READY may be due already (the usual case for a short ready_delay).
-        self.tick()
 
     def firewall_action(self, instance_id: str, src_ip: str) -> str:
         """What the instance's firewall does with a connection from ``src_ip`` right now."""
@@ -658,7 +583,7 @@ class World:
         self.instances[inst.id] = inst
         self._notify(inst, INIT)
         if not stuck and not will_fail:
-            self._queue_host_start(inst)
+            self._hostwork.queue_start(inst)
         return inst
 
     # ------------------------------------------------------------------ instances
