@@ -10,14 +10,16 @@ any step fails after ``POST /new`` answered, the instance is terminated before
 the error propagates (Ctrl-C included). ``__exit__`` and :meth:`terminate`
 are idempotent.
 
-The instance holds its state, starts and ends, attaches to an instance rented
-elsewhere (or kept by an earlier run), and fronts its SSH connection. Renting it
+The instance holds its state, starts and ends, and fronts its SSH connection. Renting it
 (queues, reservations, failed starts, a lost ``POST /new``, keepalive, the READY
-wait) is :mod:`.renting`'s; starting and ending several at once, :mod:`.fleet`'s.
+wait) is :mod:`.renting`'s; attaching to one rented elsewhere, kept by an earlier run or
+rented ahead, :mod:`.attaching`'s; what a loss while held does, the lease watch's
+(:mod:`.leasewatch`); starting and ending several at once, :mod:`.fleet`'s.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import socket
@@ -29,15 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import paramiko
 
-from . import retry, ssh
+from . import attaching, leasewatch, retry, ssh
 from .board import Holder
 from .ending import end
 from .errors import (
-    InstanceError,
-    InstanceFailed,
     InstanceLost,
-    InstanceNotFound,
-    MalformedResponse,
     RerobotsError,
     SSHConnectError,
 )
@@ -79,23 +77,6 @@ log = logging.getLogger("pytest_rerobots.instance")
 #: ``Instance`` keywords that are not options (see :meth:`Instance.build`): its constructor's
 #: fields less those ``build`` passes itself, read at first use (``Instance`` is below).
 _OWN_KEYWORDS = ConstructorKeywords(lambda: Instance, exclude=("client", "target", "options"))
-
-#: Seconds to log in to a kept instance and run ``true`` on it before it counts as
-#: unusable (a run then rents another).
-KEPT_CHECK_TIMEOUT = 10.0
-
-
-def _private_key(text: str) -> paramiko.PKey:
-    """A private key from its text (PEM or OpenSSH format), read in memory."""
-    import io
-
-    for cls in (paramiko.RSAKey, paramiko.Ed25519Key, paramiko.ECDSAKey):
-        try:
-            return cls.from_private_key(io.StringIO(text))
-        except (paramiko.SSHException, ValueError):
-            continue
-    raise MalformedResponse("GET /instance/:id/sshkey: not a private key paramiko can read")
-
 
 class InstanceListener(Protocol):
     """Observes an instance's life; the pytest plugin, ledger and watchdog implement it."""
@@ -335,10 +316,10 @@ class Instance:
         self._started = time.monotonic()
         self.timings.requested_at = time.time()
         if self.existing is not None:
-            self._attach(self.existing)
+            attaching.attach_existing(self, self.existing)
             return
         if self.kept_record is not None:
-            self._attach_kept(self.kept_record)
+            attaching.attach_kept(self, self.kept_record)
             return
         if self.pkey is None:
             self.pkey, self.public_key, self.private_key_text = ssh.generate_client_key_text()
@@ -348,62 +329,6 @@ class Instance:
         self._open_firewall()
         if self.options.connect:
             self._connect()
-        self._start_watch()
-
-    def _attach(self, ident: str) -> None:
-        """Use an instance another process rented (``existing``): log in with the key
-        the server generated for it (``GET /instance/:id/sshkey``, kept in memory)."""
-        self.id = ident
-        self.status = "INIT"
-        # Listeners learn of it as of a rented one (this process now helps hold it).
-        self._emit("rented")
-        self._keepalive.start()
-        Renter(self).wait_ready()
-        if self.options.connect:
-            if self.pkey is None:
-                self.pkey = _private_key(self.client.instance_sshkey(ident))
-            self._connect()
-        self._start_watch()
-
-    def _attach_kept(self, record: Mapping[str, Any]) -> None:
-        """Use an instance an earlier run kept: one ``GET /instance`` (it must be READY),
-        then log in with the key it was kept with and run ``true``. No ``POST /new`` and
-        no READY wait; anything wrong raises, and start() ends it (it is ours)."""
-        if record.get("kind") == "ahead":
-            self._attach_ahead(record)
-            return
-        ident = str(record["id"])
-        self.id = ident
-        self._rented_mono = time.monotonic()
-        self.timings.rented_at = time.time()  # (this run's share of its instance-minutes)
-        if self.private_key_text:
-            self.pkey = _private_key(self.private_key_text)
-        info = self.client.instance(ident)
-        self.details = info
-        self.status = str(info.get("status"))
-        self._emit("rented")  # the ledger and the watchdog hold it for this run now
-        self._keepalive.start()
-        if self.status != "READY":
-            raise InstanceFailed(f"kept instance {ident} of {self.label} is {self.status}, "
-                                 "not READY", instance_id=ident, status=self.status)
-        self._take_details(info)
-        self.timings.ready_at = time.time()
-        if not self.options.connect:
-            return
-        if self.pkey is None:
-            raise InstanceError(f"kept instance {ident}: no login key", instance_id=ident)
-        assert self.host is not None and self.port is not None
-        client = ssh.connect(self.host, self.port, hostkeys=self.hostkeys, pkey=self.pkey,
-                             deadline=min(self.options.connect_timeout, KEPT_CHECK_TIMEOUT),
-                             sleep=self._nap)
-        conn = self._connection = self._wrap(client)
-        conn.transcript = None  # (the check is no test's doing)
-        result = conn.run("true", timeout=KEPT_CHECK_TIMEOUT)
-        conn.transcript = self.transcript
-        if result.exit_status != 0:
-            raise InstanceFailed(f"kept instance {ident}: `true` exited {result.exit_status}",
-                                 instance_id=ident, status=self.status)
-        self.reused = True
         self._start_watch()
 
     # -- the lease watch (pytest_rerobots.leasewatch) -------------------------
@@ -416,15 +341,6 @@ class Instance:
     def _stop_watch(self) -> None:
         if self._watch is not None:
             self._watch.stop()
-
-    def _diagnose(self) -> None:
-        """Its connection broke under a use: ask the service at once whether it ended the
-        robot (one ``GET /instance``), so that the use fails naming that."""
-        watch = self._watch
-        if watch is not None and self.lost is None and not self.ending:
-            lost = watch.check_api()
-            if lost is not None:
-                self.lose(lost)
 
     @property
     def ending(self) -> bool:
@@ -441,60 +357,7 @@ class Instance:
         connection so that what is in flight fails now with ``error``, and tell the
         listeners (``lost``). It is still ended as usual (a partitioned host's instance
         is still live on the service)."""
-        if self.lost is not None or self.ending:
-            return
-        self.lost = error
-        log.warning("rerobots: %s", error)
-        conn = self._connection
-        if conn is not None:
-            conn.mark_lost(error)
-        self._emit("lost", error)  # (an optional event: listeners may have no ``lost``)
-
-    def _attach_ahead(self, record: Mapping[str, Any]) -> None:
-        """Use an instance rented ahead of this run (``pytest --rerobots-rent-ahead``),
-        perhaps still in INIT: wait for READY only if it is not READY yet, then open the
-        firewall and connect as after a rental of our own. A failed start raises, and
-        start() ends it (it is ours); the run rents another."""
-        ident = str(record["id"])
-        self.id = ident
-        self.status = "INIT"
-        self._rented_mono = time.monotonic() - max(0.0, time.time()
-                                                   - float(record.get("kept_at") or 0))
-        if self.private_key_text:
-            self.pkey = _private_key(self.private_key_text)
-        self._emit("rented")  # the ledger and the watchdog hold it for this run now
-        self._keepalive.start()
-        try:
-            info = self.client.instance(ident)
-        except InstanceNotFound:
-            info = {}  # not listed yet: the READY wait allows for that
-        if info.get("status") == "READY":
-            self.details, self.status = dict(info), "READY"
-            self._take_details(info)
-            self.timings.ready_at = time.time()
-        else:
-            Renter(self).wait_ready()
-        self.rented_ahead = True
-        self._open_firewall()
-        if self.options.connect:
-            if self.pkey is None:
-                raise InstanceError(f"instance {ident} rented ahead: no login key",
-                                    instance_id=ident)
-            self._connect()
-
-    def _take_details(self, info: Mapping[str, Any]) -> None:
-        try:
-            self.wtype = info.get("type") or self.wtype
-            self.deployment = info.get("deployment") or self.deployment
-            self.region = info.get("region")
-            fwd = info.get("fwd") or {}
-            self.host = str(fwd["ipv4"])
-            self.port = int(fwd["port"])
-            self.hostkeys = [str(k) for k in info["hostkeys"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedResponse(
-                f"GET /instance/{self.id}: READY but no usable fwd/hostkeys: {dict(info)!r}"[:400]
-            ) from exc
+        leasewatch.lose(self, error)
 
     def _open_firewall(self) -> None:
         assert self.id is not None
@@ -522,7 +385,7 @@ class Instance:
         """A connection on ``client`` that records to the run's transcript, with the
         default command timeout."""
         conn = ssh.Connection(client)
-        conn.diagnose = self._diagnose
+        conn.diagnose = functools.partial(leasewatch.diagnose, self)
         conn.transcript = self.transcript
         conn.label = self.where
         conn.command_timeout = self.options.command_timeout

@@ -45,9 +45,12 @@ from .errors import InstanceLost, RerobotsError
 if TYPE_CHECKING:
     from .instance import Instance
 
-__all__ = ["API_EVERY", "ENDED_BY_SERVICE", "PROBE_TIMEOUT", "LeaseWatch", "clock"]
+__all__ = ["API_EVERY", "ENDED_BY_SERVICE", "PROBE_TIMEOUT", "LeaseWatch", "clock", "diagnose",
+           "lose"]
 
 log = logging.getLogger(__name__)
+# What a loss does to the instance is logged as the instance's (filters know that name).
+_instance_log = logging.getLogger("pytest_rerobots.instance")
 
 #: Seconds a host has to answer the watch's probe before it counts as unreachable.
 PROBE_TIMEOUT = 5.0
@@ -55,6 +58,30 @@ PROBE_TIMEOUT = 5.0
 API_EVERY = 60.0
 #: Statuses that mean the service ended the instance.
 ENDED_BY_SERVICE = frozenset({"TERMINATING", "TERMINATED", "INIT_FAIL"})
+
+
+def lose(inst: Instance, error: InstanceLost) -> None:
+    """:meth:`.instance.Instance.lose`: remember why ``inst`` is lost, cut its connection so
+    that what is in flight fails now with ``error``, and tell the listeners (``lost``).
+    Nothing when it is lost already or this process is ending it."""
+    if inst.lost is not None or inst.ending:
+        return
+    inst.lost = error
+    _instance_log.warning("rerobots: %s", error)
+    conn = inst.current_connection
+    if conn is not None:
+        conn.mark_lost(error)
+    inst._emit("lost", error)  # (an optional event: listeners may have no ``lost``)
+
+
+def diagnose(inst: Instance) -> None:
+    """The connection of ``inst`` broke under a use: ask the service at once whether it
+    ended the robot (one ``GET /instance``), so that the use fails naming that."""
+    watch = inst._watch
+    if watch is not None and inst.lost is None and not inst.ending:
+        lost = watch.check_api()
+        if lost is not None:
+            inst.lose(lost)
 
 
 def clock(at: float) -> str:

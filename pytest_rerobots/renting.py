@@ -15,9 +15,9 @@ import difflib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import tenacity
 
@@ -31,6 +31,7 @@ from .errors import (
     InstanceFailed,
     InstanceNotFound,
     InstanceTimeout,
+    MalformedResponse,
     NotFound,
     RerobotsError,
     ReservationNotFound,
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
     from .client import RerobotsClient
     from .instance import Instance, InstanceOptions
 
-__all__ = ["ENDED", "FailedRental", "Keepalive", "Renter", "closest_first"]
+__all__ = ["ENDED", "FailedRental", "Keepalive", "Renter", "closest_first", "take_details"]
 
 # The instance's logger still: what renting logs is about the instance, and filters know it.
 log = logging.getLogger("pytest_rerobots.instance")
@@ -611,8 +612,25 @@ class Renter:
             ) from exc
         inst.timings.to_ready = time.monotonic() - begun
         inst.timings.ready_at = time.time()
-        inst._take_details(inst.details)
+        take_details(inst, inst.details)
         inst._emit("progress")  # the last word of the wait: READY
+
+
+def take_details(inst: Instance, info: Mapping[str, Any]) -> None:
+    """Write on ``inst`` where a READY instance is and how to log in (``info``, its
+    ``GET /instance`` answer): type, deployment, region, host, port and host keys."""
+    try:
+        inst.wtype = info.get("type") or inst.wtype
+        inst.deployment = info.get("deployment") or inst.deployment
+        inst.region = info.get("region")
+        fwd = info.get("fwd") or {}
+        inst.host = str(fwd["ipv4"])
+        inst.port = int(fwd["port"])
+        inst.hostkeys = [str(k) for k in info["hostkeys"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedResponse(
+            f"GET /instance/{inst.id}: READY but no usable fwd/hostkeys: {dict(info)!r}"[:400]
+        ) from exc
 
 
 class Keepalive:
