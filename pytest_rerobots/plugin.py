@@ -3,7 +3,10 @@
 It only wires the engine: settings and their options come from the table in
 :mod:`.settings`, instances from a :class:`.run.Run`, the simulator from :mod:`.sim`,
 what the user is told from :mod:`.plugin_report`. Its state lives in one
-:class:`RerobotsPlugin` object registered with the plugin manager.
+:class:`RerobotsPlugin` object registered with the plugin manager. Features of their
+own stand beside it: the fixtures (:mod:`.plugin_fixtures`), failure kinds and reruns
+(:mod:`.plugin_reruns`), what a run cost (:mod:`.plugin_costs`) and the commands that
+run instead of tests (:mod:`.plugin_commands`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -24,10 +27,24 @@ import pytest
 # Only light modules here: a pytest run that rents nothing must not pay for requests,
 # paramiko or tenacity. The client, instances and the Run load with the first rental
 # (the imports inside functions below).
-from . import costs, plugin_report
+from . import costs, plugin_commands, plugin_report
 from .camera import DEFAULT_ARTIFACTS, Camera, check_directory
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
 from .ledger import Ledger
+from .plugin_costs import EACH_PARAM, RunCosts, each_of
+from .plugin_fixtures import (
+    PLUGIN_NAME,
+    rerobots_acquire,
+    rerobots_client,
+    rerobots_each_deployment,
+    rerobots_host,
+    rerobots_instance,
+    rerobots_run,
+    rerobots_sftp,
+    rerobots_sim,
+    rerobots_ssh,
+)
+from .plugin_reruns import RerunHooks, label_failure, on_robot
 from .records import Records
 from .settings import (
     COMMAND_LINE_ONLY,
@@ -44,18 +61,11 @@ from .transcript import Transcript
 from .wire import is_uuid
 
 if TYPE_CHECKING:
-    import paramiko
     from _pytest.terminal import TerminalReporter
 
-    from .client import RerobotsClient
     from .instance import Instance
     from .run import Run
     from .sim import Simulator
-
-PLUGIN_NAME = "rerobots-plugin"
-
-#: The parameter each_deployment gives a test: the deployment it runs on.
-EACH_PARAM = "rerobots_each_deployment"
 
 NO_TYPE = (
     "no workspace type for this test: pass --rerobots-wtype TYPE (or set REROBOTS_WTYPE or "
@@ -122,10 +132,16 @@ def load_settings(config: pytest.Config) -> Settings:
 def _with_default_ledger(config: pytest.Config, settings: Settings) -> Settings:
     """The ledger's stable default: ``d/rerobots/ledger.jsonl`` in pytest's cache dir
     (the ``cache_dir`` ini option, ``.pytest_cache`` under the rootdir by default)."""
+    return replace(settings, ledger=_cache_dir(config) / "d" / "rerobots" / "ledger.jsonl")
+
+
+def _cache_dir(config: pytest.Config) -> Path:
+    """pytest's cache dir (the ``cache_dir`` ini option, ``.pytest_cache`` under the
+    rootdir by default)."""
     cache_dir = Path(str(_ini(config, "cache_dir") or ".pytest_cache"))
     if not cache_dir.is_absolute():
         cache_dir = config.rootpath / cache_dir
-    return replace(settings, ledger=cache_dir / "d" / "rerobots" / "ledger.jsonl")
+    return cache_dir
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -145,68 +161,12 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     ``pytest --rerobots-list``: print what can be rented, then exit.
     ``pytest --rerobots-rent-ahead``: rent for the next run, then exit."""
     if config.getoption("rerobots_rent_ahead"):
-        return _rent_ahead(config)
+        return plugin_commands.rent_ahead(config, load_settings(config), _cache_dir(config))
     if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
-        from . import listing  # lazily: it loads the client (requests)
-
-        try:
-            return listing.main(load_settings(config))
-        except ConfigurationError as exc:
-            raise pytest.UsageError(str(exc)) from None
+        return plugin_commands.listing(load_settings(config))
     if not config.getoption("rerobots_sweep"):
         return None
-    settings = load_settings(config)
-    assert settings.ledger is not None
-    ledger = Ledger(settings.ledger)
-    from .client import RerobotsClient  # lazily: requests loads only for a sweep
-    from .sweep import sweep
-
-    with RerobotsClient(token=settings.token, api_url=settings.api_url, ignore_env=True) as api:
-        try:
-            failed = sweep(api, ledger, print)
-        except ConfigurationError as exc:  # a ledger or kept directory another user can write
-            raise pytest.UsageError(str(exc)) from None
-    return 1 if failed else 0
-
-
-def _rent_ahead(config: pytest.Config) -> int:
-    """``pytest --rerobots-rent-ahead [TYPE...]`` (see :mod:`.ahead`); no collection."""
-    settings = load_settings(config)
-    if settings.sweep or config.getoption("rerobots_list"):
-        raise pytest.UsageError("--rerobots-rent-ahead: not with --rerobots-sweep or "
-                                "--rerobots-list")
-    if settings.sim:
-        raise pytest.UsageError("--rerobots-rent-ahead: the embedded simulator "
-                                "(--rerobots-sim) ends with its process; rent ahead from "
-                                "an API that outlives it (REROBOTS_API_URL)")
-    if settings.secret is None:
-        raise pytest.UsageError("--rerobots-rent-ahead: no rerobots API token: set "
-                                "REROBOTS_API_TOKEN or pass --rerobots-token-file")
-    # The types named after the option (pytest takes them for paths; nothing is collected).
-    from_args = getattr(config, "args_source", None) == pytest.Config.ArgsSource.ARGS
-    names = list(config.args) if from_args else []
-    from .ahead import rent_ahead  # lazily: it loads the client (requests)
-    from .client import RerobotsClient
-
-    assert settings.ledger is not None
-    _prepare_cache_dir(config, settings.ledger)
-    with RerobotsClient(token=settings.token, api_url=settings.api_url,
-                        ignore_env=True) as api:
-        try:
-            return rent_ahead(api, settings, names, checkout=str(config.rootpath))
-        except ConfigurationError as exc:
-            raise pytest.UsageError(str(exc)) from None
-
-
-def _prepare_cache_dir(config: pytest.Config, ledger: Path) -> None:
-    """Before the ledger is first written under pytest's cache dir, make that dir with
-    the ``.gitignore`` pytest would give it (pytest adds it only to a dir it makes)."""
-    cache_dir = Path(str(_ini(config, "cache_dir") or ".pytest_cache"))
-    if not cache_dir.is_absolute():
-        cache_dir = config.rootpath / cache_dir
-    if cache_dir in ledger.parents and not cache_dir.exists():
-        cache_dir.mkdir(parents=True)
-        (cache_dir / ".gitignore").write_text("# Created by pytest automatically.\n*\n")
+    return plugin_commands.sweep(load_settings(config))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -234,6 +194,7 @@ def pytest_configure(config: pytest.Config) -> None:
         except ConfigurationError as exc:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
+    config.pluginmanager.register(RerunHooks(plugin), f"{PLUGIN_NAME}-reruns")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(XdistHooks(plugin), f"{PLUGIN_NAME}-xdist")
     plugin.start()
@@ -260,7 +221,7 @@ class XdistHooks:
         self.plugin.records.remote_rows.extend(
             tuple(row) for row in output.get("rerobots_rows", []))
         self.plugin.kept_lines.extend(output.get("rerobots_kept_lines", []))
-        self.plugin.remote_spans.extend(output.get("rerobots_spans", []))
+        self.plugin.tally.remote_spans.extend(output.get("rerobots_spans", []))
 
     def pytest_configure_node(self, node: Any) -> None:
         """Hand the run id and the controller's simulator to each worker (through
@@ -313,22 +274,13 @@ class RerobotsPlugin:
         # The camera add-on's pictures (camera.py), and those of this run's tests.
         self.camera = Camera(settings.camera, settings.artifacts or Path(DEFAULT_ARTIFACTS))
         self.pictures: list[str] = []
-        # What the run cost and where its time went (costs.py): the workers' instances,
-        # and, from every test's reports, its uses of robots, the seconds tests used them,
-        # the replay lines of failed tests and each_deployment's verdicts.
-        self.remote_spans: list[dict[str, Any]] = []
-        self.uses: list[dict[str, Any]] = []
-        self.used_seconds = 0.0
-        self.replays: dict[str, str] = {}
-        self.each: dict[str, dict[str, str]] = {}
+        # What the run cost and where its time went, each_deployment's verdicts too.
+        self.tally = RunCosts(self.records)
         # The current test: seconds waited for its robots, whether it asked for one, and
         # the instance its rerobots_instance fixture gave it.
         self._waited = 0.0
         self._wanted = False
         self._pooled: Instance | None = None
-        # each_deployment: {workspace type: [(deployment, region)]}, listed once.
-        self._deployments: dict[str, list[tuple[str, str | None]]] = {}
-        self._each_regions: dict[str, str | None] = {}
         self.reuse = settings.reuse
         if self.reuse is not None and os.environ.get("CI", "").strip().lower() == "true":
             self.reuse = None
@@ -560,8 +512,7 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or (wtypes[0] if wtypes else None)
         if wtype is None:
             pytest.fail(NO_TYPE, pytrace=False)
-        callspec = getattr(item, "callspec", None)
-        each = callspec.params.get(EACH_PARAM) if callspec is not None else None
+        each = each_of(item)
         if isinstance(each, str):
             return wtype, each
         deployment = self.settings.deployment or marked_deployment
@@ -593,43 +544,11 @@ class RerobotsPlugin:
         wtype = self.settings.wtype or (wtypes[0] if wtypes else None)
         if not each or wtype is None or skip_reason(marker, self.settings.wtype):
             return
-        found = self.deployments_of(wtype)
+        found = self.tally.deployments_of(wtype, self.api_url, self._token)
         for ident, region in found:
-            self._each_regions[ident] = region
+            self.tally.each_regions[ident] = region
         metafunc.parametrize(EACH_PARAM, [ident for ident, _ in found],
                              ids=[costs.each_id(ident, region) for ident, region in found])
-
-    def deployments_of(self, wtype: str) -> list[tuple[str, str | None]]:
-        """The deployments of ``wtype`` (id, region), sorted; listed once per process, from
-        this run's API (the public listing without a token); a collection error in one line
-        if they cannot be listed or there are none."""
-        if wtype in self._deployments:
-            return self._deployments[wtype]
-        from .client import RerobotsClient  # lazily: requests loads only when needed
-
-        token = self._token.reveal() if self._token else None
-        try:
-            with RerobotsClient(token=token, api_url=self.api_url, ignore_env=True) as api:
-                payload = api.deployments(types=[wtype], info=True)
-        except RerobotsError as exc:
-            raise pytest.Collector.CollectError(
-                f"rerobots: each_deployment: cannot list the deployments of {wtype} at "
-                f"{self.api_url}: {exc}") from None
-        info = payload.get("info") or {}
-        found = []
-        for ident in payload.get("workspace_deployments", []):
-            details = info.get(ident) or {}
-            if details.get("type") not in (None, wtype):
-                continue
-            region = details.get("region")
-            found.append((str(ident), str(region) if region else None))
-        if not found:
-            raise pytest.Collector.CollectError(
-                f"rerobots: each_deployment: workspace type {wtype} has no deployments at "
-                f"{self.api_url}; nothing was rented")
-        found.sort(key=lambda d: (d[1] or "", d[0]))
-        self._deployments[wtype] = found
-        return found
 
     # -- hooks ----------------------------------------------------------------
 
@@ -652,25 +571,10 @@ class RerobotsPlugin:
             # xdist's controller: end what the workers hold *before* xdist shuts them
             # down, which can take 10 s when the run was interrupted.
             self._end_leftovers()
-        plugin_report.junit_run_properties(self.config, self._run_properties())
+        plugin_report.junit_run_properties(self.config, self.tally.run_properties())
         yield  # (an old-style wrapper: the other impls' errors do not surface here)
         # After the session's fixtures are torn down: what is still live leaked.
         self._end_leftovers()
-
-    def _run_properties(self) -> list[tuple[str, str]]:
-        """The run's JUnit properties: its instance-minutes, in total and per instance."""
-        spans = [s for s in self.spans() if s.get("rented") is not None]
-        if not spans:
-            return []
-        t = costs.totals(spans, self.used_seconds)
-        props = [("rerobots_instances", str(int(t["instances"]))),
-                 ("rerobots_instance_minutes", f"{t['minutes']:.4f}"),
-                 ("rerobots_queued_s", f"{t['queued']:.3f}"),
-                 ("rerobots_starting_s", f"{t['starting']:.3f}"),
-                 ("rerobots_tests_s", f"{t['tests']:.3f}")]
-        props += [(f"rerobots_instance_minutes.{s['id']}", f"{float(s['billed']) / 60:.4f}")
-                  for s in spans]
-        return props
 
     def _end_leftovers(self) -> None:
         """End what the ledger holds as live for this run (a worker killed before its
@@ -711,7 +615,7 @@ class RerobotsPlugin:
                 item.user_properties.append(("rerobots_use_s", f"{call.duration:.3f}"))
         outcome: Any = yield
         rep = outcome.get_result()
-        self._note_costs(item, call, rep)
+        self.tally.note(item, call, rep, self._given, self._pooled, self.reuse)
         if rep.failed and self._run is not None and self.settings.keep_on_failure:
             # Kept at the end of its scope instead of terminated.
             self._run.mark_kept_on_failure(self._used_by_this_test())
@@ -737,111 +641,8 @@ class RerobotsPlugin:
             rep.rerobots_infrastructure = True  # type: ignore[attr-defined]
             rep.sections.append(("rerobots", "infrastructure trouble, not a test failure: "
                                  f"{type(call.excinfo.value).__name__}"))
-        if rep.failed and rep.when in ("setup", "call") and self._on_robot(item):
-            self._label_failure(item, rep, call)
-
-    def _on_robot(self, item: pytest.Item) -> bool:
-        """Whether ``item`` uses a robot: a fixture of ours that rents, or one it got."""
-        names = getattr(item, "fixturenames", ())
-        return bool(self._given) or any(n in _RENTING_FIXTURES for n in names)
-
-    def _label_failure(self, item: pytest.Item, rep: pytest.TestReport,
-                       call: pytest.CallInfo[None]) -> None:
-        """Record which kind of failure this is: infrastructure trouble or the product
-        (``rerobots_failure``: on the report, which travels to the xdist controller, and a
-        JUnit property of the test case), and annotate infrastructure trouble."""
-        exc = call.excinfo.value if call.excinfo is not None else None
-        kind = "infrastructure" if exc is not None and is_infrastructure(exc) else "product"
-        rep.rerobots_failure = kind  # type: ignore[attr-defined]
-        item.user_properties[:] = [p for p in item.user_properties
-                                   if p[0] != "rerobots_failure"]
-        item.user_properties.append(("rerobots_failure", kind))
-        if kind == "infrastructure" and rep.when == "call" and exc is not None \
-                and in_github_actions():
-            rep.rerobots_annotation = plugin_report.failure_annotation(  # type: ignore[attr-defined]
-                item, rep.when, exc)
-
-    # -- reruns of infrastructure trouble (--rerobots-reruns) -------------------
-
-    @pytest.hookimpl(tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None
-                                ) -> bool | None:
-        """With ``--rerobots-reruns N``: run a test on a robot again, up to N times, while it
-        ends in infrastructure trouble; a product failure is never rerun. An attempt that
-        is rerun is reported as ``rerun`` (R), as pytest-rerunfailures does; its error is
-        kept as the JUnit property ``rerobots_rerun_<n>``."""
-        reruns = self.settings.reruns
-        if reruns <= 0 or not self._on_robot(item):
-            return None
-        from _pytest.runner import runtestprotocol
-
-        item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
-        for attempt in range(reruns + 1):
-            reports = runtestprotocol(item, nextitem=nextitem, log=False)
-            trouble = next((r for r in reports if r.failed and getattr(
-                r, "rerobots_failure", None) == "infrastructure"), None)
-            if trouble is None or attempt == reruns:
-                for rep in reports:
-                    item.ihook.pytest_runtest_logreport(report=rep)
-                break
-            for rep in reports:
-                if rep is trouble:
-                    rep.outcome = "rerun"  # type: ignore[assignment]
-                    item.ihook.pytest_runtest_logreport(report=rep)
-                    break
-                item.ihook.pytest_runtest_logreport(report=rep)
-            self._prepare_rerun(item, attempt + 1, trouble)
-        item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
-        return True
-
-    def _prepare_rerun(self, item: pytest.Item, attempt: int, trouble: pytest.TestReport
-                       ) -> None:
-        """Keep the attempt's error for JUnit, and start the test afresh: its fixtures set
-        up again, failed starts forgotten (a lost robot is dropped by the pool itself)."""
-        crash = getattr(trouble.longrepr, "reprcrash", None)
-        message = getattr(crash, "message", None) or str(trouble.longrepr).splitlines()[-1:]
-        item.user_properties[:] = [p for p in item.user_properties
-                                   if p[0] != "rerobots_failure"]
-        item.user_properties.append((f"rerobots_rerun_{attempt}", str(message)))
-        if self._run is not None:
-            self._run.forget_failures()
-        self._given = []
-        fixtureinfo = getattr(item, "_fixtureinfo", None)
-        for defs in (fixtureinfo.name2fixturedefs.values() if fixtureinfo else ()):
-            for fixturedef in defs:
-                cached = getattr(fixturedef, "cached_result", None)
-                if cached is not None and cached[2] is not None:  # failed: set up again
-                    fixturedef.cached_result = None
-        init = getattr(item, "_initrequest", None)
-        if callable(init):
-            init()
-
-    def _note_costs(self, item: pytest.Item, call: pytest.CallInfo[None],
-                    rep: pytest.TestReport) -> None:
-        """On the report (it travels to the xdist controller): the test's uses of robots,
-        the replay line of a failed test, and which deployment each_deployment ran it on."""
-        if call.when == "call" and self._given:
-            rep.rerobots_uses = [  # type: ignore[attr-defined]
-                {"test": item.nodeid, "instance": inst.id, "start": call.start,
-                 "stop": call.stop, "failed": rep.failed}
-                for inst in dict.fromkeys(self._given) if inst.id]
-        inst = self._pooled
-        if rep.failed and inst is not None and inst.deployment:
-            reuse = self.reuse if inst.keep_for == "reuse" else None
-            line = costs.replay_command(item.nodeid, inst.deployment, reuse)
-            rep.rerobots_replay = line  # type: ignore[attr-defined]
-            rep.sections.append(("rerobots replay (run this test again on that robot's "
-                                 "deployment)", line))
-        callspec = getattr(item, "callspec", None)
-        each = callspec.params.get(EACH_PARAM) if callspec is not None else None
-        if isinstance(each, str):
-            eid = costs.each_id(each, self._each_regions.get(each))
-            head, _, ids = item.nodeid.partition("[")
-            others = "-".join(p for p in ids.removesuffix("]").split("-") if p) \
-                if eid not in ids else ids.removesuffix("]").replace(eid, "", 1).strip("-")
-            others = others.replace("--", "-")
-            base = f"{head}[{others}]" if others else head
-            rep.rerobots_each = [base, each, self._each_regions.get(each)]  # type: ignore[attr-defined]
+        if rep.failed and rep.when in ("setup", "call") and on_robot(item, self._given):
+            label_failure(item, rep, call)
 
     def _add_transcript(self, item: pytest.Item, when: str) -> None:
         """What this phase of the test did on robots, as a report section of its own
@@ -871,61 +672,7 @@ class RerobotsPlugin:
             if not self.is_worker:
                 self.pictures.extend(str(p) for p in pictures)
         if not self.is_worker:
-            self._collect_costs(report)
-
-    def _collect_costs(self, report: pytest.TestReport) -> None:
-        """The controller's (or a run without xdist's) tally of each test's report."""
-        self.uses.extend(getattr(report, "rerobots_uses", None) or [])
-        if report.when == "call":
-            for name, value in report.user_properties:
-                if name == "rerobots_use_s":
-                    self.used_seconds += float(str(value))
-        replay = getattr(report, "rerobots_replay", None)
-        if isinstance(replay, str):
-            self.replays.setdefault(report.nodeid, replay)
-        each = getattr(report, "rerobots_each", None)
-        if isinstance(each, list | tuple) and len(each) == 3:
-            key = f"{str(each[1])[:8]} {each[2] or '?'}"
-            verdicts = self.each.setdefault(str(each[0]), {})
-            if report.failed:
-                verdicts[key] = "failed"
-            elif report.when == "call" and report.passed and verdicts.get(key) != "failed":
-                verdicts[key] = "passed"
-
-    def spans(self) -> list[dict[str, Any]]:
-        """Every instance of the run (workers' included), as :func:`.costs.span` has it."""
-        return [*self.remote_spans, *(costs.span(i) for i in self.records.instances)]
-
-    def cost_lines(self) -> list[str]:
-        """The summary's lines of what the run cost and of each_deployment's verdicts."""
-        lines = []
-        spans = self.spans()
-        if any(s.get("rented") is not None for s in spans):
-            lines.append(costs.summary_line(spans, self.used_seconds))
-        for base, verdicts in self.each.items():
-            ran = verdicts
-            passed = [k for k, v in ran.items() if v == "passed"]
-            failed = [k for k, v in ran.items() if v == "failed"]
-            line = f"rerobots: {base} passes on {len(passed)} of {len(ran)} robots"
-            if failed:
-                line += ": fails on " + ", ".join(failed)
-            lines.append(line)
-        return lines
-
-    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config
-                                 ) -> tuple[str, str, str] | None:
-        # A plain word, not (word, markup): pytest before 8.3 prints the pair's repr in
-        # its short summary. The report failed, so pytest colours the word red anyway.
-        if report.outcome == "rerun":
-            return "rerun", "R", "RERUN"
-        kind = getattr(report, "rerobots_failure", None)
-        if report.when == "call" and getattr(report, "rerobots_infrastructure", False):
-            return "error", "E", "ERROR (infrastructure)"
-        if report.when == "setup" and report.failed and kind == "infrastructure":
-            return "error", "E", "ERROR (infrastructure)"
-        if report.when == "call" and report.failed and kind == "product":
-            return "failed", "F", "FAILED (product)"
-        return None
+            self.tally.collect(report)
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         url = self.api_url
@@ -963,14 +710,15 @@ class RerobotsPlugin:
         plugin_report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
         for line in [*self.kept_lines, *self.kept_summary()]:
             terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
-        cost_lines = self.cost_lines()
+        cost_lines = self.tally.lines()
         for line in cost_lines:
             terminalreporter.write_line(one_line(line))
         plugin_report.github_step_summary(
             self.records, plugin_report.Tally.of(terminalreporter.stats),
             skipped_for_token=self.skipped_for_token, token=bool(self._token),
-            extra=plugin_report.cost_markdown(cost_lines, costs.gantt(self.spans(), self.uses),
-                                              self.replays))
+            extra=plugin_report.cost_markdown(cost_lines,
+                                              costs.gantt(self.tally.spans(), self.tally.uses),
+                                              self.tally.replays))
         plugin_report.pictures_summary(terminalreporter, self.pictures)
 
     def kept_summary(self) -> list[str]:
@@ -1011,10 +759,6 @@ def _never_runs(item: pytest.Item) -> bool:
     return xfailed is not None and not xfailed.run
 
 
-#: The fixtures through which a test rents (a failure of such a test gets a kind).
-_RENTING_FIXTURES = frozenset({"rerobots_instance", "rerobots_ssh", "rerobots_sftp",
-                               "rerobots_acquire", "rerobots_host", "rerobots_run"})
-
 #: The fixtures that hand a test the pooled instance.
 _NEEDS_INSTANCE = frozenset({"rerobots_instance", "rerobots_ssh", "rerobots_sftp"})
 
@@ -1054,123 +798,6 @@ def skip_reason(marker: pytest.Mark | None, run_wtype: str | None,
         return None
     return (f"test is for rerobots workspace type {' or '.join(wtypes)}; "
             f"this run is for {run_wtype} ({source})")
-
-
-def _plugin(config: pytest.Config) -> RerobotsPlugin:
-    plugin = config.pluginmanager.get_plugin(PLUGIN_NAME)
-    assert isinstance(plugin, RerobotsPlugin)
-    return plugin
-
-
-# -- fixtures -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def rerobots_client(pytestconfig: pytest.Config) -> RerobotsClient:
-    """The configured ``RerobotsClient`` (API origin and token from the rerobots options);
-    under ``--rerobots-sim``, pointed at the embedded simulator."""
-    return _plugin(pytestconfig).need_run().client
-
-
-@pytest.fixture(scope="session")
-def rerobots_run(pytestconfig: pytest.Config) -> Run:
-    """The run's ``Run``: ``with rerobots_run.acquire("basic_kobuki") as robot: yield robot``
-    in a fixture of any scope gets the ledger, watchdog, signal guard, queue and ready
-    settings, summary row and live progress, like ``rerobots_instance``. Skips (or fails
-    with ``--rerobots-require``) without a token."""
-    return _plugin(pytestconfig).need_run()
-
-
-@pytest.fixture
-def rerobots_each_deployment(request: pytest.FixtureRequest) -> str | None:
-    """The deployment ``each_deployment`` runs this test on (its parameter), else None."""
-    return getattr(request, "param", None)
-
-
-@pytest.fixture
-def rerobots_instance(request: pytest.FixtureRequest,
-                      rerobots_each_deployment: str | None) -> Iterator[Instance]:
-    """A READY ``Instance`` of this test's workspace type: firewall open, SSH connected.
-
-    One instance per (type, deployment) within ``--rerobots-scope`` (session by
-    default); terminated when that scope ends, whatever happens. What the test spawned
-    or forwarded on it ends at the test's teardown, whatever the scope.
-    """
-    inst = _plugin(request.config).pooled(request)
-    mark = inst.live_mark()
-    yield inst
-    inst.end_live(mark)
-
-
-@pytest.fixture
-def rerobots_ssh(rerobots_instance: Instance) -> paramiko.SSHClient:
-    """The instance's ``paramiko.SSHClient``, logged in as ``root``."""
-    return rerobots_instance.ssh
-
-
-@pytest.fixture
-def rerobots_sftp(rerobots_instance: Instance) -> paramiko.SFTPClient:
-    """A ``paramiko.SFTPClient`` on the instance's SSH connection."""
-    return rerobots_instance.sftp
-
-
-@pytest.fixture
-def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
-    """A factory: ``rerobots_acquire("basic_kobuki")`` rents another READY instance
-    (keywords as for ``Instance``, e.g. ``deployment=...``);
-    ``a, b = rerobots_acquire("basic_kobuki", "fixed_misty2")`` rents several at once
-    and returns them in order. Every instance it made is terminated at this test's
-    teardown."""
-    from .instance import end_all  # lazily: paramiko loads only when a test rents
-
-    plugin = _plugin(request.config)
-    run = plugin.need_run()
-    made: list[Instance] = []
-
-    def acquire(wtype: str, *more: str, deployment: str | None = None,
-                **options: Any) -> Instance | list[Instance]:
-        begun = time.monotonic()
-        try:
-            insts = run.acquire(wtype, *more, deployment=deployment, scope="test", **options)
-        finally:
-            plugin.waiting(time.monotonic() - begun)
-        for inst in insts if isinstance(insts, list) else [insts]:
-            made.append(inst)
-            plugin.given(inst)
-            plugin_report.record_properties(request.node, inst)
-        return insts
-
-    try:
-        yield acquire
-    finally:
-        try:
-            for inst in made:
-                inst.end_live()
-        finally:
-            end_all(made)
-
-
-@pytest.fixture
-def rerobots_host(rerobots_instance: Instance) -> Any:
-    """A testinfra ``Host`` on the instance's SSH connection (host key pinned):
-    ``rerobots_host.file("/etc/os-release").contains("Debian")``, ``.service("ssh")``,
-    ``.run("uname -a")``. Needs ``pip install 'pytest-rerobots[testinfra]'``."""
-    try:  # lazily: testinfra is an optional extra, missing in most installs
-        from .testinfra_host import host_for
-    except ImportError as exc:
-        missing = str(exc)
-    else:
-        return host_for(rerobots_instance)
-    pytest.fail(missing, pytrace=False)
-
-
-@pytest.fixture(scope="session")
-def rerobots_sim(pytestconfig: pytest.Config) -> Simulator:
-    """The running ``Simulator`` under ``--rerobots-sim`` (to inject faults); skips otherwise."""
-    sim = _plugin(pytestconfig).simulator
-    if sim is None:
-        pytest.skip("rerobots_sim needs --rerobots-sim (in this process)")
-    return sim
 
 
 __all__ = [
