@@ -72,7 +72,14 @@ def sweep(api: RerobotsClient, ledger: Ledger, write: Callable[[str], Any]) -> i
             store.forget(record["id"])
             write(f"rerobots sweep: {record['id']} ({record.get('wtype') or '?'}): "
                   "its key and known-hosts files removed")
-    forgotten = Health(ledger.path.parent).forget()
+    try:
+        forgotten = Health(ledger.path.parent).forget()
+    except ConfigurationError as exc:
+        # The record is a favour (where to rent first), kept beside the ledger; in a
+        # directory others may write (a ledger in /tmp, which is warned about) it is
+        # neither kept nor read, so there is nothing of it to forget.
+        write(f"rerobots sweep: no health record forgotten: {exc}")
+        forgotten = 0
     if forgotten:
         write(f"rerobots sweep: the health record of {forgotten} deployment(s) forgotten")
     return failed
