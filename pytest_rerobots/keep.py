@@ -151,23 +151,19 @@ def describe(record: Mapping[str, Any], now: float | None = None) -> list[str]:
     else:
         lease = "its lease end is unknown"
     keeper = record.get("keeper")
+    if record.get("kind") in (AHEAD, REUSE):
+        idle = float(record.get("idle") or 0)
+        meanwhile = f"process {keeper} keeps it alive meanwhile" if keeper else ""
+        if record.get("kind") == AHEAD:
+            title, then = "rented ahead", f", {meanwhile}" if keeper else ""
+        else:
+            title, then = "kept for reuse", f"; {lease}" + (f"; {meanwhile}" if keeper else "")
+        return [
+            f"rerobots: {title}: {ident} ({where})",
+            f"  the next run of this checkout within {idle / 60:g} min attaches to it{then}",
+            "  end it now: pytest --rerobots-sweep",
+        ]
     kept_by = f"; process {keeper} keeps it alive until then" if keeper else ""
-    if record.get("kind") == AHEAD:
-        idle = float(record.get("idle") or 0)
-        return [
-            f"rerobots: rented ahead: {ident} ({where})",
-            f"  the next run of this checkout within {idle / 60:g} min attaches to it"
-            f"{kept_by.replace(' until then', ' meanwhile').replace(';', ',')}",
-            "  end it now: pytest --rerobots-sweep",
-        ]
-    if record.get("kind") == REUSE:
-        idle = float(record.get("idle") or 0)
-        return [
-            f"rerobots: kept for reuse: {ident} ({where})",
-            f"  the next run of this checkout within {idle / 60:g} min attaches to it; "
-            f"{lease}{kept_by.replace('until then', 'meanwhile')}",
-            "  end it now: pytest --rerobots-sweep",
-        ]
     return [
         f"rerobots: kept for debugging: {ident} ({where})",
         f"  log in: {ssh_command(record)}",

@@ -74,3 +74,11 @@ def test_the_github_actions_page_includes_the_workflow_file_not_a_copy():
     page = (ROOT / "docs" / "github-actions.md").read_text()
     assert '```yaml\n--8<-- "examples/github/robot-tests.yml"\n```' in page
     assert "runs-on:" not in page
+
+
+def test_the_api_page_documents_every_public_name():
+    import pytest_rerobots
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^::: pytest_rerobots\.(\w+)$", page, flags=re.M))
+    assert set(pytest_rerobots.__all__) - {"__version__"} - documented == set()
