@@ -26,7 +26,7 @@ from typing import Any
 import paramiko
 import pytest
 import requests
-from helpers import sim_process
+from helpers import sim_process, wait_until
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -700,15 +700,16 @@ def test_reservations_fifo_same_id(capi: Api, clock: ManualClock, csim: Simulato
         assert capi.get(f"/instance/{first['id']}").status_code == 404
         capi.post(f"/terminate/{holder}")
         clock.advance(0.5)
-        # The first in line gets the robot, under the reservation's id.
-        assert capi.status(first["id"]) == "INIT"
+        # The first in line gets the robot, under the reservation's id, once the holder's
+        # host is down (a host worker stops it after POST /terminate was answered).
+        assert wait_until(lambda: capi.status(first["id"]) == "INIT", 10)
         assert capi.get("/reservations").json()["reservations"] == []
         assert bob.get(f"/instance/{second['id']}").status_code == 404
         clock.advance(1)
         assert capi.status(first["id"]) == "READY"
         capi.post(f"/terminate/{first['id']}")
         clock.advance(0.5)
-        assert bob.status(second["id"]) == "INIT"
+        assert wait_until(lambda: bob.status(second["id"]) == "INIT", 10)
         assert bob.get("/reservations").json()["reservations"] == []
     finally:
         bob.close()
