@@ -42,3 +42,10 @@ def _clean_rerobots_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("REROBOTS_API_TOKEN", "REROBOTS_API_URL", "REROBOTS_WTYPE",
                  "REROBOTS_DEPLOYMENT", "REROBOTS_SIM", "REROBOTS_LEDGER"):
         monkeypatch.delenv(name, raising=False)
+    # Nor the machine's: on a CI machine (CI set) pytest stops shortening the summary's
+    # lines, and the plugin attaches to rented-ahead robots; a terminal's width changes what
+    # a line holds; options meant for the outer run (PYTEST_ADDOPTS) are not the inner runs'.
+    # The tests of CI behaviour set these themselves.
+    for name in ("CI", "BUILD_NUMBER", "GITHUB_ACTIONS", "PYTEST_ADDOPTS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("COLUMNS", "80")
