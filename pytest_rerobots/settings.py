@@ -32,6 +32,9 @@ SCOPES = ("session", "module", "function")
 XDIST_MODES = ("per-worker", "shared")
 #: --rerobots-camera: when the camera add-on's pictures are taken (camera.py).
 CAMERA_MODES = ("on-failure", "always", "off")
+#: --rerobots-artifacts: the directory under the rootdir when none is named. Not hidden, so
+#: that an upload step (actions/upload-artifact leaves hidden files out) takes it as it is.
+DEFAULT_ARTIFACTS = "rerobots-artifacts"
 
 
 class Secret:
