@@ -204,7 +204,9 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
     config.pluginmanager.register(RerunHooks(plugin), f"{PLUGIN_NAME}-reruns")
-    if config.pluginmanager.hasplugin("xdist"):
+    if plugin.is_worker or getattr(config.option, "dist", "no") != "no":
+        # Only where xdist distributes (its controller) or runs tests (its workers): an
+        # installed xdist that this run does not use adds nothing.
         config.pluginmanager.register(XdistHooks(plugin), f"{PLUGIN_NAME}-xdist")
     plugin.start()
 
@@ -582,7 +584,12 @@ class RerobotsPlugin:
 
     def pytest_collection_modifyitems(self, config: pytest.Config,
                                       items: list[pytest.Item]) -> None:
+        # Most tests carry no rerobots marker: each module and class is looked at once,
+        # not once for each of its tests (a bad marker is a usage error here all the same).
+        seen: dict[int, bool] = {}
         for item in items:
+            if not _marked(item, seen):
+                continue
             reason = skip_reason(item.get_closest_marker("rerobots"), self.settings.wtype,
                                  self.settings.sources.get("wtype", ""))
             if reason:
@@ -803,6 +810,21 @@ class RerobotsPlugin:
 def _skipped_for_token(rep: pytest.TestReport) -> bool:
     longrepr = rep.longrepr
     return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
+
+
+def _marked(node: pytest.Item | pytest.Collector, seen: dict[int, bool]) -> bool:
+    """Whether ``node`` or one of its parents carries the ``rerobots`` marker (where
+    ``get_closest_marker`` looks); ``seen``: the answer for each parent, by its id."""
+    for mark in node.own_markers:
+        if mark.name == "rerobots":
+            return True
+    parent = node.parent
+    if parent is None:
+        return False
+    answer = seen.get(id(parent))
+    if answer is None:
+        answer = seen[id(parent)] = _marked(parent, seen)
+    return answer
 
 
 def _never_runs(item: pytest.Item) -> bool:
