@@ -55,10 +55,8 @@ from .settings import (
     allow_warnings,
     resolve,
 )
-from .signals import SignalGuard, tell_the_terminal
 from .textsafe import fence_block, in_github_actions, one_line
 from .transcript import Transcript
-from .wire import is_uuid
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -67,6 +65,7 @@ if TYPE_CHECKING:
     from .instance import Instance
     from .plugin_report import BoardWatcher
     from .run import Run
+    from .signals import SignalGuard
     from .sim import Simulator
 
 NO_TYPE = (
@@ -269,7 +268,9 @@ class RerobotsPlugin:
         self.share_dir: Path | None = None
         # A Secret, so that vars(plugin) and pytest's -l locals never show the token.
         self.api_url, self._token = settings.api_url, settings.secret
-        self.signals = SignalGuard(write=self._tell)
+        # The guard of SIGINT and SIGTERM (signals.py), made on first need: the signals
+        # property.
+        self._signals: SignalGuard | None = None
         self._run: Run | None = None
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
@@ -314,6 +315,16 @@ class RerobotsPlugin:
     # -- start and stop -------------------------------------------------------
 
     @property
+    def signals(self) -> SignalGuard:
+        """The guard of SIGINT and SIGTERM, made for a rental, the simulator or an xdist
+        controller."""
+        if self._signals is None:
+            from .signals import SignalGuard  # lazily: a run that rents nothing never needs it
+
+            self._signals = SignalGuard(write=self._tell)
+        return self._signals
+
+    @property
     def is_worker(self) -> bool:
         return self.worker_input is not None
 
@@ -337,6 +348,8 @@ class RerobotsPlugin:
     def _tell(self, text: str) -> None:
         """The signal guard's messages: on the terminal, outside pytest's output capture
         when the main thread is capturing (a Ctrl-C in a fixture's setup)."""
+        from .signals import tell_the_terminal  # (loaded with the guard that calls this)
+
         capman = self.config.pluginmanager.get_plugin("capturemanager")
         if capman is None or threading.current_thread() is not threading.main_thread():
             tell_the_terminal(text)
@@ -433,7 +446,8 @@ class RerobotsPlugin:
             if self._run is not None:
                 self._run.close()
         finally:
-            self.signals.uninstall()
+            if self._signals is not None:
+                self._signals.uninstall()
             if self.simulator is not None:
                 self.simulator.stop()
                 self.simulator = None
@@ -544,6 +558,8 @@ class RerobotsPlugin:
         if isinstance(each, str):
             return wtype, each
         deployment = self.settings.deployment or marked_deployment
+        from .wire import is_uuid  # lazily: only a test that gets a robot
+
         if deployment is not None and not is_uuid(deployment):
             # A short id, as the summary table prints it: the one deployment it starts
             # (one listing per run; none for a whole id).

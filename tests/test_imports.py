@@ -65,7 +65,7 @@ NOT_LOADED = (
     "pytest_rerobots.costs", "pytest_rerobots.instance", "pytest_rerobots.keep",
     "pytest_rerobots.ledger", "pytest_rerobots.plugin_commands",
     "pytest_rerobots.plugin_report", "pytest_rerobots.run", "pytest_rerobots.safefiles",
-    "pytest_rerobots.sim",
+    "pytest_rerobots.signals", "pytest_rerobots.sim", "pytest_rerobots.wire",
 )
 
 #: Writes the names of the loaded modules to the file named by DUMP_MODULES at the end.
