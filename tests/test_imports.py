@@ -3,6 +3,10 @@
 A user's ``filterwarnings = error`` (or ``python -W error``) turns any warning raised while
 pytest loads the plugin into an INTERNALERROR before a single test runs; cryptography 51's
 DSA deprecation, raised when asyncssh is imported, did exactly that.
+
+And a pytest run that rents nothing (collection only, or tests that use no robot) loads
+neither the client nor what only a rental, a robot's report or a command of the plugin
+needs: every run of a project that has the plugin installed pays for what it loads.
 """
 
 from __future__ import annotations
