@@ -56,7 +56,6 @@ from .settings import (
     resolve,
 )
 from .textsafe import fence_block, in_github_actions, one_line
-from .transcript import Transcript
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
@@ -719,6 +718,7 @@ class RerobotsPlugin:
         entries, dropped = self._run.transcript.take()
         if entries or dropped:
             from . import plugin_report  # lazily: loaded with the rental already
+            from .transcript import Transcript
 
             text = plugin_report.redact(Transcript.render(entries, dropped),
                                  self._token.reveal() if self._token else None)
