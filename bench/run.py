@@ -267,10 +267,15 @@ def timed(fn: Callable[[], object]) -> float:
 # --------------------------------------------------------------------------- 1. collection
 
 
+#: Row 1b's target (issue 26): the plugin's CPU time over the run without it.
+COLLECTION_TARGET = 1.03
+
+
 def row_collection(reps: int) -> list[Row]:
     """``pytest --collect-only -q`` of 500 trivial tests, with and without the plugin:
     wall time, and the CPU time (user + system) of the pytest process, which other work
-    on the machine disturbs less."""
+    on the machine disturbs less; the target is the CPU time's (1b), over at least 40
+    interleaved pairs."""
     cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -309,11 +314,15 @@ def row_collection(reps: int) -> list[Row]:
         # Each pair ran back to back: their difference cancels most of the drift that
         # other work on the machine puts into both medians.
         paired = median([a - b for a, b in zip(mine, theirs, strict=True)]) * 1e3
+        # The target is the CPU time's: the wall time is shown beside it, as other work
+        # on the machine moves it more than the plugin does.
+        cpu = key == "1b"
         rows.append(Row(key, f"`pytest --collect-only -q`, 500 trivial tests, plugin vs "
                         f"`-p no:rerobots` (interleaved), {what}; median paired difference "
                         f"{paired:+.0f} ms", cell(mine, "ms", 1e3, 0),
-                        cell(theirs, "ms", 1e3, 0), r, str(reps), "ratio <= 1.05",
-                        r is not None and r <= 1.05))
+                        cell(theirs, "ms", 1e3, 0), r, str(reps),
+                        f"ratio <= {COLLECTION_TARGET}" if cpu else "-",
+                        (r is not None and r <= COLLECTION_TARGET) if cpu else None))
     return rows
 
 
@@ -886,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=",".join(ROWS),
                         help="comma-separated rows to run (default: all)")
     parser.add_argument("--reps", type=int, default=None,
-                        help="repetitions of rows 1, 3, 5, 6, 7 and 10 (default 25, 8, 5, 3, 5, "
+                        help="repetitions of rows 1, 3, 5, 6, 7 and 10 (default 40, 8, 5, 3, 5, "
                              "2; quick: 5, 3, 2, 1, 2, 1)")
     parser.add_argument("-n", type=int, default=None,
                         help="round trips per client in rows 2 and 9 (default 200, quick 50)")
@@ -908,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     long_delay = args.long_delay if args.long_delay is not None else (10.0 if quick else 30.0)
     counter = CallCounter()
     jobs: dict[str, Callable[[], list[Row]]] = {
-        "1": lambda: row_collection(reps(25, 5)),
+        "1": lambda: row_collection(reps(40, 5)),
         "2": lambda: (row_round_trip("asyncssh", n, max(5, n // 5))
                       + row_round_trip("openssh", n, max(5, n // 5))),
         "3": lambda: row_lifecycle(reps(8, 3), args.short_delay, counter),

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import AddonUnavailable, ConfigurationError, RerobotsError
-from .settings import CAMERA_MODES
+from .settings import CAMERA_MODES, DEFAULT_ARTIFACTS
 
 if TYPE_CHECKING:
     from .client import RerobotsClient
@@ -37,9 +37,6 @@ __all__ = ["CAMERA_MODES", "DEFAULT_ARTIFACTS", "SNAPSHOT_WAIT", "Camera", "Pict
 
 log = logging.getLogger("pytest_rerobots.camera")
 
-#: The artifacts directory under the rootdir when none is named. Not hidden, so that an
-#: upload step (actions/upload-artifact leaves hidden files out) takes it as it is.
-DEFAULT_ARTIFACTS = "rerobots-artifacts"
 #: Seconds one test's snapshots may take, all robots and cameras together.
 SNAPSHOT_WAIT = 5.0
 #: Cameras tried per robot: the server takes ids 0 to 3; the next is asked for only while

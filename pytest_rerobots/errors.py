@@ -54,7 +54,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .textsafe import block_lines, fence_prefixed
-from .transcript import tail
 
 if TYPE_CHECKING:
     from .channel import CommandResult
@@ -262,6 +261,8 @@ def _tails(stdout: str, stderr: str) -> str:
     are fenced off from the runner's workflow commands (textsafe). Never the message's
     first line: pytest's one-line summaries show only that, and a fence cut in half
     there would stop the job's workflow commands for good."""
+    from .transcript import tail  # lazily: every pytest run imports this module
+
     parts = []
     for name, text in (("stdout", stdout), ("stderr", stderr)):
         if text.strip():

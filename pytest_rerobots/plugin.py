@@ -24,13 +24,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
-# Only light modules here: a pytest run that rents nothing must not pay for requests,
-# paramiko or tenacity. The client, instances and the Run load with the first rental
-# (the imports inside functions below).
-from . import costs, plugin_commands, plugin_report
-from .camera import DEFAULT_ARTIFACTS, Camera, check_directory
+# Only what every run needs here: a pytest run that rents nothing (collection only, or
+# tests that use no robot) must pay next to nothing for the plugin, neither requests,
+# paramiko nor tenacity, nor the camera, the costs, the ledger or the reports. The client,
+# instances and the Run load with the first rental, the rest where first needed (the
+# imports inside functions below).
 from .errors import ConfigurationError, RerobotsError, is_infrastructure
-from .ledger import Ledger
 from .plugin_costs import EACH_PARAM, RunCosts, each_of
 from .plugin_fixtures import (
     PLUGIN_NAME,
@@ -48,6 +47,7 @@ from .plugin_reruns import RerunHooks, label_failure, on_robot
 from .records import Records
 from .settings import (
     COMMAND_LINE_ONLY,
+    DEFAULT_ARTIFACTS,
     OPTIONS,
     Option,
     Secret,
@@ -55,16 +55,16 @@ from .settings import (
     allow_warnings,
     resolve,
 )
-from .signals import SignalGuard, tell_the_terminal
 from .textsafe import fence_block, in_github_actions, one_line
-from .transcript import Transcript
-from .wire import is_uuid
 
 if TYPE_CHECKING:
     from _pytest.terminal import TerminalReporter
 
+    from .camera import Camera
     from .instance import Instance
+    from .plugin_report import BoardWatcher
     from .run import Run
+    from .signals import SignalGuard
     from .sim import Simulator
 
 NO_TYPE = (
@@ -160,6 +160,11 @@ def pytest_cmdline_main(config: pytest.Config) -> int | None:
     """``pytest --rerobots-sweep``: end every live instance in the ledger, then exit.
     ``pytest --rerobots-list``: print what can be rented, then exit.
     ``pytest --rerobots-rent-ahead``: rent for the next run, then exit."""
+    if not (config.getoption("rerobots_rent_ahead") or config.getoption("rerobots_list")
+            or config.getoption("rerobots_sweep")):
+        return None
+    from . import plugin_commands  # lazily: only these commands need it (and the ledger)
+
     if config.getoption("rerobots_rent_ahead"):
         return plugin_commands.rent_ahead(config, load_settings(config), _cache_dir(config))
     if config.getoption("rerobots_list") and not config.getoption("rerobots_sweep"):
@@ -179,6 +184,8 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = load_settings(config)
     if settings.camera != "off" and settings.artifacts is not None \
             and "artifacts" in settings.sources:
+        from .camera import check_directory  # lazily: only a run that names the directory
+
         try:  # a directory named on purpose: checked before anything is rented
             check_directory(settings.artifacts)
         except ConfigurationError as exc:
@@ -195,7 +202,9 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
     config.pluginmanager.register(RerunHooks(plugin), f"{PLUGIN_NAME}-reruns")
-    if config.pluginmanager.hasplugin("xdist"):
+    if plugin.is_worker or getattr(config.option, "dist", "no") != "no":
+        # Only where xdist distributes (its controller) or runs tests (its workers): an
+        # installed xdist that this run does not use adds nothing.
         config.pluginmanager.register(XdistHooks(plugin), f"{PLUGIN_NAME}-xdist")
     plugin.start()
 
@@ -211,6 +220,8 @@ class XdistHooks:
         """Worker: send its instances and skips to the controller, for the summary."""
         output = getattr(session.config, "workeroutput", None)
         if output is not None:
+            from . import costs, plugin_report  # lazily: only xdist workers send these
+
             output["rerobots_rows"] = plugin_report.rows(self.plugin.records)
             output["rerobots_kept_lines"] = self.plugin.kept_summary()
             output["rerobots_spans"] = [costs.span(i) for i in self.plugin.records.instances]
@@ -256,14 +267,16 @@ class RerobotsPlugin:
         self.share_dir: Path | None = None
         # A Secret, so that vars(plugin) and pytest's -l locals never show the token.
         self.api_url, self._token = settings.api_url, settings.secret
-        self.signals = SignalGuard(write=self._tell)
+        # The guard of SIGINT and SIGTERM (signals.py), made on first need: the signals
+        # property.
+        self._signals: SignalGuard | None = None
         self._run: Run | None = None
         # The pool's keys of each scope node (by node id), ended together at its end.
         self._scope_keys: dict[str, list[tuple[str, str | None, str]]] = {}
         self._prefetched = False
         # Under xdist: the run's board (board.py) and the controller's thread showing it.
         self._board_dir: Path | None = None
-        self._board_watcher: plugin_report.BoardWatcher | None = None
+        self._board_watcher: BoardWatcher | None = None
         # --rerobots-keep-on-failure: the instances the current test got from a fixture,
         # and how often each instance had been used when it began.
         self._given: list[Instance] = []
@@ -271,8 +284,9 @@ class RerobotsPlugin:
         #: Lines about kept and reused instances sent by xdist workers.
         self.kept_lines: list[str] = []
         self.notes: list[str] = []
-        # The camera add-on's pictures (camera.py), and those of this run's tests.
-        self.camera = Camera(settings.camera, settings.artifacts or Path(DEFAULT_ARTIFACTS))
+        # The camera add-on's pictures (camera.py, made on first use: the camera property),
+        # and those of this run's tests.
+        self._camera: Camera | None = None
         self.pictures: list[str] = []
         # What the run cost and where its time went, each_deployment's verdicts too.
         self.tally = RunCosts(self.records)
@@ -287,7 +301,27 @@ class RerobotsPlugin:
             self.notes.append("rerobots: warning: --rerobots-reuse ignored under CI=true "
                               "(each CI run rents its own instances)")
 
+    @property
+    def camera(self) -> Camera:
+        """The camera add-on's pictures, made when a test first gets a robot."""
+        if self._camera is None:
+            from .camera import Camera  # lazily: a run that rents nothing never needs it
+
+            s = self.settings
+            self._camera = Camera(s.camera, s.artifacts or Path(DEFAULT_ARTIFACTS))
+        return self._camera
+
     # -- start and stop -------------------------------------------------------
+
+    @property
+    def signals(self) -> SignalGuard:
+        """The guard of SIGINT and SIGTERM, made for a rental, the simulator or an xdist
+        controller."""
+        if self._signals is None:
+            from .signals import SignalGuard  # lazily: a run that rents nothing never needs it
+
+            self._signals = SignalGuard(write=self._tell)
+        return self._signals
 
     @property
     def is_worker(self) -> bool:
@@ -313,6 +347,8 @@ class RerobotsPlugin:
     def _tell(self, text: str) -> None:
         """The signal guard's messages: on the terminal, outside pytest's output capture
         when the main thread is capturing (a Ctrl-C in a fixture's setup)."""
+        from .signals import tell_the_terminal  # (loaded with the guard that calls this)
+
         capman = self.config.pluginmanager.get_plugin("capturemanager")
         if capman is None or threading.current_thread() is not threading.main_thread():
             tell_the_terminal(text)
@@ -336,6 +372,7 @@ class RerobotsPlugin:
         return self._run
 
     def _make_run(self) -> Run:
+        from . import plugin_report  # lazily: with the first rental, as the engine
         from .run import Run  # lazily: the engine (requests, paramiko) loads with a rental
 
         s = self.settings
@@ -390,6 +427,7 @@ class RerobotsPlugin:
     def board_dir(self) -> Path:
         """Controller: the directory of the run's board, made (and watched) on first use."""
         if self._board_dir is None:
+            from . import plugin_report  # lazily: the board exists only under xdist
             from .board import Board
 
             self._board_dir = Path(tempfile.mkdtemp(prefix="rerobots-board-"))
@@ -407,7 +445,8 @@ class RerobotsPlugin:
             if self._run is not None:
                 self._run.close()
         finally:
-            self.signals.uninstall()
+            if self._signals is not None:
+                self._signals.uninstall()
             if self.simulator is not None:
                 self.simulator.stop()
                 self.simulator = None
@@ -452,6 +491,8 @@ class RerobotsPlugin:
                             scope="test" if scope_node is request.node else self.settings.scope)
         finally:
             self._waited += time.monotonic() - begun
+        from . import plugin_report  # lazily: loaded by the rental already
+
         plugin_report.record_properties(request.node, inst)
         self.given(inst)
         self._pooled = inst
@@ -516,6 +557,8 @@ class RerobotsPlugin:
         if isinstance(each, str):
             return wtype, each
         deployment = self.settings.deployment or marked_deployment
+        from .wire import is_uuid  # lazily: only a test that gets a robot
+
         if deployment is not None and not is_uuid(deployment):
             # A short id, as the summary table prints it: the one deployment it starts
             # (one listing per run; none for a whole id).
@@ -547,6 +590,8 @@ class RerobotsPlugin:
         found = self.tally.deployments_of(wtype, self.api_url, self._token)
         for ident, region in found:
             self.tally.each_regions[ident] = region
+        from . import costs  # lazily: only each_deployment names its tests so
+
         metafunc.parametrize(EACH_PARAM, [ident for ident, _ in found],
                              ids=[costs.each_id(ident, region) for ident, region in found])
 
@@ -554,7 +599,12 @@ class RerobotsPlugin:
 
     def pytest_collection_modifyitems(self, config: pytest.Config,
                                       items: list[pytest.Item]) -> None:
+        # Most tests carry no rerobots marker: each module and class is looked at once,
+        # not once for each of its tests (a bad marker is a usage error here all the same).
+        seen: dict[int, bool] = {}
         for item in items:
+            if not _marked(item, seen):
+                continue
             reason = skip_reason(item.get_closest_marker("rerobots"), self.settings.wtype,
                                  self.settings.sources.get("wtype", ""))
             if reason:
@@ -571,18 +621,31 @@ class RerobotsPlugin:
             # xdist's controller: end what the workers hold *before* xdist shuts them
             # down, which can take 10 s when the run was interrupted.
             self._end_leftovers()
-        plugin_report.junit_run_properties(self.config, self.tally.run_properties())
+        properties = self.tally.run_properties()
+        if properties:  # (none unless something was rented)
+            from . import plugin_report  # lazily: a run that rents nothing never loads it
+
+            plugin_report.junit_run_properties(self.config, properties)
         yield  # (an old-style wrapper: the other impls' errors do not surface here)
         # After the session's fixtures are torn down: what is still live leaked.
         self._end_leftovers()
 
     def _end_leftovers(self) -> None:
         """End what the ledger holds as live for this run (a worker killed before its
-        teardown). Reading the ledger is cheap; the client loads only if there is any."""
+        teardown). Only this process and its xdist workers rent under this run's id: the
+        ledger is read only when there were workers, the client loads only if it holds
+        any."""
         ledger = self.settings.ledger
-        if self.guarded and ledger is not None and (
-                self._run is not None or Ledger(ledger).live(run_id=self.run_id)):
-            self.run.end_leftovers()
+        if not self.guarded or ledger is None:
+            return
+        if self._run is None:
+            if not self.config.pluginmanager.has_plugin("dsession"):
+                return
+            from .ledger import Ledger  # lazily: only an xdist controller reads it here
+
+            if not Ledger(ledger).live(run_id=self.run_id):
+                return
+        self.run.end_leftovers()
 
     def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
         """Note how often each instance was used before this test (keep-on-failure)."""
@@ -621,20 +684,23 @@ class RerobotsPlugin:
             self._run.mark_kept_on_failure(self._used_by_this_test())
         if self._run is not None and self.camera.wanted(rep.failed) \
                 and (rep.when == "call" or rep.failed):
+            from . import plugin_report  # lazily: loaded with the rental already
+
             pictures = self.camera.snapshot(self._run.client, self._used_by_this_test(),
                                             item.nodeid, rep.when)
             plugin_report.attach_pictures(self.config, rep, pictures)
         if rep.failed and call.excinfo is not None \
                 and isinstance(call.excinfo.value, RerobotsError):
+            from . import plugin_report  # lazily: only a test that met a rerobots error
+
             short = plugin_report.short_failure(call.excinfo, self.config)
             if short is not None:
                 rep.longrepr = short
-        if rep.when == "setup" and rep.failed and call.excinfo is not None \
-                and isinstance(call.excinfo.value, RerobotsError) and in_github_actions():
-            # Annotated as pytest-github-actions-annotate-failures annotates a failed call
-            # (it leaves setup errors out); printed by the controller (logreport).
-            rep.rerobots_annotation = plugin_report.setup_error_annotation(  # type: ignore[attr-defined]
-                item, call.excinfo.value)
+            if rep.when == "setup" and in_github_actions():
+                # Annotated as pytest-github-actions-annotate-failures annotates a failed
+                # call (it leaves setup errors out); printed by the controller (logreport).
+                rep.rerobots_annotation = plugin_report.setup_error_annotation(  # type: ignore[attr-defined]
+                    item, call.excinfo.value)
         if rep.when == "call" and rep.failed and call.excinfo is not None \
                 and is_infrastructure(call.excinfo.value):
             # Marked on the report (it travels to the xdist controller), shown as an error.
@@ -651,6 +717,9 @@ class RerobotsPlugin:
             return
         entries, dropped = self._run.transcript.take()
         if entries or dropped:
+            from . import plugin_report  # lazily: loaded with the rental already
+            from .transcript import Transcript
+
             text = plugin_report.redact(Transcript.render(entries, dropped),
                                  self._token.reveal() if self._token else None)
             # pytest prints a section as it is, each line from its start: under GitHub
@@ -663,11 +732,17 @@ class RerobotsPlugin:
             self.skipped_for_token += 1
         annotation = getattr(report, "rerobots_annotation", None)
         if not self.is_worker and isinstance(annotation, str):
+            from . import plugin_report  # lazily: only a report this plugin annotated
+
             plugin_report.annotate(self.config, annotation)
-        if report.when == "teardown":
+        if report.when == "teardown" and report.sections:
+            from . import plugin_report  # lazily: only a test with captured sections
+
             plugin_report.junit_transcript(self.config, report)
         pictures = getattr(report, "rerobots_pictures", None)
         if isinstance(pictures, list) and pictures:
+            from . import plugin_report  # lazily: only a test the camera pictured
+
             plugin_report.junit_attachments(self.config, report, pictures)
             if not self.is_worker:
                 self.pictures.extend(str(p) for p in pictures)
@@ -705,8 +780,10 @@ class RerobotsPlugin:
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: TerminalReporter) -> None:
-        if self.is_worker:
+        if self.is_worker or not self._anything_to_report():
             return
+        from . import costs, plugin_report  # lazily: a run that rents nothing needs neither
+
         plugin_report.terminal_summary(terminalreporter, self.records, self.skipped_for_token)
         for line in [*self.kept_lines, *self.kept_summary()]:
             terminalreporter.write_line(line, yellow=line.startswith("rerobots: kept"))
@@ -720,6 +797,15 @@ class RerobotsPlugin:
                                               costs.gantt(self.tally.spans(), self.tally.uses),
                                               self.tally.replays))
         plugin_report.pictures_summary(terminalreporter, self.pictures)
+
+    def _anything_to_report(self) -> bool:
+        """Whether the summary has a line to show (or to write to the GitHub step
+        summary): not in a run that rented nothing, skipped nothing for want of a token
+        and heard of no robot from a worker."""
+        records, tally = self.records, self.tally
+        return bool(self._run is not None or self.skipped_for_token or records.instances
+                    or records.remote_rows or records.leftovers or self.kept_lines
+                    or tally.remote_spans or tally.each or self.pictures)
 
     def kept_summary(self) -> list[str]:
         """What the terminal says of the instances this process kept or reused."""
@@ -740,6 +826,21 @@ class RerobotsPlugin:
 def _skipped_for_token(rep: pytest.TestReport) -> bool:
     longrepr = rep.longrepr
     return isinstance(longrepr, tuple) and NO_CREDENTIALS in str(longrepr[-1])
+
+
+def _marked(node: pytest.Item | pytest.Collector, seen: dict[int, bool]) -> bool:
+    """Whether ``node`` or one of its parents carries the ``rerobots`` marker (where
+    ``get_closest_marker`` looks); ``seen``: the answer for each parent, by its id."""
+    for mark in node.own_markers:
+        if mark.name == "rerobots":
+            return True
+    parent = node.parent
+    if parent is None:
+        return False
+    answer = seen.get(id(parent))
+    if answer is None:
+        answer = seen[id(parent)] = _marked(parent, seen)
+    return answer
 
 
 def _never_runs(item: pytest.Item) -> bool:

@@ -1,7 +1,8 @@
 """What a run cost, and each_deployment's verdicts, under pytest: the deployments a test
 is parametrized over, what each test's reports say of its robots (noted on the report,
 which travels to the xdist controller, and tallied there), the run's JUnit properties
-and the summary's lines. The arithmetic is :mod:`.costs`'s.
+and the summary's lines. The arithmetic is :mod:`.costs`'s, loaded only once a robot was
+rented or each_deployment names a test (a run that rents nothing never needs it).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import costs
 from .errors import RerobotsError
 
 if TYPE_CHECKING:
@@ -88,6 +88,8 @@ class RunCosts:
                 for inst in dict.fromkeys(given) if inst.id]
         inst = pooled
         if rep.failed and inst is not None and inst.deployment:
+            from . import costs  # lazily: only once a robot was rented
+
             line = costs.replay_command(item.nodeid, inst.deployment,
                                         reuse if inst.keep_for == "reuse" else None)
             rep.rerobots_replay = line  # type: ignore[attr-defined]
@@ -95,6 +97,8 @@ class RunCosts:
                                  "deployment)", line))
         each = each_of(item)
         if isinstance(each, str):
+            from . import costs  # lazily: only each_deployment's tests
+
             eid = costs.each_id(each, self.each_regions.get(each))
             head, _, ids = item.nodeid.partition("[")
             others = "-".join(p for p in ids.removesuffix("]").split("-") if p) \
@@ -124,6 +128,10 @@ class RunCosts:
 
     def spans(self) -> list[dict[str, Any]]:
         """Every instance of the run (workers' included), as :func:`.costs.span` has it."""
+        if not self.records.instances:
+            return list(self.remote_spans)
+        from . import costs  # lazily: only once a robot was rented
+
         return [*self.remote_spans, *(costs.span(i) for i in self.records.instances)]
 
     def run_properties(self) -> list[tuple[str, str]]:
@@ -131,6 +139,8 @@ class RunCosts:
         spans = [s for s in self.spans() if s.get("rented") is not None]
         if not spans:
             return []
+        from . import costs  # lazily: only once a robot was rented
+
         t = costs.totals(spans, self.used_seconds)
         props = [("rerobots_instances", str(int(t["instances"]))),
                  ("rerobots_instance_minutes", f"{t['minutes']:.4f}"),
@@ -146,6 +156,8 @@ class RunCosts:
         lines = []
         spans = self.spans()
         if any(s.get("rented") is not None for s in spans):
+            from . import costs  # lazily: only once a robot was rented
+
             lines.append(costs.summary_line(spans, self.used_seconds))
         for base, verdicts in self.each.items():
             ran = verdicts

@@ -12,8 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from . import plugin_report
-
 if TYPE_CHECKING:
     import paramiko
 
@@ -105,6 +103,8 @@ def rerobots_acquire(request: pytest.FixtureRequest) -> Iterator[Callable[..., A
         for inst in insts if isinstance(insts, list) else [insts]:
             made.append(inst)
             plugin.given(inst)
+            from . import plugin_report  # lazily: a run that rents nothing never loads it
+
             plugin_report.record_properties(request.node, inst)
         return insts
 

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from . import plugin_report
 from .errors import is_infrastructure
 from .textsafe import in_github_actions
 
@@ -44,6 +43,8 @@ def label_failure(item: pytest.Item, rep: pytest.TestReport,
     item.user_properties.append(("rerobots_failure", kind))
     if kind == "infrastructure" and rep.when == "call" and exc is not None \
             and in_github_actions():
+        from . import plugin_report  # lazily: a run that rents nothing never loads it
+
         rep.rerobots_annotation = plugin_report.failure_annotation(  # type: ignore[attr-defined]
             item, rep.when, exc)
 

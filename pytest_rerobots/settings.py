@@ -32,6 +32,9 @@ SCOPES = ("session", "module", "function")
 XDIST_MODES = ("per-worker", "shared")
 #: --rerobots-camera: when the camera add-on's pictures are taken (camera.py).
 CAMERA_MODES = ("on-failure", "always", "off")
+#: --rerobots-artifacts: the directory under the rootdir when none is named. Not hidden, so
+#: that an upload step (actions/upload-artifact leaves hidden files out) takes it as it is.
+DEFAULT_ARTIFACTS = "rerobots-artifacts"
 
 
 class Secret:
@@ -224,7 +227,6 @@ def shown(value: Any) -> str:
     return str(value)
 
 
-@dataclass(frozen=True)
 class Option:
     """One setting: how its text is read, its default, its help, and its name in each source.
 
@@ -234,24 +236,44 @@ class Option:
     ``"switch"`` (nothing; ``1``/``0``, ``on``/``off``... in the environment and the ini
     file) or ``"list"`` (one value, repeatable). ``instance``: the setting is also an
     :class:`~pytest_rerobots.instance.InstanceOptions` field, the default of every
-    instance of a run, which takes its default from here too.
+    instance of a run, which takes its default from here too. ``metavar``: what
+    ``--help`` calls the value; by default the name (``READY-TIMEOUT``).
+
+    Read-only. A plain class, not a dataclass: every pytest run that has the plugin
+    installed builds the table, and a dataclass's generated methods took a third of this
+    module's import time.
     """
+
+    __slots__ = ("default", "help", "in_env", "in_ini", "instance", "kind", "metavar", "name",
+                 "parse")
 
     name: str
     parse: Callable[[Any], Any]
     default: Any
     help: str
-    kind: str = "value"
-    in_env: bool = False
-    in_ini: bool = True
-    instance: bool = False
-    #: What ``--help`` calls the value; by default the name (``READY-TIMEOUT``).
-    metavar: str | None = None
+    kind: str
+    in_env: bool
+    in_ini: bool
+    instance: bool
+    metavar: str | None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "help", self.help.format(default=shown(self.default)))
-        if self.metavar is None and self.kind != "switch":
-            object.__setattr__(self, "metavar", self.name.upper().replace("_", "-"))
+    def __init__(self, name: str, parse: Callable[[Any], Any], default: Any, help: str, *,
+                 kind: str = "value", in_env: bool = False, in_ini: bool = True,
+                 instance: bool = False, metavar: str | None = None) -> None:
+        if metavar is None and kind != "switch":
+            metavar = name.upper().replace("_", "-")
+        values = {"name": name, "parse": parse, "default": default,
+                  "help": help.format(default=shown(default)), "kind": kind,
+                  "in_env": in_env, "in_ini": in_ini, "instance": instance,
+                  "metavar": metavar}
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError(f"Option is read-only: cannot set {key!r}")
+
+    def __repr__(self) -> str:
+        return f"Option({self.name!r}, default={self.default!r}, kind={self.kind!r})"
 
     @property
     def flag(self) -> str:

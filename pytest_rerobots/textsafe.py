@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -37,11 +36,13 @@ __all__ = ["block", "block_lines", "commands_stopped", "fence_block", "fence_pre
 # Bidirectional embeddings, overrides and isolates: invisible, and they reorder what a
 # terminal or a browser shows after them (text that reads other than it is).
 _BIDI = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
-# C0 controls, DEL, C1 controls (a terminal may take U+009B as CSI), and the above.
-_CONTROL = re.compile(f"[\\x00-\\x1f\\x7f-\\x9f{_BIDI}]")
-_CONTROL_BUT_TAB = re.compile(f"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\x9f{_BIDI}]")
+# C0 controls, DEL, C1 controls (a terminal may take U+009B as CSI), and the above. Kept
+# as patterns, compiled (and cached by re) at their first use: every pytest run imports
+# this module, and one that rents nothing never uses them.
+_CONTROL = f"[\\x00-\\x1f\\x7f-\\x9f{_BIDI}]"
+_CONTROL_BUT_TAB = f"[\\x00-\\x08\\x0a-\\x1f\\x7f-\\x9f{_BIDI}]"
 _SHORT = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_LINE_BREAK = r"\r\n|\r|\n"
 
 
 def _visible(match: re.Match[str]) -> str:
@@ -56,7 +57,7 @@ def one_line(text: str) -> str:
     """``text`` on one line with no control character: each one (tabs and line breaks
     too) shown as its escape, ``\\x1b``, ``\\n``, ``\\t``. For table cells and the
     lines of a listing, whose layout a tab or a line break would break."""
-    return _CONTROL.sub(_visible, text)
+    return re.sub(_CONTROL, _visible, text)
 
 
 def block_lines(text: str) -> list[str]:
@@ -65,12 +66,12 @@ def block_lines(text: str) -> list[str]:
     shown as escapes. A lone CR is a line break, not a return to the start of the line
     that lets what follows hide what came before; a line break at the end ends the
     last line and adds none."""
-    parts = _LINE_BREAK.split(text)
+    parts = re.split(_LINE_BREAK, text)
     if len(parts) > 1 and parts[-1] == "":
         parts.pop()
     if parts == [""]:
         return []
-    return [_CONTROL_BUT_TAB.sub(_visible, part) for part in parts]
+    return [re.sub(_CONTROL_BUT_TAB, _visible, part) for part in parts]
 
 
 def block(text: str) -> str:
@@ -127,6 +128,8 @@ def in_github_actions(env: Mapping[str, str] | None = None) -> bool:
 def _token(text: str) -> str:
     # Fresh for every block: a token that robot output could know (or that appears in
     # the text itself) would let it end the block and have its commands acted on again.
+    import secrets  # lazily: a pytest run that rents nothing fences no output
+
     while True:
         token = secrets.token_hex(16)
         if token not in text:

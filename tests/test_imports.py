@@ -3,12 +3,20 @@
 A user's ``filterwarnings = error`` (or ``python -W error``) turns any warning raised while
 pytest loads the plugin into an INTERNALERROR before a single test runs; cryptography 51's
 DSA deprecation, raised when asyncssh is imported, did exactly that.
+
+And a pytest run that rents nothing (collection only, or tests that use no robot) loads
+neither the client nor what only a rental, a robot's report or a command of the plugin
+needs: every run of a project that has the plugin installed pays for what it loads.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+
+import pytest
+
+pytest_plugins = ["pytester"]
 
 MODULES = ("pytest_rerobots", "pytest_rerobots.plugin", "pytest_rerobots.client",
            "pytest_rerobots.ssh", "pytest_rerobots.sim", "pytest_rerobots.sim.hosts",
@@ -49,3 +57,65 @@ def test_the_simulators_command_starts_under_w_error():
     proc = run_python("-W", "error", "-m", "pytest_rerobots.sim", "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage" in proc.stdout.lower()
+
+
+# -- what a run that rents nothing loads --------------------------------------------------
+
+#: Loaded only by a run that rents, reports a robot, or runs a command of the plugin: a run
+#: whose tests use no robot (or that only collects) never needs them.
+NOT_LOADED = (
+    "requests", "urllib3", "paramiko", "asyncssh", "tenacity", "PIL",
+    "pytest_rerobots.board", "pytest_rerobots.camera", "pytest_rerobots.client",
+    "pytest_rerobots.costs", "pytest_rerobots.instance", "pytest_rerobots.keep",
+    "pytest_rerobots.ledger", "pytest_rerobots.plugin_commands",
+    "pytest_rerobots.plugin_report", "pytest_rerobots.run", "pytest_rerobots.safefiles",
+    "pytest_rerobots.signals", "pytest_rerobots.sim", "pytest_rerobots.wire",
+)
+
+#: Writes the names of the loaded modules to the file named by DUMP_MODULES at the end.
+DUMP_CONFTEST = """
+import os, sys
+
+def pytest_unconfigure(config):
+    with open(os.environ["DUMP_MODULES"], "w") as fh:
+        fh.write("\\n".join(sorted(sys.modules)))
+"""
+
+
+def loaded_modules(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch,
+                   *args: str) -> set[str]:
+    """The modules loaded at the end of a pytest run of ``pytester``'s project."""
+    dump = pytester.path / "modules.txt"
+    monkeypatch.setenv("DUMP_MODULES", str(dump))
+    monkeypatch.delenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    result = pytester.runpytest_subprocess(*args)
+    assert result.ret == 0, result.outlines
+    return set(dump.read_text().split())
+
+
+@pytest.mark.parametrize("args", [("--collect-only", "-q"), ("-q",)],
+                         ids=["collect-only", "tests-without-robots"])
+def test_a_run_that_rents_nothing_loads_no_client_and_no_reporting(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...]):
+    pytester.makeconftest(DUMP_CONFTEST)
+    pytester.makepyfile(test_plain="""
+        import pytest
+
+        def test_one():
+            assert 1 + 1 == 2
+
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_two(n):
+            assert n
+
+        @pytest.mark.skip(reason="not today")
+        def test_skipped():
+            pass
+    """)
+    with_plugin = loaded_modules(pytester, monkeypatch, *args)
+    assert "pytest_rerobots.plugin" in with_plugin
+    without = loaded_modules(pytester, monkeypatch, *args, "-p", "no:rerobots")
+    assert "pytest_rerobots.plugin" not in without
+    # (A third-party plugin installed beside this one may load some of them itself.)
+    extra = sorted(m for m in NOT_LOADED if m in with_plugin and m not in without)
+    assert extra == [], f"a run that rents nothing loaded {extra}"

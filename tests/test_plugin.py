@@ -103,6 +103,34 @@ def test_marker_selection_rules(pytester: pytest.Pytester, sim_env: Simulator):
                                  "this run is for basic_kobuki*"])
 
 
+def test_markers_of_modules_classes_and_parameters_select_too(pytester: pytest.Pytester):
+    # Where get_closest_marker finds it: on the test, its class, its module or its
+    # parameter set (each module and class is looked at once, not once per test).
+    pytester.makepyfile(test_misty="""
+        import pytest
+        pytestmark = pytest.mark.rerobots("fixed_misty2")
+        def test_module_marked(): pass
+        @pytest.mark.rerobots("basic_kobuki")
+        def test_own_marker_wins(): pass
+    """, test_mixed="""
+        import pytest
+        @pytest.mark.rerobots("fixed_misty2")
+        class TestMisty:
+            def test_a(self): pass
+            def test_b(self): pass
+        class TestPlain:
+            def test_c(self): pass
+        MISTY = pytest.mark.rerobots("fixed_misty2")
+        @pytest.mark.parametrize("n", [1, pytest.param(2, marks=MISTY)])
+        def test_param(n): pass
+        def test_unmarked(): pass
+    """)
+    result = pytester.runpytest("--rerobots-wtype=basic_kobuki", "-rs", "-p", "no:randomly")
+    result.assert_outcomes(passed=4, skipped=4)
+    result.stdout.fnmatch_lines(["*test_misty.py: test is for rerobots workspace type "
+                                 "fixed_misty2*"])
+
+
 def test_marked_test_runs_on_its_first_type_and_unmarked_errors(pytester: pytest.Pytester,
                                                                 sim_env: Simulator):
     pytester.makepyfile(
