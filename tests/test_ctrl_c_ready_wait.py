@@ -162,7 +162,7 @@ def suite(tmp_path: Path) -> Iterator[Suite]:
 @pytest.fixture(scope="module")
 def slow_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimProcess]:
     """A simulator in a process of its own (the "remote API"), READY 3 s after POST /new."""
-    config = tmp_path_factory.mktemp("i22c-sim") / "slow.toml"
+    config = tmp_path_factory.mktemp("slow-sim") / "slow.toml"
     config.write_text(f"[timings]\nready_delay = {READY_DELAY}\nterminate_delay = 0.1\n")
     try:
         launched = start_process("--config", str(config), start_new_session=True)
