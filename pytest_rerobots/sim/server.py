@@ -138,7 +138,8 @@ class LimitedServer(ThreadedWSGIServer):
     def __init__(self, host: str, port: int, app: Any, limits: ServerLimits,
                  handler: type[LimitedHandler]) -> None:
         self.limits = limits
-        self._conn_lock = threading.Lock()
+        # (A condition: :meth:`wait_quiet` waits on it for the answers to end.)
+        self._conn_lock = threading.Condition(threading.Lock())
         # Open connections, oldest first, each with its request deadline (None: not reading).
         self._conns: collections.OrderedDict[socket.socket, float | None] = (
             collections.OrderedDict())
@@ -177,6 +178,8 @@ class LimitedServer(ThreadedWSGIServer):
             self._conns.pop(request, None)
             self._answering.discard(request)
             self._readers.pop(request, None)
+            if not self._answering:
+                self._conn_lock.notify_all()
         super().shutdown_request(request)
 
     def begin_request(self, sock: socket.socket) -> None:
@@ -209,6 +212,14 @@ class LimitedServer(ThreadedWSGIServer):
             self._answering.discard(sock)
             if sock in self._conns:
                 self._conns[sock] = None
+            if not self._answering:
+                self._conn_lock.notify_all()
+
+    def wait_quiet(self, timeout: float) -> None:
+        """Wait until no request is being answered, at most ``timeout`` seconds: work that
+        can wait (stopping a host) lets the answers in flight go first."""
+        with self._conn_lock:
+            self._conn_lock.wait_for(lambda: not self._answering, timeout)
 
     def track_reader(self, sock: socket.socket, reader: _Reader) -> None:
         """Remember the reader of ``sock``, for :meth:`refused_body`."""
