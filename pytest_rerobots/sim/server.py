@@ -92,10 +92,6 @@ class LimitedHandler(WSGIRequestHandler):
 
     server: LimitedServer
 
-    #: Buffered writes: an answer's status line, headers and body leave in one segment
-    #: (werkzeug flushes after each write of the body).
-    wbufsize = -1
-
     def setup(self) -> None:
         """Apply the idle timeout to the connection's socket; wrap its reader."""
         super().setup()
