@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections.abc import Iterator
 
@@ -119,6 +120,25 @@ def test_token_and_url_come_from_the_environment(monkeypatch, sim: Simulator):
     with RerobotsClient() as client:
         assert client.has_token and client.api_url == sim.url
         assert client.instances()["workspace_instances"] == []
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_proxy_settings_of_the_environment_are_read_when_the_client_is_made(
+        monkeypatch, sim: Simulator):
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{_closed_port()}")
+    with RerobotsClient(sim.token, sim.url, retries=0) as proxied:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")  # too late for this client
+        with pytest.raises(TransportError):
+            proxied.index()
+    with RerobotsClient(sim.token, sim.url, retries=0) as direct:
+        assert "workspace_types" in direct.index()
 
 
 # -- public endpoints -------------------------------------------------------------

@@ -8,6 +8,7 @@ a process (``python -m pytest_rerobots.sim``) to measure it from outside.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import os
 import resource
@@ -301,6 +302,67 @@ def test_an_idle_connection_is_closed_after_the_idle_timeout() -> None:
         while sim._server.open_connections() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert sim._server.open_connections() == 0
+
+
+def _exchange(conn: http.client.HTTPConnection, method: str, path: str,
+              body: bytes | None = None, headers: dict[str, str] | None = None
+              ) -> http.client.HTTPResponse:
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    response.read()
+    return response
+
+
+def test_a_connection_is_kept_for_the_next_request() -> None:
+    """HTTP/1.1 connections stay open, as the real service's do: one socket serves a GET,
+    a POST with a body and another GET, and the server says nothing of closing."""
+    with Simulator(ssh_backend="none", **FAST) as sim:
+        auth = {"Authorization": f"Bearer {sim.token}", "Content-Type": "application/json"}
+        conn = http.client.HTTPConnection("127.0.0.1", _port(sim.url), timeout=5)
+        try:
+            first = _exchange(conn, "GET", "/workspaces")
+            sock = conn.sock
+            assert first.status == 200 and first.getheader("Connection") is None
+            made = _exchange(conn, "POST", "/new/basic_kobuki", b"{}", auth)
+            assert made.status == 200 and made.getheader("Connection") is None
+            again = _exchange(conn, "GET", "/instances", headers=auth)
+            assert again.status == 200
+            assert conn.sock is sock, "the connection was closed between requests"
+        finally:
+            conn.close()
+
+
+@pytest.mark.parametrize("case", ["asked", "http/1.0", "refused body"])
+def test_a_connection_is_closed_when_it_cannot_serve_another_request(case: str) -> None:
+    with Simulator(ssh_backend="none", limits=ServerLimits(max_body=100), **FAST) as sim:
+        conn = http.client.HTTPConnection("127.0.0.1", _port(sim.url), timeout=5)
+        if case == "http/1.0":
+            conn._http_vsn, conn._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+        try:
+            if case == "refused body":
+                answer = _exchange(conn, "POST", "/new/basic_kobuki", b"x" * 1000,
+                                   {"Content-Type": "application/json"})
+                assert answer.status == 413
+            else:
+                answer = _exchange(conn, "GET", "/workspaces",
+                                   headers={"Connection": "close"} if case == "asked" else {})
+                assert answer.status == 200
+            assert answer.getheader("Connection") == "close"
+        finally:
+            conn.close()
+
+
+def test_stopping_the_simulator_hangs_up_a_kept_connection() -> None:
+    sim = Simulator(ssh_backend="none", **FAST).start()
+    try:
+        with socket.create_connection(("127.0.0.1", _port(sim.url)), timeout=5) as sock:
+            sock.sendall(b"GET /workspaces HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+            sim.stop()
+            while sock.recv(4096):  # the end of the connection, not the socket's timeout
+                pass
+    finally:
+        sim.stop()
 
 
 # ---------------------------------------------------------------------- owners and keys

@@ -187,6 +187,7 @@ connection timeouts and count, the rate table, and whether ``X-Forwarded-For`` i
                 f"simulator: cannot listen on {self.host}:{self.port}") from exc
         app.on_body_read = self._server.body_read
         app.on_body_refused = self._server.refused_body
+        self.world.background.wait_quiet = self._server.wait_quiet
         self._thread = threading.Thread(target=self._serve, name="rerobots-sim-http",
                                         daemon=True)
         self._thread.start()

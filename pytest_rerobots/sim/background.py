@@ -47,6 +47,9 @@ class Background:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
+        #: Waits, at most the seconds given, until the HTTP server answers no request (the
+        #: simulator sets its server's): a host worker calls it before stopping a host.
+        self.wait_quiet: Callable[[float], None] = lambda timeout: None
 
     @property
     def stopping(self) -> bool:

@@ -22,6 +22,9 @@ __all__ = ["HostWork"]
 # The world's log: these records were the world's before they moved here.
 log = logging.getLogger("pytest_rerobots.sim.world")
 
+#: Longest wait, in seconds, of a host's stop for the API's answers in flight to end.
+STOP_YIELD = 0.1
+
 
 class HostWork:
     """Starts and stops the hosts of one world's instances."""
@@ -32,14 +35,19 @@ class HostWork:
     def stop(self, inst: SimInstance) -> None:
         # A host still starting is stopped by start() once it is up. A running one is
         # stopped by a host worker, after the request that ended it has been answered (the
-        # server answers POST /terminate at once and finishes in the background); the
-        # instance reaches TERMINATED only once its host is down.
+        # server answers POST /terminate at once and finishes in the background). A real
+        # host (not the "none" backend's) waits first until no answer is in flight (up to
+        # STOP_YIELD s): the service's hosts are other machines, and of several robots
+        # ended at once each waits for its answer, not for the others' hosts. The instance
+        # reaches TERMINATED only once its host is down.
         if inst.host_state == "up":
             inst.host_state = "stopping"
             self.world.background.offload(partial(self._stop_now, inst.id))
 
     def _stop_now(self, instance_id: str) -> None:
         world = self.world
+        if not world.hosts.instant and not world.background.stopping:
+            world.background.wait_quiet(STOP_YIELD)
         try:
             world.hosts.stop_host(instance_id)
         finally:

@@ -17,6 +17,13 @@ bounded (:class:`ServerLimits`, documented in the docs' security notes, docs/sec
 - ``X-Forwarded-For`` is believed only with ``trust_forwarded_for`` (off by default), and
   ``rate_table_max`` bounds the per-address rate windows (:mod:`.accounts`).
 
+Connections are kept alive, as the real service's are: werkzeug's handler ends every
+connection after one answer (``Connection: close``), so that every call would pay a TCP
+connection on both ends and a thread of the server's. :class:`LimitedHandler` leaves out
+that header, and keeps the connection for the next request, when the request was HTTP/1.1,
+did not ask to close, had no chunked body and its body was read to the end (so the next
+request begins at the next byte); otherwise it closes as before.
+
 werkzeug's server is kept (rather than waitress or cheroot) because the lost-response fault
 needs the connection's socket in the WSGI environment (``werkzeug.socket``), and because a
 threaded server with these limits answers as fast as before (``bench/sim_limits.py``).
@@ -88,17 +95,37 @@ class LimitedHandler(WSGIRequestHandler):
     def setup(self) -> None:
         """Apply the idle timeout to the connection's socket; wrap its reader."""
         super().setup()
+        # On a kept-alive connection, a write waiting for the ACK of the one before would
+        # wait out the client's delayed ACK (40 ms), as Nagle's algorithm has it.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connection.settimeout(self.server.limits.idle_timeout)
         self.rfile = reader = _Reader(self.rfile)  # type: ignore[assignment]
         self.server.track_reader(self.connection, reader)
 
     def handle_one_request(self) -> None:
         """Read and answer one request, under the request deadline until its body is read."""
+        self.rfile.consumed = False  # type: ignore[attr-defined]
         self.server.begin_request(self.connection)
         try:
             super().handle_one_request()
         finally:
             self.server.end_request(self.connection)
+
+    def send_header(self, keyword: str, value: str) -> None:
+        """Send a header; werkzeug's ``Connection: close`` only if the connection cannot
+        serve another request (see the module docstring)."""
+        if (keyword.lower() == "connection" and value.lower() == "close"
+                and self._reusable()):
+            return
+        super().send_header(keyword, value)
+
+    def _reusable(self) -> bool:
+        """Whether the next request on this connection can be read after this answer."""
+        reader = self.rfile
+        return (self.request_version == "HTTP/1.1" and not self.close_connection
+                and getattr(reader, "consumed", False)
+                and "Transfer-Encoding" not in self.headers
+                and not self.server.closing)
 
 
 class LimitedServer(ThreadedWSGIServer):
@@ -107,7 +134,8 @@ class LimitedServer(ThreadedWSGIServer):
     def __init__(self, host: str, port: int, app: Any, limits: ServerLimits,
                  handler: type[LimitedHandler]) -> None:
         self.limits = limits
-        self._conn_lock = threading.Lock()
+        # (A condition: :meth:`wait_quiet` waits on it for the answers to end.)
+        self._conn_lock = threading.Condition(threading.Lock())
         # Open connections, oldest first, each with its request deadline (None: not reading).
         self._conns: collections.OrderedDict[socket.socket, float | None] = (
             collections.OrderedDict())
@@ -146,6 +174,8 @@ class LimitedServer(ThreadedWSGIServer):
             self._conns.pop(request, None)
             self._answering.discard(request)
             self._readers.pop(request, None)
+            if not self._answering:
+                self._conn_lock.notify_all()
         super().shutdown_request(request)
 
     def begin_request(self, sock: socket.socket) -> None:
@@ -155,13 +185,22 @@ class LimitedServer(ThreadedWSGIServer):
                 self._conns[sock] = time.monotonic() + self.limits.request_timeout
 
     def body_read(self, sock: socket.socket | None) -> None:
-        """The request on ``sock`` is read: no deadline while it is answered."""
+        """The request on ``sock`` is read to its end: no deadline while it is answered,
+        and nothing of it is left to discard."""
         if sock is None:
             return
         with self._conn_lock:
             if sock in self._conns:
                 self._conns[sock] = None
                 self._answering.add(sock)
+            reader = self._readers.get(sock)
+        if reader is not None:
+            reader.consumed = True
+
+    @property
+    def closing(self) -> bool:
+        """Whether the server is closing (no connection is kept for another request)."""
+        return self._closing.is_set()
 
     def end_request(self, sock: socket.socket) -> None:
         """The request on ``sock`` is answered (or the connection ended)."""
@@ -169,6 +208,14 @@ class LimitedServer(ThreadedWSGIServer):
             self._answering.discard(sock)
             if sock in self._conns:
                 self._conns[sock] = None
+            if not self._answering:
+                self._conn_lock.notify_all()
+
+    def wait_quiet(self, timeout: float) -> None:
+        """Wait until no request is being answered, at most ``timeout`` seconds: work that
+        can wait (stopping a host) lets the answers in flight go first."""
+        with self._conn_lock:
+            self._conn_lock.wait_for(lambda: not self._answering, timeout)
 
     def track_reader(self, sock: socket.socket, reader: _Reader) -> None:
         """Remember the reader of ``sock``, for :meth:`refused_body`."""
@@ -202,9 +249,14 @@ class LimitedServer(ThreadedWSGIServer):
                 _hang_up(sock)
 
     def server_close(self) -> None:
-        """Stop the reaper and close the listening socket."""
+        """Stop the reaper, close the listening socket and hang up every open connection
+        (a kept-alive one waits for its next request in a thread of its own)."""
         self._closing.set()
         super().server_close()
+        with self._conn_lock:
+            open_now = list(self._conns)
+        for sock in open_now:
+            _hang_up(sock)
 
 
 def _hang_up(sock: socket.socket) -> None:
@@ -222,9 +274,16 @@ class _Reader:
         self._raw = raw
         #: Largest read, once set; ``None`` passes every read through.
         self.cap: int | None = None
+        #: The current request is read to its end (its body included): a read finds
+        #: nothing more of it. werkzeug discards "what the client still sends" after each
+        #: answer; on a kept-alive connection that would be the next request.
+        self.consumed = False
 
     def read(self, size: int | None = -1) -> bytes:
-        """Read as the wrapped reader does, at most :attr:`cap` bytes once it is set."""
+        """Read as the wrapped reader does, at most :attr:`cap` bytes once it is set;
+        nothing once the request is :attr:`consumed`."""
+        if self.consumed:
+            return b""
         cap = self.cap
         if cap is not None and (size is None or size < 0 or size > cap):
             size = cap
