@@ -301,7 +301,11 @@ class RerobotsPlugin:
             self.notes.append("rerobots: warning: --rerobots-reuse ignored under CI=true "
                               "(each CI run rents its own instances)")
 
-    @property
+    # Methods, not properties: pytest older than 8.3.3 reads every attribute of a
+    # registered plugin object looking for fixtures (pytest issue 12446), which would make
+    # the camera, the signal guard and the Run, and so load the engine, at every session's
+    # start.
+
     def camera(self) -> Camera:
         """The camera add-on's pictures, made when a test first gets a robot."""
         if self._camera is None:
@@ -313,7 +317,6 @@ class RerobotsPlugin:
 
     # -- start and stop -------------------------------------------------------
 
-    @property
     def signals(self) -> SignalGuard:
         """The guard of SIGINT and SIGTERM, made for a rental, the simulator or an xdist
         controller."""
@@ -338,11 +341,11 @@ class RerobotsPlugin:
             self.api_url, self._token = self.simulator.url, Secret(self.simulator.token)
             # Interrupted: the simulator stops with the run, so no end waits out INIT.
             sim = self.simulator
-            self.signals.on_first.append(lambda _signal: sim.terminate_init_at_once())
+            self.signals().on_first.append(lambda _signal: sim.terminate_init_at_once())
         if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
             # The xdist controller rents nothing itself, but on SIGTERM it must still
             # get to end what its workers hold.
-            self.signals.install()
+            self.signals().install()
 
     def _tell(self, text: str) -> None:
         """The signal guard's messages: on the terminal, outside pytest's output capture
@@ -364,9 +367,9 @@ class RerobotsPlugin:
         s = self.settings
         return self.mode != "embedded simulator" and s.ledger is not None and not s.sweep
 
-    @property
     def run(self) -> Run:
-        """The run, made on first need (the first rental, not the plugin's loading)."""
+        """The run, made on first need (the first rental, not the plugin's loading; a
+        method, as :meth:`camera`)."""
         if self._run is None:
             self._run = self._make_run()
         return self._run
@@ -389,7 +392,7 @@ class RerobotsPlugin:
             self.api_url, self._token.reveal() if self._token else None, ignore_env=True,
             ledger=s.ledger if self.guarded else None, run_id=self.run_id,
             watchdog=self.guarded, share_dir=share_dir, records=self.records,
-            signals=self.signals, listeners=[plugin_report.Progress(self.config)],
+            signals=self.signals(), listeners=[plugin_report.Progress(self.config)],
             keep_on_failure=s.keep_on_failure and keeping,
             board_dir=worker.get("rerobots_board_dir"), budget=s.budget,
             reuse=self.reuse if keeping else None, checkout=str(self.config.rootpath),
@@ -463,7 +466,7 @@ class RerobotsPlugin:
             # Counted from the test reports (pytest_runtest_logreport): a session-scoped
             # fixture skips once and pytest replays the skip for the other tests.
             pytest.skip(NO_CREDENTIALS)
-        return self.run
+        return self.run()
 
     def pooled(self, request: pytest.FixtureRequest) -> Instance:
         """The instance for this test's (type, deployment) within ``--rerobots-scope``."""
@@ -508,7 +511,7 @@ class RerobotsPlugin:
         camera); a READY instance's camera add-on is applied in the background."""
         self._given.append(inst)
         if self._run is not None:
-            self.camera.activate(self._run.client, inst)
+            self.camera().activate(self._run.client, inst)
 
     @property
     def _shared(self) -> bool:
@@ -536,7 +539,7 @@ class RerobotsPlugin:
             key = (wtype, deployment, scope_id)
             if key not in keys:
                 keys.append(key)
-            self.run.prefetch(key, wtype, deployment=deployment, reuse=True, scope="session")
+            self.run().prefetch(key, wtype, deployment=deployment, reuse=True, scope="session")
 
     def _scope_node(self, request: pytest.FixtureRequest) -> pytest.Item | pytest.Collector:
         scope = self.settings.scope
@@ -645,7 +648,7 @@ class RerobotsPlugin:
 
             if not Ledger(ledger).live(run_id=self.run_id):
                 return
-        self.run.end_leftovers()
+        self.run().end_leftovers()
 
     def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
         """Note how often each instance was used before this test (keep-on-failure)."""
@@ -653,7 +656,7 @@ class RerobotsPlugin:
         self._waited, self._wanted, self._pooled = 0.0, False, None
         if self._run is not None:
             self._run.testing(nodeid)  # (robots held beyond their test: board.py)
-        if self._run is not None and (self.settings.keep_on_failure or self.camera.on):
+        if self._run is not None and (self.settings.keep_on_failure or self.camera().on):
             self._uses_before = {id(i): i.uses for i in self._run.records.instances}
 
     def _used_by_this_test(self) -> list[Instance]:
@@ -682,11 +685,11 @@ class RerobotsPlugin:
         if rep.failed and self._run is not None and self.settings.keep_on_failure:
             # Kept at the end of its scope instead of terminated.
             self._run.mark_kept_on_failure(self._used_by_this_test())
-        if self._run is not None and self.camera.wanted(rep.failed) \
+        if self._run is not None and self.camera().wanted(rep.failed) \
                 and (rep.when == "call" or rep.failed):
             from . import plugin_report  # lazily: loaded with the rental already
 
-            pictures = self.camera.snapshot(self._run.client, self._used_by_this_test(),
+            pictures = self.camera().snapshot(self._run.client, self._used_by_this_test(),
                                             item.nodeid, rep.when)
             plugin_report.attach_pictures(self.config, rep, pictures)
         if rep.failed and call.excinfo is not None \

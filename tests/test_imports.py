@@ -119,3 +119,29 @@ def test_a_run_that_rents_nothing_loads_no_client_and_no_reporting(
     # (A third-party plugin installed beside this one may load some of them itself.)
     extra = sorted(m for m in NOT_LOADED if m in with_plugin and m not in without)
     assert extra == [], f"a run that rents nothing loaded {extra}"
+
+
+#: As pytest older than 8.3.3 looks for fixtures (pytest issue 12446): every attribute of
+#: every registered plugin object read on the object, properties included.
+OLD_FIXTURE_DISCOVERY = DUMP_CONFTEST + """
+def pytest_sessionstart(session):
+    for plugin in session.config.pluginmanager.get_plugins():
+        if type(plugin).__module__.startswith("pytest_rerobots"):
+            for name in dir(plugin):
+                try:
+                    getattr(plugin, name)
+                except Exception:
+                    pass
+"""
+
+
+def test_reading_every_attribute_of_the_plugin_objects_rents_and_loads_nothing(
+        pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    # Before: the Run, the camera and the signal guard were properties made on first
+    # read, so that pytest 7.4 made them (and loaded requests and paramiko) in every run.
+    pytester.makeconftest(OLD_FIXTURE_DISCOVERY)
+    pytester.makepyfile(test_plain="def test_one():\n    assert True\n")
+    with_plugin = loaded_modules(pytester, monkeypatch, "-q")
+    without = loaded_modules(pytester, monkeypatch, "-q", "-p", "no:rerobots")
+    extra = sorted(m for m in NOT_LOADED if m in with_plugin and m not in without)
+    assert extra == [], f"reading the plugin's attributes loaded {extra}"
