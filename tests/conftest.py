@@ -6,11 +6,13 @@ from collections.abc import Iterator
 
 import paramiko  # noqa: F401
 import pytest
+from helpers import records, store
 
 # The plugin loads the SSH and HTTP machinery only at the first rental. Loaded here first:
 # otherwise a pytester run that happens to load paramiko first has pytester unload it at
 # its end, and the next in-process run's host keys no longer compare equal.
 import pytest_rerobots.instance  # noqa: F401
+from pytest_rerobots import keep
 from pytest_rerobots.sim import Simulator
 
 #: Timings short enough that a whole lifecycle takes a fraction of a second.
@@ -49,3 +51,15 @@ def _clean_rerobots_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("CI", "BUILD_NUMBER", "GITHUB_ACTIONS", "PYTEST_ADDOPTS"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("COLUMNS", "80")
+
+
+@pytest.fixture
+def kept_cleanup(pytester: pytest.Pytester) -> Iterator[None]:
+    """Whatever a failed assertion left of kept or rented-ahead instances: their keepers
+    stopped (by pid), the instances ended."""
+    yield
+    for record in records(pytester):
+        if isinstance(record.get("keeper"), int):
+            keep.stop_keeper(record["keeper"])
+    if store(pytester).exists():
+        pytester.runpytest("--rerobots-sweep")

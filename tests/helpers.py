@@ -6,8 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from pytest_rerobots import keep
 from pytest_rerobots.sim.launch import SimProcess, start_process
 
 
@@ -32,3 +36,13 @@ def sim_process(*args: str, **kwargs: Any) -> Iterator[SimProcess]:
         yield sim
     finally:
         sim.stop()
+
+
+def store(pytester: pytest.Pytester) -> Path:
+    """The kept-instance store of ``pytester``'s project (beside its default ledger)."""
+    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl.kept"
+
+
+def records(pytester: pytest.Pytester) -> list[dict]:
+    """The records of that store: kept, reused and rented-ahead instances."""
+    return keep.KeptStore(store(pytester)).records()

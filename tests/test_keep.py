@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import records, store, wait_until
 
 from pytest_rerobots import keep, procs
 from pytest_rerobots.ledger import Ledger
@@ -64,12 +64,6 @@ def sim(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iter
         assert sim.live_instances() == [], "a test left instances alive"
 
 
-def store(pytester: pytest.Pytester) -> Path:
-    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl.kept"
-
-
-def records(pytester: pytest.Pytester) -> list[dict]:
-    return keep.KeptStore(store(pytester)).records()
 
 
 def ids(pytester: pytest.Pytester) -> list[str]:
@@ -91,19 +85,9 @@ def sweep(pytester: pytest.Pytester) -> pytest.RunResult:
     return result
 
 
-@pytest.fixture
-def cleanup(pytester: pytest.Pytester) -> Iterator[None]:
-    """Whatever a failed assertion left: keepers stopped (by pid), instances ended."""
-    yield
-    for record in records(pytester):
-        if isinstance(record.get("keeper"), int):
-            keep.stop_keeper(record["keeper"])
-    if store(pytester).exists():
-        pytester.runpytest("--rerobots-sweep")
-
 
 def test_reuse_attaches_without_post_new_and_survives_the_keepalive_window(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(SUITE)
     first = pytester.runpytest("--rerobots-reuse=1", f"--rerobots-keepalive-interval={PING}")
     first.assert_outcomes(passed=1)
@@ -141,7 +125,7 @@ def test_reuse_attaches_without_post_new_and_survives_the_keepalive_window(
 
 
 def test_an_instance_no_run_attaches_to_is_ended_after_its_minutes(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(SUITE)
     result = pytester.runpytest("--rerobots-reuse=0.02", f"--rerobots-keepalive-interval={PING}")
     result.assert_outcomes(passed=1)
@@ -159,7 +143,7 @@ def test_an_instance_no_run_attaches_to_is_ended_after_its_minutes(
 
 
 def test_another_token_never_attaches(pytester: pytest.Pytester, sim: Simulator,
-                                      monkeypatch: pytest.MonkeyPatch, cleanup: None):
+                                      monkeypatch: pytest.MonkeyPatch, kept_cleanup: None):
     pytester.makepyfile(SUITE)
     pytester.runpytest("--rerobots-reuse=1", f"--rerobots-keepalive-interval={PING}"
                        ).assert_outcomes(passed=1)
@@ -212,7 +196,7 @@ def test_fails(rerobots_instance):
 
 @pytest.mark.parametrize("sim", ["asyncssh", "openssh"], indirect=True)
 def test_keep_on_failure_keeps_the_failing_tests_instance_with_a_working_ssh_command(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(FAILING)
     result = pytester.runpytest("--rerobots-keep-on-failure", "--rerobots-scope=function",
                                 f"--rerobots-keepalive-interval={PING}")
@@ -266,7 +250,7 @@ def test_keep_on_failure_keeps_the_failing_tests_instance_with_a_working_ssh_com
 
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's ssh client")
 def test_the_ssh_command_refuses_another_host_key(pytester: pytest.Pytester, sim: Simulator,
-                                                  cleanup: None):
+                                                  kept_cleanup: None):
     """The printed command pins the host key: a host with another key is refused."""
     pytester.makepyfile(FAILING)
     pytester.runpytest("--rerobots-keep-on-failure", "--rerobots-scope=function",
@@ -285,7 +269,7 @@ def test_the_ssh_command_refuses_another_host_key(pytester: pytest.Pytester, sim
 
 
 def test_no_keeper_gets_the_token_in_argv_or_environment(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     if not Path("/proc/self/environ").exists():
         pytest.skip("needs /proc")
     pytester.makepyfile(SUITE)
@@ -338,7 +322,7 @@ def test_idle(rerobots_acquire):
 
 
 def test_keep_on_failure_keeps_what_the_test_used_however_it_got_it(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(ACQUIRED)
     result = pytester.runpytest("--rerobots-keep-on-failure",
                                 f"--rerobots-keepalive-interval={PING}")
@@ -359,7 +343,7 @@ def test_keep_on_failure_keeps_what_the_test_used_however_it_got_it(
 
 
 def test_under_xdist_each_worker_keeps_its_own_and_the_controller_says_so(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(SUITE.replace("def test_robot", "def test_one") + '''
 def test_two(rerobots_instance):
     with pathlib.Path("ids.txt").open("a") as fh:
@@ -377,7 +361,7 @@ def test_two(rerobots_instance):
 
 
 def test_a_kept_instance_lasts_until_its_lease_and_its_keeper_then_cleans_up(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(FAILING)
     result = pytester.runpytest("--rerobots-keep-on-failure", "--rerobots-lease=5",
                                 f"--rerobots-keepalive-interval={PING}")
@@ -396,7 +380,7 @@ def test_a_kept_instance_lasts_until_its_lease_and_its_keeper_then_cleans_up(
 
 
 def test_a_keeper_stopped_by_its_pid_leaves_the_instance_to_the_sweep(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(FAILING)
     pytester.runpytest("--rerobots-keep-on-failure", f"--rerobots-keepalive-interval={PING}"
                        ).assert_outcomes(passed=1, failed=1)

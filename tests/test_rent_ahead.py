@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import records, store, wait_until
 
-from pytest_rerobots import keep, procs
+from pytest_rerobots import procs
 from pytest_rerobots.ledger import Ledger
 from pytest_rerobots.sim import Simulator
 
@@ -59,31 +58,15 @@ def sim(monkeypatch: pytest.MonkeyPatch) -> Iterator[Simulator]:
         assert wait_until(lambda: sim.live_instances() == [], 10), "instances left alive"
 
 
-def store(pytester: pytest.Pytester) -> Path:
-    return pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl.kept"
-
 
 def ledger(pytester: pytest.Pytester) -> Ledger:
     return Ledger(pytester.path / ".pytest_cache" / "d" / "rerobots" / "ledger.jsonl")
 
 
-def records(pytester: pytest.Pytester) -> list[dict]:
-    return keep.KeptStore(store(pytester)).records()
-
 
 def status(sim: Simulator, ident: str) -> str:
     return next(s.status for s in sim.world.snapshots() if s.id == ident)
 
-
-@pytest.fixture
-def cleanup(pytester: pytest.Pytester) -> Iterator[None]:
-    """Whatever a failed assertion left: keepers stopped (by pid), instances ended."""
-    yield
-    for record in records(pytester):
-        if isinstance(record.get("keeper"), int):
-            keep.stop_keeper(record["keeper"])
-    if store(pytester).exists():
-        pytester.runpytest("--rerobots-sweep")
 
 
 def rent_ahead(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
@@ -92,7 +75,7 @@ def rent_ahead(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
 
 
 def test_rent_ahead_then_the_suite_under_ci_one_rental_per_type_nothing_left(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(SUITE)
     # A conftest that needs what is not installed yet: rent-ahead does not load it.
     pytester.makeconftest("import not_installed_yet_dependency\n")
@@ -124,7 +107,7 @@ def test_rent_ahead_then_the_suite_under_ci_one_rental_per_type_nothing_left(
 
 
 def test_what_no_run_claims_is_ended_at_its_idle_limit(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     ahead = rent_ahead(pytester, "--rerobots-wtype=basic_kobuki",
                        "--rerobots-rent-ahead-idle=0.04")
     assert ahead.ret == 0, ahead.stdout.str()
@@ -137,7 +120,7 @@ def test_what_no_run_claims_is_ended_at_its_idle_limit(
 
 
 def test_the_sweep_ends_what_was_rented_ahead(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     assert rent_ahead(pytester, "--rerobots-wtype=basic_kobuki").ret == 0
     [record] = records(pytester)
     swept = pytester.runpytest("--rerobots-sweep")
@@ -150,7 +133,7 @@ def test_the_sweep_ends_what_was_rented_ahead(
 
 
 def test_a_failed_start_is_replaced_by_the_test_run(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(SUITE)
     sim.set_init_fail_rate(1.0)
     assert rent_ahead(pytester, "basic_kobuki").ret == 0
@@ -165,7 +148,7 @@ def test_a_failed_start_is_replaced_by_the_test_run(
 
 
 def test_a_deployment_rented_ahead_is_claimed_by_its_type(
-        pytester: pytest.Pytester, sim: Simulator, cleanup: None):
+        pytester: pytest.Pytester, sim: Simulator, kept_cleanup: None):
     pytester.makepyfile(SUITE)
     deployment = next(d.id for d in sim.world.deployments.values() if d.type == "fixed_misty2")
     assert rent_ahead(pytester, f"--rerobots-deployment={deployment}").ret == 0
