@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import paramiko  # noqa: F401
@@ -63,3 +64,20 @@ def kept_cleanup(pytester: pytest.Pytester) -> Iterator[None]:
             keep.stop_keeper(record["keeper"])
     if store(pytester).exists():
         pytester.runpytest("--rerobots-sweep")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _signals_as_a_terminal_delivers_them() -> Iterator[None]:
+    """SIGINT and SIGHUP handled as in a terminal, in this process and so in every process
+    it starts: the tests that send them (Ctrl-C, a closed terminal) would see them ignored
+    when this suite itself was started with them ignored, as by ``nohup`` or as a shell
+    script's background job (``cmd &``), and children inherit an ignored signal."""
+    ignored = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGHUP)
+               if signal.getsignal(sig) == signal.SIG_IGN}
+    if signal.SIGINT in ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.SIGHUP in ignored:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    for sig, handler in ignored.items():
+        signal.signal(sig, handler)
