@@ -202,7 +202,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(str(exc)) from None
     config.pluginmanager.register(plugin, PLUGIN_NAME)
     config.pluginmanager.register(RerunHooks(plugin), f"{PLUGIN_NAME}-reruns")
-    if plugin.is_worker or getattr(config.option, "dist", "no") != "no":
+    if plugin.is_worker or plugin.is_controller:
         # Only where xdist distributes (its controller) or runs tests (its workers): an
         # installed xdist that this run does not use adds nothing.
         config.pluginmanager.register(XdistHooks(plugin), f"{PLUGIN_NAME}-xdist")
@@ -330,6 +330,12 @@ class RerobotsPlugin:
     def is_worker(self) -> bool:
         return self.worker_input is not None
 
+    @property
+    def is_controller(self) -> bool:
+        """Whether this process is xdist's controller: it distributes the tests (``-n``)
+        and rents nothing itself."""
+        return not self.is_worker and getattr(self.config.option, "dist", "no") != "no"
+
     def start(self) -> None:
         s = self.settings
         worker = self.worker_input or {}
@@ -342,7 +348,7 @@ class RerobotsPlugin:
             # Interrupted: the simulator stops with the run, so no end waits out INIT.
             sim = self.simulator
             self.signals().on_first.append(lambda _signal: sim.terminate_init_at_once())
-        if not self.is_worker and getattr(self.config.option, "dist", "no") != "no":
+        if self.is_controller:
             # The xdist controller rents nothing itself, but on SIGTERM it must still
             # get to end what its workers hold.
             self.signals().install()
